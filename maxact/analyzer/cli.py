@@ -1,0 +1,95 @@
+"""The `analyzer` command line: thin argument groups over library calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from maxact.errors import AnalyzerError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from maxact.analyzer.run import RunOptions, default_model_path, run
+
+    model = Path(args.model) if args.model and args.model != "default" else default_model_path()
+    opts = RunOptions(
+        model=model,
+        corpus=args.corpus,
+        out=Path(args.out) if args.out else None,
+        samples=args.samples,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        bos=args.bos,
+        tokenizer=args.tokenizer,
+        provider=args.provider,
+        threads=args.threads,
+        seed=args.seed,
+        keep_logits=args.logits,
+        progress=not args.no_progress,
+    )
+    run(opts)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from maxact.exporters.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, gguf_file=args.gguf_file)
+    print(f"exported {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="analyzer",
+        description="Measure how large activations get inside a decoder-only LLM's ONNX graph.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="measure every site of MODEL.onnx over a corpus, write RUN.h5")
+    r.add_argument("model", nargs="?", default=None,
+                   help="the .onnx file (or its folder); omitted or 'default': the built-in stories260K")
+    r.add_argument("--corpus", default="default",
+                   help="'default' (built-in multi-domain corpus), or a .txt/.jsonl/.parquet file or datasets folder")
+    r.add_argument("--out", help="the HDF5 file to write (default: ./<model folder>.h5)")
+    r.add_argument("--samples", type=int, help="measure only N passages, stratified over domains")
+    r.add_argument("--max-length", type=int, default=512, help="truncate passages to N tokens (512)")
+    r.add_argument("--batch-size", type=int, default=8, help="passages per batch (8)")
+    r.add_argument("--bos", choices=("none", "auto"), default="none",
+                   help="none: no special tokens, as in the study (default); auto: the tokenizer's default")
+    r.add_argument("--tokenizer", help="folder or tokenizer.json (default: beside the model)")
+    r.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
+    r.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the --samples choice (0)")
+    r.add_argument("--logits", action="store_true", help="also measure the logits (runs the LM head)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_run)
+
+    e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
+    e.add_argument("checkpoint", help="a Hugging Face model folder, or a .gguf file")
+    e.add_argument("out_dir", help="folder to write model.onnx and the tokenizer files into")
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    e.add_argument("--gguf-file", help="the .gguf file name inside CHECKPOINT, when CHECKPOINT is a folder")
+    e.set_defaults(func=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``analyzer`` console script. Exit codes: 0 success, 2 user error,
+    3 ranges disagree (compare-torch), 1 internal error."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AnalyzerError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no run file was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The main job: an ONNX language model and a corpus in, one HDF5 run file and a summary out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from rich.console import Console
+
+import maxact
+from maxact.analyzer.components import build_component_map
+from maxact.analyzer.corpus import load_corpus, select_samples
+from maxact.analyzer.store import write_run
+from maxact.analyzer.summary import SiteInfo, global_peak, print_summary, role_absmax
+from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
+from maxact.errors import AnalyzerError, CorpusError, ModelFileError
+from maxact.passes.instrument import InstrumentPass
+from maxact.passes.sites import discover_sites
+from maxact.runtime.batching import length_sorted_batches
+from maxact.runtime.runner import run_batches
+from maxact.runtime.session import Session
+
+
+def default_model_path() -> Path:
+    """The built-in model: stories260K (a real 260K-parameter Llama, MIT) exported to ONNX."""
+    return Path(str(resources.files("maxact.data").joinpath("stories260K/model.onnx")))
+
+
+@dataclass
+class RunOptions:
+    """Options of ``analyzer run`` (see the design's command-line contract)."""
+
+    model: Path
+    corpus: str = "default"
+    out: Path | None = None
+    samples: int | None = None
+    max_length: int = 512
+    batch_size: int = 8
+    bos: str = "none"
+    tokenizer: str | None = None
+    provider: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    keep_logits: bool = False
+    progress: bool = True
+
+
+def load_model(path: Path) -> tuple[Path, ir.Model]:
+    """Load an ONNX model lazily (external data stays on disk).
+
+    ``path`` may be a ``.onnx`` file or a folder holding ``model.onnx``.
+
+    Raises:
+        ModelFileError: missing path, or a file that is not an ONNX model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
+    try:
+        model = ir.load(path)
+    except Exception as e:
+        raise ModelFileError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:120]})") from e
+    if model.graph.num_nodes() == 0:
+        raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
+    return path, model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _float_dtype(model: ir.Model) -> str:
+    counts = Counter(
+        v.dtype for v in model.graph.initializers.values() if v.dtype is not None and v.dtype.is_floating_point()
+    )
+    if not counts:
+        return "unknown"
+    return np.dtype(counts.most_common(1)[0][0].numpy()).name
+
+
+def run(opts: RunOptions, console: Console | None = None) -> Path:
+    """Measure every site of ``opts.model`` over the corpus and write the run file.
+
+    Every input is checked before the model runs; on any error no output file is written.
+
+    Returns:
+        The path of the HDF5 run file.
+
+    Raises:
+        AnalyzerError: a user error (bad model, corpus, tokenizer, provider or output path).
+    """
+    console = console or Console()
+    model_path, model = load_model(opts.model)
+    out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
+    if not out.parent.is_dir():
+        raise AnalyzerError(f"output folder {out.parent} does not exist")
+    if opts.batch_size < 1 or opts.max_length < 1:
+        raise AnalyzerError("--batch-size and --max-length must be at least 1")
+
+    tok_path = find_tokenizer(model_path, opts.tokenizer)
+    tokenizer = load_tokenizer(tok_path)
+    corpus = load_corpus(opts.corpus)
+    chosen = select_samples(corpus, opts.samples, opts.seed)
+    ids = encode(tokenizer, [corpus.texts[k] for k in chosen], opts.bos, opts.max_length)
+    keep = [j for j, seq in enumerate(ids) if len(seq)]
+    if not keep:
+        raise CorpusError(f"corpus {opts.corpus!r}: no passage yields a token with this tokenizer")
+    chosen = [chosen[j] for j in keep]
+    ids = [ids[j] for j in keep]
+
+    discovery = discover_sites(model, want_logits=opts.keep_logits)
+    components = build_component_map(discovery)
+    for msg in discovery.disagreements + components.disagreements:
+        console.print(f"[yellow]warning:[/yellow] site discovery: {msg}")
+    meta_graph = {
+        "opset": int(model.graph.opset_imports.get("", 0)),
+        "dtype": _float_dtype(model),
+    }
+    sites = discovery.sites
+    InstrumentPass(sites)(model)
+    session = Session(model, provider=opts.provider, threads=opts.threads)
+
+    batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
+    result = run_batches(session, [s.site_id for s in sites], batches, progress=opts.progress)
+
+    infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
+    peak = global_peak(infos, result.stats)
+    sample, position = int(peak.location[0]), int(peak.location[1])
+    peak.token = token_text(tokenizer, int(ids[chosen.index(sample)][position]))
+    roles = role_absmax(infos, result.stats)
+    meta = {
+        "maxact_version": maxact.__version__,
+        "model_path": str(model_path.resolve()),
+        "model_sha256": _sha256(model_path),
+        **meta_graph,
+        "provider": opts.provider,
+        "corpus": corpus.name,
+        "corpus_sha256": corpus.sha256(chosen),
+        "tokenizer": str(tok_path.resolve()),
+        "n_samples": len(chosen),
+        "n_tokens": result.n_tokens,
+        "max_length": opts.max_length,
+        "bos": opts.bos,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "samples": -1 if opts.samples is None else opts.samples,
+        "seed": opts.seed,
+        "batch_size": opts.batch_size,
+        "threads": opts.threads or 0,
+        "n_layers": discovery.n_layers,
+        "family": discovery.family or "structure",
+        "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
+        "wall_seconds": result.seconds,
+        "tokens_per_second": result.tokens_per_second,
+    }
+    site_attrs = {
+        s.site_id: {
+            "role": s.role,
+            "layer": -1 if s.layer is None else s.layer,
+            "tensor": s.tensor,
+            "op_type": s.op_type,
+            "component": components.component[s.site_id],
+        }
+        for s in sites
+    }
+    write_run(
+        out,
+        meta,
+        infos,
+        site_attrs,
+        result.stats,
+        peak,
+        roles,
+        extra_datasets={"corpus/sample_index": np.array(chosen, dtype=np.int64)},
+    )
+    print_summary(console, peak, roles, infos, result.stats, meta)
+    console.print(
+        f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
+        f"wrote {out}"
+    )
+    return out

@@ -1,0 +1,84 @@
+"""Write a run to one HDF5 file, atomically, in the layout of the design's HDF5 contract."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from maxact.analyzer.summary import Peak, SiteInfo, headroom
+from maxact.runtime.merge import SiteStats
+
+
+def _attr(value: object) -> object:
+    return "none" if value is None else value
+
+
+def write_run(
+    path: Path,
+    meta: Mapping[str, object],
+    sites: Sequence[SiteInfo],
+    site_attrs: Mapping[str, Mapping[str, object]],
+    stats: Mapping[str, SiteStats],
+    peak: Peak,
+    roles: Sequence[tuple[str, float, str]],
+    extra_datasets: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Write the run file.
+
+    The file is written under a temporary name in the same folder and renamed over ``path`` only
+    when complete, so an interrupted write leaves no file (or the previous complete one).
+
+    Args:
+        path: the ``.h5`` file to write.
+        meta: root attributes (``maxact_version``, ``model_path``, ... as in the contract).
+        sites: the sites in model order.
+        site_attrs: site id -> attributes (``role``, ``layer`` (-1 model level), ``tensor``,
+            ``op_type``, ``component``).
+        stats: site id -> merged statistics.
+        peak: the global peak; ``roles``: (role, max |x|, site) rows for ``/summary/role_absmax``.
+        extra_datasets: more datasets to store, path -> array (e.g. ``corpus/sample_index``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in meta.items():
+                f.attrs[k] = _attr(v)
+            g_sites = f.create_group("sites")
+            g_quant = f.create_group("quant")
+            for site in sites:
+                st = stats[site.site_id]
+                g = g_sites.create_group(site.site_id)
+                for k, v in site_attrs[site.site_id].items():
+                    g.attrs[k] = _attr(v)
+                for name in ("max", "min", "absmax", "sum", "sum_sq", "abs_sum"):
+                    g.create_dataset(name, data=np.float64(getattr(st, name)))
+                for name in ("count", "nan_count", "inf_count"):
+                    g.create_dataset(name, data=np.int64(getattr(st, name)))
+                for name in ("mean", "std", "rms", "abs_mean"):
+                    g.create_dataset(name, data=np.float64(getattr(st, name)))
+                g.create_dataset("absmax_location", data=st.absmax_location.astype(np.int64))
+                g.create_dataset("per_channel_absmax", data=st.per_channel_absmax.astype(np.float32))
+                q = g_quant.create_group(site.site_id)
+                for fmt, ratio in headroom(st.absmax).items():
+                    q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
+            s = f.create_group("summary")
+            s.attrs["global_absmax"] = peak.absmax
+            s.attrs["global_signed"] = peak.signed
+            s.attrs["global_site"] = peak.site_id
+            s.attrs["global_role"] = peak.role
+            s.attrs["global_layer"] = -1 if peak.layer is None else peak.layer
+            s.attrs["global_location"] = peak.location.astype(np.int64)
+            s.attrs["global_token"] = peak.token
+            dt = np.dtype([("role", h5py.string_dtype()), ("absmax", np.float64), ("site", h5py.string_dtype())])
+            s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
+            for name, data in (extra_datasets or {}).items():
+                f.create_dataset(name, data=data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

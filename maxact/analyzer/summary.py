@@ -1,0 +1,115 @@
+"""The run's headline numbers (global peak, per-role maxima, format headroom) and their terminal view."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from maxact.passes.patterns import ROLE_ORDER
+from maxact.runtime.merge import SiteStats
+
+#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2).
+FORMAT_MAX = {
+    "fp16": 65504.0,
+    "bf16": float(np.float32(3.3895313892515355e38)),
+    "fp8_e4m3": 448.0,
+    "fp8_e5m2": 57344.0,
+}
+
+
+@dataclass
+class SiteInfo:
+    """What the summary needs to know of a site besides its statistics."""
+
+    site_id: str
+    role: str
+    layer: int | None
+
+
+@dataclass
+class Peak:
+    """The largest |x| of a run.
+
+    Attributes:
+        site_id, role, layer: where (layer None at model level).
+        absmax: |x| (float64); ``signed``: the value with its sign.
+        location: int64 ``[sample, position, channel]``.
+        token: the text of the token at ``[sample, position]``.
+    """
+
+    site_id: str
+    role: str
+    layer: int | None
+    absmax: float
+    signed: float
+    location: np.ndarray
+    token: str = ""
+
+
+def signed_absmax(stats: SiteStats) -> float:
+    """The value of largest magnitude with its sign (positive on a tie of max and -min)."""
+    return stats.max if stats.max >= -stats.min else stats.min
+
+
+def global_peak(sites: Sequence[SiteInfo], stats: Mapping[str, SiteStats]) -> Peak:
+    """The site with the largest max |x| (the first in model order on a tie)."""
+    best = max(sites, key=lambda s: (stats[s.site_id].absmax, -sites.index(s)))
+    st = stats[best.site_id]
+    return Peak(best.site_id, best.role, best.layer, st.absmax, signed_absmax(st), st.absmax_location)
+
+
+def role_absmax(sites: Sequence[SiteInfo], stats: Mapping[str, SiteStats]) -> list[tuple[str, float, str]]:
+    """Per role: (role, max |x| over its sites, the site holding it), in the design's role order."""
+    best: dict[str, tuple[float, str]] = {}
+    for s in sites:
+        a = stats[s.site_id].absmax
+        if s.role not in best or a > best[s.role][0]:
+            best[s.role] = (a, s.site_id)
+    return [(r, *best[r]) for r in sorted(best, key=lambda r: ROLE_ORDER.get(r, 999))]
+
+
+def headroom(absmax: float) -> dict[str, float]:
+    """max |x| over each format's largest finite value (> 1 overflows)."""
+    return {fmt: absmax / top for fmt, top in FORMAT_MAX.items()}
+
+
+def print_summary(
+    console: Console,
+    peak: Peak,
+    roles: list[tuple[str, float, str]],
+    sites: Sequence[SiteInfo],
+    stats: Mapping[str, SiteStats],
+    meta: Mapping[str, object],
+) -> None:
+    """Print the global peak, a per-role table and a warning for every site beyond fp16's range."""
+    console.print(
+        f"[bold]{meta['model_path']}[/bold]: {meta['n_samples']} passages, {meta['n_tokens']:,} tokens, "
+        f"{len(sites)} sites, {meta['n_layers']} layers, provider {meta['provider']}"
+    )
+    s, p, c = (int(v) for v in peak.location)
+    layer = "model" if peak.layer is None else f"layer {peak.layer}"
+    console.print(
+        f"[bold]global max |x| = {peak.absmax:.6g}[/bold] (signed {peak.signed:+.6g}) at "
+        f"[bold]{peak.site_id}[/bold] ({layer}, role {peak.role}), sample {s}, token position {p} "
+        f"{peak.token!r}, channel {c}"
+    )
+    table = Table(title="max |x| per role")
+    for col in ("role", "max |x|", "site", "fp16 headroom"):
+        table.add_column(col, justify="right" if col in ("max |x|", "fp16 headroom") else "left")
+    for role, value, sid in roles:
+        table.add_row(role, f"{value:.6g}", sid, f"{value / FORMAT_MAX['fp16']:.3g}")
+    console.print(table)
+    over = [x for x in sites if stats[x.site_id].absmax > FORMAT_MAX["fp16"]]
+    for x in over:
+        console.print(
+            f"[yellow]warning:[/yellow] {x.site_id} reaches {stats[x.site_id].absmax:.6g} > 65504: "
+            "overflows float16"
+        )
+    bad = [x for x in sites if stats[x.site_id].nan_count or stats[x.site_id].inf_count]
+    for x in bad:
+        st = stats[x.site_id]
+        console.print(f"[red]warning:[/red] {x.site_id} has {st.nan_count} NaN and {st.inf_count} Inf values")

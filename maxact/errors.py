@@ -1,0 +1,27 @@
+"""Errors a user can cause: each message says what went wrong and what to do about it."""
+
+
+class AnalyzerError(Exception):
+    """Base class of user errors; the CLI prints the message on one line and exits with code 2."""
+
+    exit_code = 2
+
+
+class ModelFileError(AnalyzerError):
+    """The model path is missing, unreadable or not an ONNX file."""
+
+
+class NotALanguageModelError(AnalyzerError):
+    """The ONNX graph is not a decoder-only language model maxact can analyse."""
+
+
+class CorpusError(AnalyzerError):
+    """The corpus is missing, empty or in a format maxact cannot read."""
+
+
+class TokenizerError(AnalyzerError):
+    """No usable tokenizer was found for the model."""
+
+
+class ExportError(AnalyzerError):
+    """A checkpoint could not be exported to ONNX."""

@@ -1,0 +1,129 @@
+"""The table of site patterns: which module of which model family holds which site role.
+
+One entry per (family, role). A pattern names a module by its PyTorch path template
+(``model.layers.{i}.mlp.gate_proj``) and says whether the site is that module's *output* or its
+*input*. The ONNX scope of a module follows from its PyTorch path the way the TorchScript
+exporter (and Optimum) name nodes: ``model.layers.3.mlp.gate_proj`` -> ``/model/layers.3/mlp/gate_proj/``.
+The same table tells ``compare-torch`` where to put its forward hooks, so the two sides measure
+the same tensors by construction.
+
+Residual-stream sites (``residual_post_attn``, ``residual``) are not found by name but as steps
+along the residual chain (see :mod:`maxact.passes.residual`); their PyTorch taps are listed here
+for the comparison.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Role names as in the design (and the study where it has one).
+MODEL_ROLES = ("embedding", "final_norm", "logits")
+LAYER_ROLES = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_scores",
+    "attn_context",
+    "attn_output",
+    "post_attn_norm",
+    "residual_post_attn",
+    "mlp_norm",
+    "mlp_gate",
+    "mlp_act",
+    "mlp_product",
+    "mlp_output",
+    "post_mlp_norm",
+    "moe_router",
+    "moe_expert_output",
+    "residual",
+)
+ROLE_ORDER = {r: k for k, r in enumerate(("embedding", *LAYER_ROLES, "final_norm", "logits"))}
+
+
+@dataclass(frozen=True)
+class SitePattern:
+    """Where one site role lives in one model family.
+
+    Attributes:
+        role: the design's role name (``mlp_gate``).
+        module: PyTorch module path; ``{i}`` stands for the layer index.
+        tap: ``"output"`` (the module's output) or ``"input"`` (its first input, e.g. the
+            down projection's input is the SwiGLU product ``act(gate) * up``).
+    """
+
+    role: str
+    module: str
+    tap: str = "output"
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.module
+
+    def onnx_scope(self, layer: int | None = None) -> str:
+        """The TorchScript/Optimum node-name scope of the module, with a trailing slash."""
+        path = self.module.format(i=layer) if self.per_layer else self.module
+        parts = re.sub(r"\.(\d+)(?=\.|$)", r"@\1", path).split(".")
+        return "/" + "/".join(p.replace("@", ".") for p in parts) + "/"
+
+    def scope_regex(self) -> re.Pattern[str]:
+        """Regex matching node names inside this module's scope; group ``layer`` is the index."""
+        scope = re.escape(self.onnx_scope(layer=0) if self.per_layer else self.onnx_scope())
+        if self.per_layer:
+            scope = scope.replace(re.escape("layers.0/"), r"layers\.(?P<layer>\d+)/", 1)
+        return re.compile("^" + scope)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Site patterns of one model family (a set of ``model_type`` values with the same modules)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    patterns: tuple[SitePattern, ...]
+    # PyTorch taps of the residual-stream sites (found structurally in ONNX).
+    residual_taps: tuple[SitePattern, ...] = ()
+
+    def pattern(self, role: str) -> SitePattern | None:
+        for p in self.patterns + self.residual_taps:
+            if p.role == role:
+                return p
+        return None
+
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"),
+    patterns=(
+        SitePattern("embedding", "model.embed_tokens"),
+        SitePattern("attn_norm", "model.layers.{i}.input_layernorm"),
+        SitePattern("attn_q", "model.layers.{i}.self_attn.q_proj"),
+        SitePattern("attn_k", "model.layers.{i}.self_attn.k_proj"),
+        SitePattern("attn_v", "model.layers.{i}.self_attn.v_proj"),
+        SitePattern("attn_context", "model.layers.{i}.self_attn.o_proj", tap="input"),
+        SitePattern("attn_output", "model.layers.{i}.self_attn.o_proj"),
+        SitePattern("mlp_norm", "model.layers.{i}.post_attention_layernorm"),
+        SitePattern("mlp_gate", "model.layers.{i}.mlp.gate_proj"),
+        SitePattern("mlp_act", "model.layers.{i}.mlp.act_fn"),
+        SitePattern("mlp_product", "model.layers.{i}.mlp.down_proj", tap="input"),
+        SitePattern("mlp_output", "model.layers.{i}.mlp.down_proj"),
+        SitePattern("final_norm", "model.norm"),
+        SitePattern("logits", "lm_head"),
+    ),
+    residual_taps=(
+        # The residual after attention is the post-attention norm's input.
+        SitePattern("residual_post_attn", "model.layers.{i}.post_attention_layernorm", tap="input"),
+        SitePattern("residual", "model.layers.{i}"),
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA,)
+
+
+def family_for_model_type(model_type: str) -> Family | None:
+    """The family whose table covers a Hugging Face ``config.model_type``, or None."""
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    return None

@@ -1,0 +1,130 @@
+"""Find the residual stream of a decoder graph by structure alone.
+
+The residual stream is the chain of residual additions that starts at the token-embedding lookup
+and ends at the final norm. Rules, in order:
+
+1. The embedding is a ``Gather`` whose data is a constant 2-D table and whose indices come from a
+   graph input (``input_ids``), possibly through a Cast. An ``Add`` of a second constant-table
+   ``Gather`` (GPT-2's learned positions) extends the embedding; it is not a residual step.
+2. From the current stream value ``v`` (or ``v`` seen through Cast/Identity), a residual step is an
+   ``Add`` with one input ``v`` and the other input computed from ``v`` (the branch: attention or
+   MLP). Of several, the first in topological order is the step; its output is the new ``v``.
+3. The chain ends where no such ``Add`` exists. A graph whose chain has no step has no residual
+   stream and is not a decoder language model maxact can analyse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import onnx_ir as ir
+
+from maxact.errors import NotALanguageModelError
+from maxact.passes.dataflow import aliases, is_constant, reaches
+
+
+@dataclass
+class ResidualChain:
+    """The residual stream of a graph.
+
+    Attributes:
+        embedding: the embedding output value ``[batch, seq, hidden]`` (after learned positions,
+            where the family adds them).
+        steps: the residual ``Add`` nodes in order along the stream.
+    """
+
+    embedding: ir.Value
+    steps: list[ir.Node]
+
+    @property
+    def values(self) -> list[ir.Value]:
+        """The stream after each step: ``steps[k].outputs[0]``."""
+        return [n.outputs[0] for n in self.steps]
+
+
+def _is_table_gather(node: ir.Node) -> bool:
+    if node.op_type != "Gather" or len(node.inputs) < 2:
+        return False
+    table, idx = node.inputs[0], node.inputs[1]
+    if not is_constant(table) or idx is None or is_constant(idx):
+        return False
+    shape = table.shape
+    return shape is None or len(shape) == 2
+
+
+def _source_input(value: ir.Value) -> ir.Value | None:
+    """The graph input ``value`` comes from through Cast/Identity/Unsqueeze-free paths, if any."""
+    while value is not None and not value.is_graph_input():
+        prod = value.producer()
+        if prod is None or prod.op_type not in ("Cast", "Identity"):
+            return None
+        value = prod.inputs[0]
+    return value
+
+
+def find_embedding(graph: ir.Graph, input_ids: ir.Value | None = None) -> ir.Value:
+    """The token-embedding output: a constant-table Gather indexed by the token-id input.
+
+    Raises:
+        NotALanguageModelError: when no such Gather exists.
+    """
+    for node in graph:
+        if not _is_table_gather(node):
+            continue
+        src = _source_input(node.inputs[1])
+        if src is None or (input_ids is not None and src is not input_ids):
+            continue
+        return node.outputs[0]
+    raise NotALanguageModelError(
+        "no token-embedding lookup found (a Gather of a weight table indexed by the token ids): "
+        "maxact analyses decoder-only language models whose first input is input_ids"
+    )
+
+
+def find_residual_chain(
+    graph: ir.Graph, flow: nx.DiGraph, input_ids: ir.Value | None = None
+) -> ResidualChain:
+    """Walk the residual stream from the embedding (rules in the module docstring).
+
+    Args:
+        graph: the main graph.
+        flow: its dataflow graph (:func:`maxact.passes.dataflow.dataflow_graph`).
+        input_ids: the token-id graph input, if known.
+
+    Raises:
+        NotALanguageModelError: when there is no embedding or no residual addition after it.
+    """
+    v = embedding = find_embedding(graph, input_ids)
+    order = nx.get_node_attributes(flow, "order")
+    steps: list[ir.Node] = []
+    while True:
+        seen = aliases(v)
+        seen_ids = {id(a) for a in seen}
+        candidates = []
+        for a in seen:
+            for user in a.consumers():
+                if user.op_type != "Add" or user not in order or len(user.inputs) != 2:
+                    continue
+                other = user.inputs[1] if id(user.inputs[0]) in seen_ids else user.inputs[0]
+                if other is None or id(other) in seen_ids:
+                    continue
+                prod = other.producer()
+                if not steps and prod is not None and _is_table_gather(prod):
+                    candidates.append((order[user], user, "position"))
+                elif not is_constant(other) and prod is not None and reaches(flow, v, prod):
+                    candidates.append((order[user], user, "step"))
+        if not candidates:
+            break
+        _, node, kind = min(candidates, key=lambda c: c[0])
+        v = node.outputs[0]
+        if kind == "step":
+            steps.append(node)
+        else:
+            embedding = v
+    if not steps:
+        raise NotALanguageModelError(
+            "no residual stream found: after the token embedding there is no residual addition "
+            "(Add of the stream and a branch computed from it); is this a decoder language model?"
+        )
+    return ResidualChain(embedding=embedding, steps=steps)

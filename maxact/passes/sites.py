@@ -1,0 +1,226 @@
+"""Find the sites of a decoder graph: tensors with a role (residual stream, attention, MLP, norms).
+
+Two methods that must agree where both apply:
+
+1. scope names: node names such as ``/model/layers.3/mlp/down_proj/MatMul`` are matched against
+   the family table (:mod:`maxact.passes.patterns`); a module's *output* is the last value made
+   inside its scope that is used outside it, its *input* the first non-constant value entering it;
+2. structure: the residual chain (:mod:`maxact.passes.residual`) gives the embedding, every
+   residual step and so the number of layers.
+
+Disagreements (a name-derived layer that is not the step's position on the chain, a named
+embedding that is not the chain's) are returned as messages, never silently resolved.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import onnx_ir as ir
+
+from maxact.errors import NotALanguageModelError
+from maxact.passes.dataflow import dataflow_graph, is_constant
+from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern
+from maxact.passes.residual import ResidualChain, find_residual_chain
+
+_LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
+
+
+@dataclass
+class Site:
+    """One tensor of the graph with a role.
+
+    Attributes:
+        role: the design's role name.
+        layer: 0-based layer index, or None for model-level sites (embedding, final_norm, logits).
+        value: the ONNX value (``value.name`` is the tensor name), shape ``[batch, seq, width]``.
+        evidence: node names that prove the role (the producing node, the scope or chain step).
+        suffix: distinguishes several sites of one role in one layer (MoE experts), else "".
+    """
+
+    role: str
+    layer: int | None
+    value: ir.Value
+    evidence: tuple[str, ...] = ()
+    suffix: str = ""
+
+    @property
+    def site_id(self) -> str:
+        """``layers.<i>.<role>`` for a layer's site, ``<role>`` for a model-level one."""
+        base = self.role if self.layer is None else f"layers.{self.layer}.{self.role}"
+        return f"{base}.{self.suffix}" if self.suffix else base
+
+    @property
+    def tensor(self) -> str:
+        return self.value.name or ""
+
+    @property
+    def op_type(self) -> str:
+        prod = self.value.producer()
+        return prod.op_type if prod is not None else "input"
+
+    @property
+    def sort_key(self) -> tuple[int, int, str]:
+        layer = -1 if self.role == "embedding" else (10**6 if self.layer is None else self.layer)
+        return (layer, ROLE_ORDER.get(self.role, 999), self.suffix)
+
+
+@dataclass
+class Discovery:
+    """Result of site discovery.
+
+    Attributes:
+        sites: every site found, in model order (embedding, layer 0 ... , final norm).
+        chain: the residual stream.
+        n_layers: number of decoder layers (residual steps / 2).
+        family: name of the family table that matched scope names, or None (structure only).
+        disagreements: messages where names and structure disagree.
+        flow: the dataflow graph used (networkx).
+    """
+
+    sites: list[Site]
+    chain: ResidualChain
+    n_layers: int
+    family: str | None
+    disagreements: list[str] = field(default_factory=list)
+    flow: nx.DiGraph | None = None
+
+
+def _scope_nodes(graph: ir.Graph, pattern: SitePattern) -> dict[int | None, list[ir.Node]]:
+    """Nodes inside the pattern's module scope, grouped by layer (None for model-level)."""
+    rx = pattern.scope_regex()
+    found: dict[int | None, list[ir.Node]] = {}
+    for node in graph:
+        m = rx.match(node.name or "")
+        if m:
+            layer = int(m.group("layer")) if pattern.per_layer else None
+            found.setdefault(layer, []).append(node)
+    return found
+
+
+def _module_output(nodes: list[ir.Node]) -> ir.Value | None:
+    """The last value made inside the scope that is used outside it (or is a graph output)."""
+    inside = {id(n) for n in nodes}
+    for node in reversed(nodes):
+        for out in node.outputs:
+            users = out.consumers()
+            if out.is_graph_output() or any(
+                id(u) not in inside and u.op_type != "Shape" for u in users
+            ):
+                return out
+    return None
+
+
+def _module_input(nodes: list[ir.Node]) -> ir.Value | None:
+    """The first non-constant value entering the scope from outside."""
+    inside = {id(n) for n in nodes}
+    for node in nodes:
+        for inp in node.inputs:
+            if inp is None or is_constant(inp):
+                continue
+            prod = inp.producer()
+            if prod is None or id(prod) not in inside:
+                return inp
+    return None
+
+
+def _named_sites(graph: ir.Graph, family: Family, want_logits: bool) -> list[Site]:
+    sites = []
+    for pattern in family.patterns:
+        if pattern.role == "logits" and not want_logits:
+            continue
+        for layer, nodes in _scope_nodes(graph, pattern).items():
+            value = _module_output(nodes) if pattern.tap == "output" else _module_input(nodes)
+            if value is None:
+                continue
+            prod = value.producer()
+            evidence = (pattern.onnx_scope(layer), prod.name if prod is not None else value.name)
+            sites.append(Site(pattern.role, layer, value, evidence=evidence))
+    return sites
+
+
+def discover_sites(model: ir.Model, want_logits: bool = False) -> Discovery:
+    """Find every site of a decoder-only LLM graph.
+
+    Args:
+        model: the ONNX model (``onnx_ir``); not modified.
+        want_logits: also return the ``logits`` site (the LM head output).
+
+    Returns:
+        A :class:`Discovery`; ``sites`` all have shape ``[batch, seq, width]``.
+
+    Raises:
+        NotALanguageModelError: no ``input_ids`` input, no embedding, or no residual stream.
+    """
+    graph = model.graph
+    input_ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+    if input_ids is None:
+        names = ", ".join(v.name or "?" for v in graph.inputs) or "none"
+        raise NotALanguageModelError(
+            f"the graph has no 'input_ids' input (its inputs: {names}); maxact analyses decoder-only "
+            "language models exported with token ids as input (e.g. `analyzer export`)"
+        )
+    flow = dataflow_graph(graph)
+    chain = find_residual_chain(graph, flow, input_ids)
+    disagreements: list[str] = []
+    if len(chain.steps) % 2:
+        disagreements.append(
+            f"the residual stream has {len(chain.steps)} additions, not two per layer; "
+            "layers are counted as pairs of additions"
+        )
+    n_layers = (len(chain.steps) + 1) // 2
+
+    # Method 1: names. Pick the family whose table matches the most sites.
+    best: tuple[int, Family | None, list[Site]] = (0, None, [])
+    for fam in FAMILIES:
+        named = _named_sites(graph, fam, want_logits)
+        if len(named) > best[0]:
+            best = (len(named), fam, named)
+    _, family, named = best
+
+    sites: list[Site] = []
+    for site in named:
+        if site.layer is not None and site.layer >= n_layers:
+            disagreements.append(
+                f"{site.site_id}: its scope names layer {site.layer} but the residual stream has "
+                f"only {n_layers} layers"
+            )
+            continue
+        if site.role == "embedding" and site.value is not chain.embedding:
+            disagreements.append(
+                f"embedding: the named module's output {site.tensor!r} is not the residual "
+                f"stream's start {chain.embedding.name!r}; using the residual stream's"
+            )
+            continue
+        sites.append(site)
+
+    # Method 2: structure. The embedding and every residual step.
+    if not any(s.role == "embedding" for s in sites):
+        prod = chain.embedding.producer()
+        sites.append(Site("embedding", None, chain.embedding, evidence=(prod.name or "",)))
+    for k, step in enumerate(chain.steps):
+        layer = k // 2
+        role = "residual_post_attn" if k % 2 == 0 else "residual"
+        m = _LAYER_IN_NAME.search(step.name or "")
+        if m and int(m.group(1)) != layer:
+            disagreements.append(
+                f"residual step {k} ({step.name}) is named for layer {m.group(1)} but is step "
+                f"{k} of the residual stream, i.e. layer {layer}"
+            )
+        sites.append(Site(role, layer, step.outputs[0], evidence=(step.name or "", f"residual step {k}")))
+
+    # Two sites on one tensor (e.g. o_proj output == self_attn output): keep the first role.
+    unique: dict[int, Site] = {}
+    for s in sorted(sites, key=lambda s: s.sort_key):
+        unique.setdefault(id(s.value), s)
+    sites = sorted(unique.values(), key=lambda s: s.sort_key)
+    return Discovery(
+        sites=sites,
+        chain=chain,
+        n_layers=n_layers,
+        family=family.name if family else None,
+        disagreements=disagreements,
+        flow=flow,
+    )

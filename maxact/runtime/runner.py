@@ -1,0 +1,73 @@
+"""Run batches through a session and merge their per-site statistics, with a progress bar."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from maxact.passes.instrument import STATISTICS, output_name
+from maxact.runtime.batching import Batch
+from maxact.runtime.merge import SiteStats
+from maxact.runtime.session import Session
+
+
+@dataclass
+class RunResult:
+    """Merged statistics of a corpus run.
+
+    Attributes:
+        stats: site id -> merged :class:`SiteStats`.
+        n_tokens: real (unpadded) tokens processed.
+        seconds: wall time of the batch loop.
+    """
+
+    stats: dict[str, SiteStats]
+    n_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_batches(
+    session: Session, site_ids: Sequence[str], batches: Sequence[Batch], progress: bool = True
+) -> RunResult:
+    """Run every batch and merge the statistics of ``site_ids`` exactly.
+
+    Args:
+        session: a session of the instrumented graph.
+        site_ids: the sites whose outputs the graph carries.
+        batches: padded batches (:func:`maxact.runtime.batching.length_sorted_batches`).
+        progress: show a progress bar with tokens/s on the terminal.
+    """
+    total_tokens = sum(b.n_tokens for b in batches)
+    stats: dict[str, SiteStats] = {}
+    done = 0
+    start = time.perf_counter()
+    columns = (
+        TextColumn("[bold]measuring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("run", total=total_tokens, rate="")
+        for batch in batches:
+            out = session.run(batch)
+            for sid in site_ids:
+                part = {s.name: out[output_name(sid, s.name)] for s in STATISTICS}
+                new = SiteStats.from_batch(part, batch.sample_index)
+                stats[sid] = new if sid not in stats else stats[sid].merge(new)
+            done += batch.n_tokens
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=batch.n_tokens, rate=f"{rate:,.0f} tok/s")
+    seconds = time.perf_counter() - start
+    return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds)
+
+

@@ -1,0 +1,121 @@
+"""onnxruntime sessions over an instrumented graph: execution providers, inputs, one batch run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from maxact.errors import AnalyzerError
+from maxact.passes.instrument import TOKEN_MASK
+from maxact.runtime.batching import Batch
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NUMPY_OF_ORT = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
+# Protobuf refuses messages over 2 GiB; beyond this many bytes of weights, go through a file.
+_INLINE_LIMIT = 1_500_000_000
+
+
+class ProviderError(AnalyzerError):
+    """The requested execution provider is not available in this onnxruntime build."""
+
+
+class UnsupportedInputError(AnalyzerError):
+    """The graph needs an input maxact does not know how to feed."""
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += v.const_value.nbytes
+    return total
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+class Session:
+    """An onnxruntime session of an instrumented graph that runs :class:`Batch` es.
+
+    Args:
+        model: the instrumented model (:class:`maxact.passes.instrument.InstrumentPass`).
+        provider: ``"cpu"`` or ``"cuda"`` (the CUDA execution provider).
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+
+    Raises:
+        ProviderError: ``provider`` is not available (e.g. ``cuda`` without onnxruntime-gpu).
+        UnsupportedInputError: the graph has an input other than input_ids, attention_mask,
+            position_ids.
+    """
+
+    def __init__(self, model: ir.Model, provider: str = "cpu", threads: int | None = None):
+        name = PROVIDERS.get(provider)
+        if name is None:
+            raise ProviderError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+        if name not in ort.get_available_providers():
+            raise ProviderError(
+                f"the {name} is not available in this onnxruntime build (available: "
+                f"{', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu "
+                "in place of onnxruntime (see the README)"
+            )
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self._tmp = None
+        if _has_external_data(model) or _weight_bytes(model) > _INLINE_LIMIT:
+            # Written to a private temporary folder, never next to (or over) the user's file.
+            self._tmp = tempfile.TemporaryDirectory(prefix="maxact-")
+            path = Path(self._tmp.name) / "instrumented.onnx"
+            ir.save(model, path, external_data="instrumented.onnx.data")
+            self.session = ort.InferenceSession(os.fspath(path), opts, providers=[name])
+        else:
+            self.session = ort.InferenceSession(
+                ir.to_proto(model).SerializeToString(), opts, providers=[name]
+            )
+        self.provider = provider
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        known = {"input_ids", "attention_mask", "position_ids", TOKEN_MASK}
+        unknown = [n for n in self.inputs if n not in known]
+        if unknown:
+            raise UnsupportedInputError(
+                f"the graph needs inputs maxact cannot feed yet: {', '.join(unknown)}; export it "
+                "without past key/values (`analyzer export`, task text-generation)"
+            )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def feeds(self, batch: Batch) -> dict[str, np.ndarray]:
+        """The graph's inputs for one batch, in the dtypes the graph declares.
+
+        position_ids follow Hugging Face: cumulative count of real tokens minus one (0..len-1 for
+        a right-padded row), 1 at padding.
+        """
+        mask = batch.attention_mask
+        values = {
+            "input_ids": batch.input_ids,
+            "attention_mask": mask,
+            "position_ids": np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1),
+            TOKEN_MASK: mask.astype(bool),
+        }
+        return {
+            n: values[n].astype(_NUMPY_OF_ORT.get(i.type, values[n].dtype), copy=False)
+            for n, i in self.inputs.items()
+        }
+
+    def run(self, batch: Batch) -> dict[str, np.ndarray]:
+        """Run one batch; returns output name -> array."""
+        outs = self.session.run(self.output_names, self.feeds(batch))
+        return dict(zip(self.output_names, outs, strict=False))
