@@ -109,6 +109,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     if opts.batch_size < 1 or opts.max_length < 1:
         raise AnalyzerError("--batch-size and --max-length must be at least 1")
 
+    discovery = discover_sites(model, want_logits=opts.keep_logits)
+    components = build_component_map(discovery)
     tok_path = find_tokenizer(model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     corpus = load_corpus(opts.corpus)
@@ -120,8 +122,6 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     chosen = [chosen[j] for j in keep]
     ids = [ids[j] for j in keep]
 
-    discovery = discover_sites(model, want_logits=opts.keep_logits)
-    components = build_component_map(discovery)
     for msg in discovery.disagreements + components.disagreements:
         console.print(f"[yellow]warning:[/yellow] site discovery: {msg}")
     meta_graph = {

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real stories260K, tiny random Llamas, the PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("MAXACT_SHARED", REPO.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+BUILTIN = REPO / "maxact" / "data" / "stories260K"
+TEST_CORPUS = Path(__file__).resolve().parent / "data" / "passages.jsonl"
+
+
+def require_stories() -> Path:
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"the real stories260K is not at {STORIES} (../shared is absent)")
+    return STORIES
+
+
+def require_export():
+    pytest.importorskip("torch", reason="needs the export extra (torch)")
+    pytest.importorskip("optimum.exporters.onnx", reason="needs the export extra (optimum-onnx)")
+
+
+@pytest.fixture(scope="session")
+def stories_export(tmp_path_factory) -> Path:
+    """stories260K exported by `analyzer export` (session-wide, a few seconds)."""
+    require_export()
+    src = require_stories()
+    from maxact.exporters.hf import export_checkpoint
+
+    out = tmp_path_factory.mktemp("stories260K-onnx")
+    return export_checkpoint(src, out)
+
+
+def save_tiny_llama(folder: Path, seed: int = 0, n_layers: int = 3, plant=None):
+    """A tiny random LlamaForCausalLM (vocab 512, the stories260K tokenizer) saved to ``folder``.
+
+    ``plant(model)`` may edit the weights before saving. Returns the model (eval mode, fp32).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    if plant is not None:
+        with torch.no_grad():
+            plant(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(BUILTIN / name, folder / name)
+    return model

@@ -1,0 +1,89 @@
+"""The in-graph reductions against numpy on full tensors, with padding, NaN and Inf planted."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from maxact.passes.instrument import STATISTICS, TOKEN_MASK, InstrumentPass, output_name
+from maxact.passes.sites import Site
+from maxact.runtime.merge import SiteStats
+
+
+def _identity_model(opset: int):
+    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["b", "t", 6]))
+    node = ir.node("Identity", [x])
+    y = node.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(["b", "t", 6])
+    graph = ir.Graph([x], [y], nodes=[node], opset_imports={"": opset})
+    return ir.Model(graph, ir_version=9), y
+
+
+def _run(opset, x, mask):
+    model, y = _identity_model(opset)
+    site = Site("residual", 0, y)
+    InstrumentPass([site])(model)
+    assert [v.name for v in model.graph.outputs] == [output_name("layers.0.residual", s.name) for s in STATISTICS]
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(names, {"x": x, TOKEN_MASK: mask})))
+    return {s.name: outs[output_name("layers.0.residual", s.name)] for s in STATISTICS}
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_reductions_match_numpy_and_ignore_padding(opset):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 6)).astype(np.float32)
+    mask = np.ones((3, 5), dtype=bool)
+    mask[1, 3:] = False
+    mask[2, 1:] = False
+    x[1, 4, 2] = 1e6  # padding: must never count
+    x[2, 3, 0] = np.nan  # padding NaN: not counted
+    x[0, 2, 5] = -250.0  # the true peak, negative
+    x[1, 1, 3] = np.nan  # a real NaN
+    x[0, 4, 1] = np.inf  # a real Inf
+    got = _run(opset, x, mask)
+
+    valid = np.broadcast_to(mask[..., None], x.shape)
+    v = x[valid]
+    finite = v[np.isfinite(v)]
+    notnan = v[~np.isnan(v)]
+    assert got["nan_count"] == 1 and got["inf_count"] == 1
+    assert got["count"] == finite.size
+    assert got["max"] == np.inf  # an Inf is a real value at a real position: reported, and counted
+    assert got["min"] == pytest.approx(notnan.min())
+    assert got["absmax"] == np.inf
+    np.testing.assert_allclose(got["sum"], finite.astype(np.float64).sum(), rtol=1e-6)
+    np.testing.assert_allclose(got["sum_sq"], (finite.astype(np.float64) ** 2).sum(), rtol=1e-6)
+    np.testing.assert_allclose(got["abs_sum"], np.abs(finite.astype(np.float64)).sum(), rtol=1e-6)
+    a = np.where(valid & ~np.isnan(x), np.abs(x), 0)
+    np.testing.assert_array_equal(got["per_channel_absmax"], a.max(axis=(0, 1)))
+    st = SiteStats.from_batch(got, np.array([10, 11, 12]))
+    assert tuple(st.absmax_location) == (10, 4, 1)
+
+
+def test_absmax_location_and_merge_over_batches():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 7, 6)).astype(np.float32)
+    x[2, 5, 4] = -40.0
+    full_mask = np.ones((4, 7), dtype=bool)
+    full_mask[3, 2:] = False
+    parts = [SiteStats.from_batch(_run(18, x[i : i + 2], full_mask[i : i + 2]), np.array([i, i + 1])) for i in (0, 2)]
+    merged = parts[0].merge(parts[1])
+    valid = np.broadcast_to(full_mask[..., None], x.shape)
+    assert tuple(merged.absmax_location) == (2, 5, 4)
+    assert merged.absmax == 40.0 and merged.min == -40.0
+    assert merged.max == pytest.approx(x[valid].max())
+    assert merged.count == valid.sum()
+    assert merged.sum == pytest.approx(x[valid].astype(np.float64).sum(), rel=1e-6)
+    assert merged.std == pytest.approx(x[valid].astype(np.float64).std(), rel=1e-5)
+
+
+def test_merge_keeps_the_lowest_location_among_equal_maxima():
+    def stats(absmax, loc):
+        return SiteStats(absmax, -1.0, absmax, np.array(loc), np.zeros(2, np.float32), 1, 0.0, 0.0, 0.0, 0, 0)
+
+    a, b = stats(5.0, [7, 0, 1]), stats(5.0, [3, 9, 0])
+    assert tuple(a.merge(b).absmax_location) == (3, 9, 0)
+    assert tuple(b.merge(a).absmax_location) == (3, 9, 0)
+    assert tuple(a.merge(stats(6.0, [9, 9, 9])).absmax_location) == (9, 9, 9)
