@@ -6,9 +6,9 @@ import sys
 
 import onnx
 import pytest
-from conftest import BUILTIN, TEST_CORPUS
 from onnx import TensorProto, helper
 
+from conftest import BUILTIN, TEST_CORPUS
 from maxact.analyzer.cli import main
 
 

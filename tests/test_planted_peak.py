@@ -3,12 +3,12 @@
 import h5py
 import numpy as np
 import pytest
-from conftest import BUILTIN, TEST_CORPUS, require_export, save_tiny_llama
-from reference import reference_stats
 
+from conftest import BUILTIN, TEST_CORPUS, require_export, save_tiny_llama
 from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.run import RunOptions, run
 from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
+from reference import reference_stats
 
 LAYER, CHANNEL, TARGET = 2, 37, 3000.0
 

@@ -2,8 +2,8 @@
 
 import onnx_ir as ir
 import pytest
-from conftest import BUILTIN
 
+from conftest import BUILTIN
 from maxact.analyzer.components import build_component_map
 from maxact.errors import NotALanguageModelError
 from maxact.passes.sites import discover_sites

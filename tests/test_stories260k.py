@@ -6,12 +6,12 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import SHARED, TEST_CORPUS, require_stories
-from reference import reference_stats
 
+from conftest import SHARED, TEST_CORPUS, require_stories
 from maxact.analyzer.corpus import load_corpus, select_samples
 from maxact.analyzer.run import RunOptions, run
 from maxact.analyzer.tokenize import encode, load_tokenizer
+from reference import reference_stats
 
 
 @pytest.fixture(scope="module")
