@@ -19,15 +19,16 @@ def _identity_model(opset: int):
     return ir.Model(graph, ir_version=9), y
 
 
-def _run(opset, x, mask):
+def _run(opset, x, mask, variant="exact"):
     model, y = _identity_model(opset)
     site = Site("residual", 0, y)
-    InstrumentPass([site])(model)
-    assert [v.name for v in model.graph.outputs] == [output_name("layers.0.residual", s.name) for s in STATISTICS]
+    InstrumentPass([site], variant=variant)(model)
+    names = [output_name("layers.0.residual", s.name) for s in STATISTICS]
+    assert [v.name for v in model.graph.outputs][: len(names)] == names
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, {"x": x, TOKEN_MASK: mask})))
-    return {s.name: outs[output_name("layers.0.residual", s.name)] for s in STATISTICS}
+    return {k.rsplit("/", 1)[1]: v for k, v in outs.items()}
 
 
 @pytest.mark.parametrize("opset", [17, 18])
@@ -58,8 +59,10 @@ def test_reductions_match_numpy_and_ignore_padding(opset):
     np.testing.assert_allclose(got["abs_sum"], np.abs(finite.astype(np.float64)).sum(), rtol=1e-6)
     a = np.where(valid & ~np.isnan(x), np.abs(x), 0)
     np.testing.assert_array_equal(got["per_channel_absmax"], a.max(axis=(0, 1)))
-    st = SiteStats.from_batch(got, np.array([10, 11, 12]))
+    st = SiteStats.from_batch(got, np.array([10, 11, 12]), np.nonzero(mask))
     assert tuple(st.absmax_location) == (10, 4, 1)
+    # The fast variant flags exactly the tokens holding NaN or Inf, so the batch gets redone.
+    assert _run(opset, x, mask, variant="fast")["nonfinite_tokens"] == 2
 
 
 def test_absmax_location_and_merge_over_batches():
@@ -68,8 +71,22 @@ def test_absmax_location_and_merge_over_batches():
     x[2, 5, 4] = -40.0
     full_mask = np.ones((4, 7), dtype=bool)
     full_mask[3, 2:] = False
-    parts = [SiteStats.from_batch(_run(18, x[i : i + 2], full_mask[i : i + 2]), np.array([i, i + 1])) for i in (0, 2)]
-    merged = parts[0].merge(parts[1])
+    parts = {
+        variant: [
+            SiteStats.from_batch(_run(18, x[i : i + 2], full_mask[i : i + 2], variant), np.array([i, i + 1]),
+                                 np.nonzero(full_mask[i : i + 2]))
+            for i in (0, 2)
+        ]
+        for variant in ("fast", "exact")
+    }
+    fast = parts["fast"][0].merge(parts["fast"][1])
+    merged = parts["exact"][0].merge(parts["exact"][1])
+    for k in ("max", "min", "absmax", "count", "nan_count", "inf_count"):
+        assert getattr(fast, k) == getattr(merged, k), k
+    for k in ("sum", "sum_sq", "abs_sum"):
+        assert getattr(fast, k) == pytest.approx(getattr(merged, k), rel=1e-6), k
+    np.testing.assert_array_equal(fast.absmax_location, merged.absmax_location)
+    np.testing.assert_array_equal(fast.per_channel_absmax, merged.per_channel_absmax)
     valid = np.broadcast_to(full_mask[..., None], x.shape)
     assert tuple(merged.absmax_location) == (2, 5, 4)
     assert merged.absmax == 40.0 and merged.min == -40.0

@@ -129,11 +129,19 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "dtype": _float_dtype(model),
     }
     sites = discovery.sites
-    InstrumentPass(sites)(model)
+    float32 = meta_graph["dtype"] == "float32"
+    InstrumentPass(sites, variant="fast", float32=float32)(model)
     session = Session(model, provider=opts.provider, threads=opts.threads)
 
+    def exact_session() -> Session:
+        # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
+        _, again = load_model(model_path)
+        InstrumentPass(discover_sites(again, want_logits=opts.keep_logits).sites, variant="exact",
+                       float32=float32)(again)
+        return Session(again, provider=opts.provider, threads=opts.threads)
+
     batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
-    result = run_batches(session, [s.site_id for s in sites], batches, progress=opts.progress)
+    result = run_batches(session, [s.site_id for s in sites], batches, exact_session, progress=opts.progress)
 
     infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
     peak = global_peak(infos, result.stats)
@@ -163,6 +171,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
         "wall_seconds": result.seconds,
         "tokens_per_second": result.tokens_per_second,
+        "exact_batches": result.exact_batches,
     }
     site_attrs = {
         s.site_id: {

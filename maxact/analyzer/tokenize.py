@@ -58,6 +58,9 @@ def encode(
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """How one token reads: the decoded text, or the raw token where decoding gives nothing."""
+    """How one token reads: the decoded text, or the raw token where decoding alone gives nothing
+    readable (whitespace, or part of a multi-byte character)."""
     text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
-    return text if text.strip() else (tokenizer.id_to_token(int(token_id)) or text)
+    if text.strip() and "\ufffd" not in text:
+        return text
+    return tokenizer.id_to_token(int(token_id)) or text

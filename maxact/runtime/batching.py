@@ -23,6 +23,11 @@ class Batch:
     attention_mask: np.ndarray
 
     @property
+    def valid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, position) of each real token, row-major (the order the graph gathers them in)."""
+        return np.nonzero(self.attention_mask)
+
+    @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 

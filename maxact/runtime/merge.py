@@ -35,14 +35,19 @@ class SiteStats:
     inf_count: int
 
     @classmethod
-    def from_batch(cls, out: Mapping[str, np.ndarray], sample_index: np.ndarray) -> SiteStats:
+    def from_batch(
+        cls, out: Mapping[str, np.ndarray], sample_index: np.ndarray, valid: tuple[np.ndarray, np.ndarray]
+    ) -> SiteStats:
         """Build from one batch's outputs of :data:`maxact.passes.instrument.STATISTICS`.
 
         Args:
             out: statistic name -> array, as the instrumented graph returned them.
             sample_index: int64 ``[batch]``, the corpus index of each row of the batch.
+            valid: (rows, positions) of the valid tokens in row-major order, as
+                ``np.nonzero(attention_mask)`` gives them.
         """
-        b, t, c = np.unravel_index(int(out["absmax_index"]), tuple(int(d) for d in out["shape"]))
+        token = int(out["absmax_token"])
+        b, t, c = valid[0][token], valid[1][token], int(out["absmax_channel"])
         return cls(
             max=float(out["max"]),
             min=float(out["min"]),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from maxact.passes.instrument import STATISTICS, output_name
+from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, output_name
 from maxact.runtime.batching import Batch
 from maxact.runtime.merge import SiteStats
 from maxact.runtime.session import Session
@@ -22,11 +22,13 @@ class RunResult:
         stats: site id -> merged :class:`SiteStats`.
         n_tokens: real (unpadded) tokens processed.
         seconds: wall time of the batch loop.
+        exact_batches: batches redone with the exact graph because a site held NaN or Inf.
     """
 
     stats: dict[str, SiteStats]
     n_tokens: int
     seconds: float
+    exact_batches: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -34,16 +36,25 @@ class RunResult:
 
 
 def run_batches(
-    session: Session, site_ids: Sequence[str], batches: Sequence[Batch], progress: bool = True
+    session: Session,
+    site_ids: Sequence[str],
+    batches: Sequence[Batch],
+    exact_session: Callable[[], Session] | None = None,
+    progress: bool = True,
 ) -> RunResult:
     """Run every batch and merge the statistics of ``site_ids`` exactly.
 
     Args:
-        session: a session of the instrumented graph.
+        session: a session of the graph instrumented with the ``fast`` variant.
         site_ids: the sites whose outputs the graph carries.
         batches: padded batches (:func:`maxact.runtime.batching.length_sorted_batches`).
+        exact_session: makes a session of the ``exact`` variant; called once, the first time a
+            batch holds a NaN or Inf at a valid position, and that batch is redone with it.
+            Without it such a batch raises ``FloatingPointError``.
         progress: show a progress bar with tokens/s on the terminal.
     """
+    exact: Session | None = None
+    n_exact = 0
     total_tokens = sum(b.n_tokens for b in batches)
     stats: dict[str, SiteStats] = {}
     done = 0
@@ -60,14 +71,21 @@ def run_batches(
         task = bar.add_task("run", total=total_tokens, rate="")
         for batch in batches:
             out = session.run(batch)
+            if any(out[output_name(sid, NONFINITE_TOKENS.name)] for sid in site_ids):
+                if exact_session is None:
+                    raise FloatingPointError("a site holds NaN or Inf and no exact session was given")
+                exact = exact or exact_session()
+                out = exact.run(batch)
+                n_exact += 1
+            valid = batch.valid
             for sid in site_ids:
                 part = {s.name: out[output_name(sid, s.name)] for s in STATISTICS}
-                new = SiteStats.from_batch(part, batch.sample_index)
+                new = SiteStats.from_batch(part, batch.sample_index, valid)
                 stats[sid] = new if sid not in stats else stats[sid].merge(new)
             done += batch.n_tokens
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=batch.n_tokens, rate=f"{rate:,.0f} tok/s")
     seconds = time.perf_counter() - start
-    return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds)
+    return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds, exact_batches=n_exact)
 
 
