@@ -59,8 +59,8 @@ def encode(
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     """How one token reads: the decoded text, or the raw token where decoding alone gives nothing
-    readable (whitespace, or part of a multi-byte character)."""
+    readable (empty, or part of a multi-byte character)."""
     text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
-    if text.strip() and "\ufffd" not in text:
+    if text and "\ufffd" not in text:
         return text
     return tokenizer.id_to_token(int(token_id)) or text

@@ -65,15 +65,16 @@ def output_name(site_id: str, stat: str) -> str:
 class _Builder:
     """Emits reduction nodes for an opset (ReduceMax/Min take axes as an input from opset 18)."""
 
-    def __init__(self, tape: ir.tape.Tape, opset: int):
-        self.tape = tape
+    def __init__(self, opset: int):
+        self.head = ir.tape.Tape()  # constants and shared nodes, placed first in the graph
+        self.tape = self.head  # where op() records; one tape per site
         self.opset = opset
         self._consts: dict[tuple, ir.Value] = {}
 
     def const(self, array: np.ndarray, name: str) -> ir.Value:
         key = (name, array.dtype.str, array.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.tape.op(
+            self._consts[key] = self.head.op(
                 "Constant", [], attributes={"value": ir.tensor(array, name=name)}
             )
         return self._consts[key]
@@ -176,7 +177,9 @@ class InstrumentPass(ir.passes.InPlacePass):
        then over the tokens. Variant ``fast`` assumes finite values and reports
        ``nonfinite_tokens`` so the caller can redo a batch with variant ``exact``, which counts
        NaN and Inf and keeps them out of extremes (NaN) and sums (both).
-    3. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
+    3. Each site's reductions are placed right after the node that makes the site, so the
+       full-size site tensor can be freed as soon as it has been reduced.
+    4. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
        names them, and nodes that then feed nothing are deleted, so the run does not pay for the
        LM head.
     """
@@ -196,8 +199,7 @@ class InstrumentPass(ir.passes.InPlacePass):
         opset = graph.opset_imports.get("", 0)
         if opset < 13:
             raise ValueError(f"default-domain opset {opset} < 13 is not supported")
-        tape = ir.tape.Tape(graph)
-        b = _Builder(tape, opset)
+        b = _Builder(opset)
         mask = ir.val(TOKEN_MASK, dtype=ir.DataType.BOOL, shape=ir.Shape(["batch_size", "sequence_length"]))
         graph.inputs.append(mask)
         flat_mask = b.op("Reshape", [mask, b.const(np.array([-1], np.int64), "flat")])
@@ -206,8 +208,11 @@ class InstrumentPass(ir.passes.InPlacePass):
         reductions = _fast_reductions if self.variant == "fast" else _exact_reductions
         specs = STATISTICS + ((NONFINITE_TOKENS,) if self.variant == "fast" else ())
         new_outputs: list[ir.Value] = []
+        placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
         for site in self.sites:
+            b.tape = ir.tape.Tape()
             stats = reductions(b, _valid_rows(b, site.value, valid_index, cast=not self.float32))
+            placed.append((site.value.producer(), b.tape.nodes))
             for spec in specs:
                 value = stats[spec.name]
                 value.name = output_name(site.site_id, spec.name)
@@ -215,7 +220,15 @@ class InstrumentPass(ir.passes.InPlacePass):
                 shape = [d if d != "width" else f"{site.site_id}_width" for d in spec.shape]
                 value.shape = ir.Shape(shape)
                 new_outputs.append(value)
-        graph.extend(tape.nodes)
+        # Each site's reductions right after the node that makes it: onnxruntime runs nodes in
+        # this order, so the site tensor is freed at once rather than kept to the end of the run.
+        for producer, nodes in placed:
+            if producer is None or producer.graph is not graph:
+                graph.extend(nodes)
+            else:
+                graph.insert_after(producer, nodes)
+        first = next(iter(graph))
+        graph.insert_before(first, b.head.nodes)
         kept = [v for v in graph.outputs if v.name in self.keep_outputs]
         graph.outputs.clear()
         graph.outputs.extend(kept + new_outputs)
