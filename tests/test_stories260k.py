@@ -75,3 +75,34 @@ def test_padding_never_leaks_batch_1_equals_batch_8(tmp_path):
             # The plain sum cancels; compare it on the scale of the absolute sum.
             assert abs(ga["sum"][()] - gb["sum"][()]) <= 1e-5 * ga["abs_sum"][()], sid
         np.testing.assert_array_equal(a["summary"].attrs["global_location"], b["summary"].attrs["global_location"])
+
+
+def test_study_statistics_match_full_tensors(stories_run, stories_export):
+    """Top-k, Sun et al. (torch.median) and quantiles against full PyTorch tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from reference import study_reference
+
+    model = AutoModelForCausalLM.from_pretrained(str(require_stories())).eval()
+    corpus = load_corpus("default")
+    chosen = select_samples(corpus, 40, 0)
+    tok = load_tokenizer(stories_export.parent / "tokenizer.json")
+    seqs = encode(tok, [corpus.texts[k] for k in chosen], "none", 512)
+    ref = study_reference(model, seqs, chosen, n_layers=5)
+    with h5py.File(stories_run) as f:
+        for sid, want in ref.items():
+            g = f["sites"][sid]
+            np.testing.assert_allclose(g["topk_abs"][()], want["topk_abs"], rtol=1e-4, err_msg=sid)
+            # Locations: the first few are well separated; compare where the values are distinct.
+            assert tuple(g["topk_location"][0]) == tuple(want["topk_location"][0]), sid
+            assert len(g["topk_token"]) == 100
+            for k in ("sun_max_ratio", "sun_mean_ratio", "sun_std_ratio", "sun_peak_token_median"):
+                assert g[k][()] == pytest.approx(want[k], rel=1e-4), (sid, k)
+            assert g["sun_n_tokens"][()] == want["sun_n_tokens"]
+            assert g["sun_n_pass"][()] == want["sun_n_pass"]
+            for name, q in (("q25", 0.25), ("q50", 0.5), ("q75", 0.75), ("q90", 0.9), ("q99", 0.99), ("q999", 0.999)):
+                # Within one histogram bin (1/32 decade).
+                assert abs(np.log10(g[name][()]) - np.log10(want["quantiles"][q])) <= 1 / 32 + 1e-9, (sid, name)
+            # |x| < 1e-8: ORT and PyTorch may put a value or two on either side of the edge.
+            assert abs(g["zero_frac"][()] - want["zero_frac"]) * g["count"][()] <= 3, sid
+            assert g["hist_log10"][()].sum() + g["hist_zero"][()] == g["count"][()]

@@ -48,6 +48,7 @@ class RunOptions:
     threads: int | None = None
     seed: int = 0
     keep_logits: bool = False
+    stats: str = "full"
     progress: bool = True
 
 
@@ -106,6 +107,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
     if not out.parent.is_dir():
         raise AnalyzerError(f"output folder {out.parent} does not exist")
+    if opts.stats not in ("full", "main"):
+        raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
     if opts.batch_size < 1 or opts.max_length < 1:
         raise AnalyzerError("--batch-size and --max-length must be at least 1")
 
@@ -130,14 +133,15 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     }
     sites = discovery.sites
     float32 = meta_graph["dtype"] == "float32"
-    InstrumentPass(sites, variant="fast", float32=float32)(model)
+    study = opts.stats == "full"
+    InstrumentPass(sites, variant="fast", float32=float32, study=study)(model)
     session = Session(model, provider=opts.provider, threads=opts.threads)
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
         _, again = load_model(model_path)
         InstrumentPass(discover_sites(again, want_logits=opts.keep_logits).sites, variant="exact",
-                       float32=float32)(again)
+                       float32=float32, study=study)(again)
         return Session(again, provider=opts.provider, threads=opts.threads)
 
     batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
@@ -145,8 +149,17 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
 
     infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
     peak = global_peak(infos, result.stats)
-    sample, position = int(peak.location[0]), int(peak.location[1])
-    peak.token = token_text(tokenizer, int(ids[chosen.index(sample)][position]))
+    row_of = {sample: j for j, sample in enumerate(chosen)}
+
+    def token_at(sample: int, position: int) -> str:
+        return token_text(tokenizer, int(ids[row_of[int(sample)]][int(position)]))
+
+    peak.token = token_at(*peak.location[:2])
+    topk_tokens = {
+        sid: [token_at(s_, p_) for s_, p_, _ in st.study.topk_location]
+        for sid, st in result.stats.items()
+        if st.study is not None
+    }
     roles = role_absmax(infos, result.stats)
     meta = {
         "maxact_version": maxact.__version__,
@@ -161,6 +174,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "n_tokens": result.n_tokens,
         "max_length": opts.max_length,
         "bos": opts.bos,
+        "stats": opts.stats,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "samples": -1 if opts.samples is None else opts.samples,
         "seed": opts.seed,
@@ -192,8 +206,9 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         peak,
         roles,
         extra_datasets={"corpus/sample_index": np.array(chosen, dtype=np.int64)},
+        topk_tokens=topk_tokens,
     )
-    print_summary(console, peak, roles, infos, result.stats, meta)
+    print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id))
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
         f"wrote {out}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from maxact.analyzer.distribution import QUANTILES, hist_quantile
 from maxact.analyzer.summary import Peak, SiteInfo, headroom
 from maxact.runtime.merge import SiteStats
 
@@ -26,6 +27,7 @@ def write_run(
     peak: Peak,
     roles: Sequence[tuple[str, float, str]],
     extra_datasets: Mapping[str, np.ndarray] | None = None,
+    topk_tokens: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Write the run file.
 
@@ -41,6 +43,7 @@ def write_run(
         stats: site id -> merged statistics.
         peak: the global peak; ``roles``: (role, max |x|, site) rows for ``/summary/role_absmax``.
         extra_datasets: more datasets to store, path -> array (e.g. ``corpus/sample_index``).
+        topk_tokens: site id -> the text of the token at each top-k location.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -63,6 +66,8 @@ def write_run(
                     g.create_dataset(name, data=np.float64(getattr(st, name)))
                 g.create_dataset("absmax_location", data=st.absmax_location.astype(np.int64))
                 g.create_dataset("per_channel_absmax", data=st.per_channel_absmax.astype(np.float32))
+                if st.study is not None:
+                    _write_study(g, st, (topk_tokens or {}).get(site.site_id))
                 q = g_quant.create_group(site.site_id)
                 for fmt, ratio in headroom(st.absmax).items():
                     q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
@@ -82,3 +87,27 @@ def write_run(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_study(g: h5py.Group, st: SiteStats, tokens: Sequence[str] | None) -> None:
+    """The study's datasets of one site: top-k, Sun et al. 2024, histogram and its quantiles."""
+    s = st.study
+    g.create_dataset("topk_abs", data=s.topk_abs.astype(np.float32))
+    g.create_dataset("topk_signed", data=s.topk_signed.astype(np.float32))
+    g.create_dataset("topk_location", data=s.topk_location.astype(np.int64))
+    if tokens is not None:
+        g.create_dataset("topk_token", data=np.array(list(tokens), dtype=h5py.string_dtype()))
+    g.create_dataset("sun_peak_abs", data=np.float64(st.absmax))
+    g.create_dataset("sun_peak_token_median", data=np.float64(s.sun_peak_token_median))
+    g.create_dataset("sun_max_ratio", data=np.float64(s.sun_max_ratio))
+    g.create_dataset("sun_mean_ratio", data=np.float64(s.sun_mean_ratio))
+    g.create_dataset("sun_std_ratio", data=np.float64(s.sun_std_ratio))
+    g.create_dataset("sun_n_tokens", data=np.int64(s.sun_n_tokens))
+    g.create_dataset("sun_n_ratio", data=np.int64(s.sun_n_ratio))
+    g.create_dataset("sun_n_pass", data=np.int64(s.sun_n_pass))
+    g.create_dataset("hist_log10", data=s.hist[1:].astype(np.int64))
+    g.create_dataset("hist_zero", data=np.int64(s.hist[0]))
+    total = int(s.hist.sum())
+    g.create_dataset("zero_frac", data=np.float64(s.hist[0] / total if total else np.nan))
+    for name, q in QUANTILES.items():
+        g.create_dataset(name, data=np.float64(hist_quantile(s.hist, q)))

@@ -84,8 +84,10 @@ def print_summary(
     sites: Sequence[SiteInfo],
     stats: Mapping[str, SiteStats],
     meta: Mapping[str, object],
+    peak_topk_tokens: Sequence[str] | None = None,
 ) -> None:
-    """Print the global peak, a per-role table and a warning for every site beyond fp16's range."""
+    """Print the global peak, a per-role table, the massive-activation test, the peak site's top
+    values, and a warning for every site beyond fp16's range or holding NaN/Inf."""
     console.print(
         f"[bold]{meta['model_path']}[/bold]: {meta['n_samples']} passages, {meta['n_tokens']:,} tokens, "
         f"{len(sites)} sites, {meta['n_layers']} layers, provider {meta['provider']}"
@@ -103,6 +105,7 @@ def print_summary(
     for role, value, sid in roles:
         table.add_row(role, f"{value:.6g}", sid, f"{value / FORMAT_MAX['fp16']:.3g}")
     console.print(table)
+    _print_study(console, peak, sites, stats, peak_topk_tokens)
     over = [x for x in sites if stats[x.site_id].absmax > FORMAT_MAX["fp16"]]
     for x in over:
         console.print(
@@ -113,3 +116,26 @@ def print_summary(
     for x in bad:
         st = stats[x.site_id]
         console.print(f"[red]warning:[/red] {x.site_id} has {st.nan_count} NaN and {st.inf_count} Inf values")
+
+
+def _print_study(console, peak: Peak, sites, stats, tokens) -> None:
+    studied = [x for x in sites if stats[x.site_id].study is not None]
+    if not studied:
+        return
+    passing = [x for x in studied if stats[x.site_id].study.sun_n_pass]
+    best = max(studied, key=lambda x: stats[x.site_id].study.sun_max_ratio)
+    st = stats[best.site_id].study
+    console.print(
+        f"massive activations (Sun et al. 2024: |x| > 100 and > 1000x the token's median |x|): "
+        f"{sum(stats[x.site_id].study.sun_n_pass for x in passing):,} token-sites at {len(passing)} sites; "
+        f"largest ratio {st.sun_max_ratio:.4g} at {best.site_id}"
+    )
+    top = stats[peak.site_id].study
+    table = Table(title=f"top values at {peak.site_id}")
+    for col in ("rank", "value", "sample", "position", "channel", "token"):
+        table.add_column(col)
+    for r in range(min(10, len(top.topk_abs))):
+        s, p, c = (int(v) for v in top.topk_location[r])
+        tok = repr(tokens[r]) if tokens is not None else ""
+        table.add_row(str(r + 1), f"{top.topk_signed[r]:+.6g}", str(s), str(p), str(c), tok)
+    console.print(table)

@@ -57,6 +57,33 @@ STATISTICS: tuple[Statistic, ...] = (
 NONFINITE_TOKENS = Statistic("nonfinite_tokens", ir.DataType.INT64, ())
 
 
+#: Histogram of log10 |x|: 512 bins of 1/32 decade over [1e-8, 1e8) (values beyond 1e8 in the last
+#: bin), plus one bin in front for |x| < 1e-8 (zero, in practice).
+HIST_BINS, HIST_LOW, HIST_PER_DECADE = 512, -8.0, 32
+TOP_K = 100
+
+#: The study's statistics (``--stats full``), per batch:
+STUDY_STATISTICS: tuple[Statistic, ...] = (
+    # Top-k |x| (k = 100, fewer in a batch with fewer values), largest first.
+    Statistic("topk_abs", ir.DataType.FLOAT, ("k",)),
+    Statistic("topk_signed", ir.DataType.FLOAT, ("k",)),
+    Statistic("topk_token", ir.DataType.INT64, ("k",)),  # index among the valid tokens
+    Statistic("topk_channel", ir.DataType.INT64, ("k",)),
+    # Sun et al. 2024, per token: ratio = max|x| / median|x| over the width (lower median, as
+    # torch.median); tokens whose median is 0 have no ratio.
+    Statistic("sun_peak_token_median", ir.DataType.FLOAT, ()),  # median |x| of the absmax token
+    Statistic("sun_max_ratio", ir.DataType.FLOAT, ()),
+    Statistic("sun_ratio_sum", ir.DataType.DOUBLE, ()),
+    Statistic("sun_ratio_sum_sq", ir.DataType.DOUBLE, ()),
+    Statistic("sun_n_ratio", ir.DataType.INT64, ()),  # tokens with a ratio
+    Statistic("sun_n_tokens", ir.DataType.INT64, ()),
+    Statistic("sun_n_pass", ir.DataType.INT64, ()),  # tokens with max|x| > 100 and ratio > 1000
+    # Counts per bin: [0] is |x| < 1e-8, [1 + j] is bin j of the log10 histogram.
+    Statistic("hist", ir.DataType.INT64, (HIST_BINS + 1,)),
+)
+SUN_MIN_ABS, SUN_MIN_RATIO = 100.0, 1000.0
+
+
 def output_name(site_id: str, stat: str) -> str:
     """Graph output name of one statistic of one site."""
     return f"{OUTPUT_PREFIX}{site_id}/{stat}"
@@ -108,7 +135,7 @@ def _valid_rows(b: _Builder, x: ir.Value, valid_index: ir.Value, cast: bool) -> 
     return b.op("Cast", [rows], to=ir.DataType.FLOAT) if cast else rows
 
 
-def _fast_reductions(b: _Builder, xv: ir.Value) -> dict[str, ir.Value]:
+def _fast_reductions(b: _Builder, xv: ir.Value):
     """Statistics of ``xv [n, width]`` assuming it is finite; ``nonfinite_tokens`` checks that."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
@@ -130,10 +157,81 @@ def _fast_reductions(b: _Builder, xv: ir.Value) -> dict[str, ir.Value]:
     # A token holding NaN or +-Inf has a non-finite sum, and s - s is NaN exactly then.
     bad = b.op("IsNaN", [b.op("Sub", [tok_sum, tok_sum])])
     out[NONFINITE_TOKENS.name] = b.total(b.op("Cast", [bad], to=f32), i64)
+    return out, xv, ax, tok_absmax
+
+
+def _study_reductions(
+    b: _Builder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool
+) -> dict[str, ir.Value]:
+    """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``).
+
+    With ``exact`` False the values may hold NaN only in batches the caller redoes; the graph must
+    merely not fail on them."""
+    f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
+    out: dict[str, ir.Value] = {}
+    shape = b.op("Shape", [xs])
+    n = b.op("Gather", [shape, b.const(np.array([0], np.int64), "first")], axis=0)  # [1]
+    width = b.op("Gather", [shape, b.const(np.array([1], np.int64), "second")], axis=0)  # [1]
+    k_max = b.const(np.array([TOP_K], np.int64), "top_k")
+
+    # Top-k: the k largest |x| lie in the k tokens of largest max|x|, so look only there.
+    _, top_tokens = b.tape.op_multi_out("TopK", [tok_absmax, b.op("Min", [k_max, n])], num_outputs=2,
+                                        attributes={"axis": 0, "largest": 1, "sorted": 1})
+    rows = b.op("Reshape", [b.op("Gather", [xs, top_tokens], axis=0), b.const(np.array([-1], np.int64), "flat")])
+    rows_abs = b.op("Abs", [rows])
+    k = b.op("Min", [k_max, b.op("Size", [rows_abs])])
+    k = b.op("Reshape", [k, b.const(np.array([1], np.int64), "one_dim")])
+    top_abs, flat_idx = b.tape.op_multi_out("TopK", [rows_abs, k], num_outputs=2,
+                                            attributes={"axis": 0, "largest": 1, "sorted": 1})
+    out["topk_abs"] = b.op("Identity", [top_abs])
+    out["topk_signed"] = b.op("Gather", [rows, flat_idx], axis=0)
+    width_scalar = b.op("Squeeze", [width])
+    out["topk_token"] = b.op("Gather", [top_tokens, b.op("Div", [flat_idx, width_scalar])], axis=0)
+    out["topk_channel"] = b.op("Mod", [flat_idx, width_scalar])
+
+    # Sun et al.: the lower median of |x| over the width is the largest of its smallest
+    # (width - 1) // 2 + 1 values.
+    one = b.const(np.array([1], np.int64), "one")
+    two = b.const(np.array([2], np.int64), "two")
+    k_med = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), two]), one])
+    smallest, _ = b.tape.op_multi_out("TopK", [ax, k_med], num_outputs=2,
+                                      attributes={"axis": -1, "largest": 0, "sorted": 0})
+    median = b.reduce("ReduceMax", smallest, [-1])  # [n]
+    has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
+    safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
+    ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
+    ratio64 = b.op("Cast", [ratio], to=f64)
+    out["sun_peak_token_median"] = b.op("Gather", [median, absmax_token], axis=0)
+    out["sun_max_ratio"] = b.reduce("ReduceMax", ratio, None)
+    out["sun_ratio_sum"] = b.reduce("ReduceSum", ratio64, None)
+    out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
+    out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
+    out["sun_n_tokens"] = b.reduce("ReduceSum", n, None)
+    passes = b.op("And", [
+        b.op("Greater", [tok_absmax, b.const(np.array(SUN_MIN_ABS, np.float32), "sun_abs")]),
+        b.op("Greater", [ratio, b.const(np.array(SUN_MIN_RATIO, np.float32), "sun_ratio")]),
+    ])
+    out["sun_n_pass"] = b.total(b.op("Cast", [passes], to=f32), i64)
+
+    # Histogram: bin = trunc(log10|x| * 32 + 8 * 32 + 1), clipped to [0, 512]; log(0) = -inf -> 0.
+    scale = b.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
+    offset = b.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
+    t = b.op("Add", [b.op("Mul", [b.op("Log", [ax]), scale]), offset])
+    if exact:  # +Inf belongs in the last bin: clip before the cast (no NaN here).
+        t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
+                          b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
+        idx = b.op("Cast", [t], to=i64)
+    else:  # finite values (else the batch is redone): clip after the cast, which maps NaN to int64 min.
+        idx = b.op("Clip", [b.op("Cast", [t], to=i64), b.const(np.array(0, np.int64), "zero_i"),
+                            b.const(np.array(HIST_BINS, np.int64), "hist_top_i")])
+    idx = b.op("Reshape", [idx, b.const(np.array([-1], np.int64), "flat")])
+    ones = b.op("ConstantOfShape", [b.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int64)))
+    empty = b.const(np.zeros(HIST_BINS + 1, np.int64), "hist_empty")
+    out["hist"] = b.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")
     return out
 
 
-def _exact_reductions(b: _Builder, xv: ir.Value) -> dict[str, ir.Value]:
+def _exact_reductions(b: _Builder, xv: ir.Value):
     """Statistics of ``xv [n, width]`` with NaN excluded from extremes and non-finite values from sums."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     nan = b.op("IsNaN", [xv])
@@ -162,7 +260,7 @@ def _exact_reductions(b: _Builder, xv: ir.Value) -> dict[str, ir.Value]:
     out["abs_sum"] = b.total(b.reduce("ReduceSum", b.op("Abs", [xz]), [-1]), f64)
     out["nan_count"] = count(nan)
     out["inf_count"] = count(inf)
-    return out
+    return out, b.op("Where", [num, xv, zero]), ax, tok_absmax
 
 
 class InstrumentPass(ir.passes.InPlacePass):
@@ -185,13 +283,14 @@ class InstrumentPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, sites: Sequence[Site], variant: str = "fast", float32: bool = False,
-                 keep_outputs: Sequence[str] = ()):
+                 study: bool = True, keep_outputs: Sequence[str] = ()):
         super().__init__()
         if variant not in ("fast", "exact"):
             raise ValueError(f"variant must be 'fast' or 'exact', not {variant!r}")
         self.sites = list(sites)
         self.variant = variant
         self.float32 = float32
+        self.study = study
         self.keep_outputs = set(keep_outputs)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -207,17 +306,22 @@ class InstrumentPass(ir.passes.InPlacePass):
 
         reductions = _fast_reductions if self.variant == "fast" else _exact_reductions
         specs = STATISTICS + ((NONFINITE_TOKENS,) if self.variant == "fast" else ())
+        if self.study:
+            specs += STUDY_STATISTICS
         new_outputs: list[ir.Value] = []
         placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
         for site in self.sites:
             b.tape = ir.tape.Tape()
-            stats = reductions(b, _valid_rows(b, site.value, valid_index, cast=not self.float32))
+            stats, xs, ax, tok_absmax = reductions(b, _valid_rows(b, site.value, valid_index, cast=not self.float32))
+            if self.study:
+                stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
+                                               exact=self.variant == "exact"))
             placed.append((site.value.producer(), b.tape.nodes))
             for spec in specs:
                 value = stats[spec.name]
                 value.name = output_name(site.site_id, spec.name)
                 value.dtype = spec.dtype
-                shape = [d if d != "width" else f"{site.site_id}_width" for d in spec.shape]
+                shape = [f"{site.site_id}_{d}" if isinstance(d, str) else d for d in spec.shape]
                 value.shape = ir.Shape(shape)
                 new_outputs.append(value)
         # Each site's reductions right after the node that makes it: onnxruntime runs nodes in

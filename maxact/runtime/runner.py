@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, output_name
+from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, STUDY_STATISTICS, output_name
 from maxact.runtime.batching import Batch
 from maxact.runtime.merge import SiteStats
 from maxact.runtime.session import Session
@@ -79,7 +79,7 @@ def run_batches(
                 n_exact += 1
             valid = batch.valid
             for sid in site_ids:
-                part = {s.name: out[output_name(sid, s.name)] for s in STATISTICS}
+                part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
                 new = SiteStats.from_batch(part, batch.sample_index, valid)
                 stats[sid] = new if sid not in stats else stats[sid].merge(new)
             done += batch.n_tokens
