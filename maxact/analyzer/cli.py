@@ -43,6 +43,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant(args: argparse.Namespace) -> int:
+    from maxact.analyzer.quant import quant_check
+
+    quant_check(Path(args.run), Path(args.model) if args.model else None,
+                args.sites.split(",") if args.sites else None, provider=args.provider, threads=args.threads,
+                progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="analyzer",
@@ -71,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "locations, moments and per-channel maxima only (faster)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_run)
+
+    q = sub.add_parser("quant", help="the study's INT8 check on the passages of RUN.h5, written into it")
+    q.add_argument("run", help="a run file of `analyzer run`")
+    q.add_argument("model", nargs="?", help="the .onnx file (default: the run's model_path)")
+    q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual)")
+    q.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    q.add_argument("--threads", type=int)
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=_quant)
 
     e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
     e.add_argument("checkpoint", help="a Hugging Face model folder, or a .gguf file")

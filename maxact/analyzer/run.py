@@ -22,6 +22,7 @@ from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, tok
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.sites import discover_sites
+from maxact.passes.weights import weight_statistics
 from maxact.runtime.batching import length_sorted_batches
 from maxact.runtime.runner import run_batches
 from maxact.runtime.session import Session
@@ -132,6 +133,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "dtype": _float_dtype(model),
     }
     sites = discovery.sites
+    weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
     float32 = meta_graph["dtype"] == "float32"
     study = opts.stats == "full"
     InstrumentPass(sites, variant="fast", float32=float32, study=study)(model)
@@ -207,8 +209,9 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         roles,
         extra_datasets={"corpus/sample_index": np.array(chosen, dtype=np.int64)},
         topk_tokens=topk_tokens,
+        weights=weights,
     )
-    print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id))
+    print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights)
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
         f"wrote {out}"

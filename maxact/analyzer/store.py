@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
-from maxact.analyzer.summary import Peak, SiteInfo, headroom
+from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, headroom
+from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats
 
 
@@ -28,6 +29,7 @@ def write_run(
     roles: Sequence[tuple[str, float, str]],
     extra_datasets: Mapping[str, np.ndarray] | None = None,
     topk_tokens: Mapping[str, Sequence[str]] | None = None,
+    weights: Sequence[WeightStat] = (),
 ) -> None:
     """Write the run file.
 
@@ -44,6 +46,7 @@ def write_run(
         peak: the global peak; ``roles``: (role, max |x|, site) rows for ``/summary/role_absmax``.
         extra_datasets: more datasets to store, path -> array (e.g. ``corpus/sample_index``).
         topk_tokens: site id -> the text of the token at each top-k location.
+        weights: static weight statistics, written under ``/static/<key>``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -71,6 +74,20 @@ def write_run(
                 q = g_quant.create_group(site.site_id)
                 for fmt, ratio in headroom(st.absmax).items():
                     q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
+            for fmt, top in FORMAT_MAX.items():
+                over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
+                g_quant.attrs[f"overflow_{fmt}"] = np.array(over, dtype=h5py.string_dtype())
+            g_static = f.create_group("static")
+            for w in weights:
+                g = g_static.create_group(w.key)
+                g.attrs["kind"] = w.kind
+                g.attrs["tensor"] = w.tensor
+                g.attrs["layer"] = w.layer
+                g.attrs["shape"] = np.array(w.shape, dtype=np.int64)
+                g.create_dataset("max_abs", data=np.float64(w.max_abs))
+                if w.kind == "norm":
+                    g.create_dataset("gamma_max", data=np.float64(w.max_abs))
+                    g.create_dataset("gamma_argmax", data=np.int64(w.gamma_argmax))
             s = f.create_group("summary")
             s.attrs["global_absmax"] = peak.absmax
             s.attrs["global_signed"] = peak.signed

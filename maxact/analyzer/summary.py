@@ -85,6 +85,7 @@ def print_summary(
     stats: Mapping[str, SiteStats],
     meta: Mapping[str, object],
     peak_topk_tokens: Sequence[str] | None = None,
+    weights: Sequence = (),
 ) -> None:
     """Print the global peak, a per-role table, the massive-activation test, the peak site's top
     values, and a warning for every site beyond fp16's range or holding NaN/Inf."""
@@ -101,17 +102,17 @@ def print_summary(
     )
     table = Table(title="max |x| per role")
     for col in ("role", "max |x|", "site", "fp16 headroom"):
-        table.add_column(col, justify="right" if col in ("max |x|", "fp16 headroom") else "left")
+        table.add_column(col, justify="right" if col in ("max |x|", "fp16 headroom") else "left", no_wrap=True)
     for role, value, sid in roles:
         table.add_row(role, f"{value:.6g}", sid, f"{value / FORMAT_MAX['fp16']:.3g}")
     console.print(table)
     _print_study(console, peak, sites, stats, peak_topk_tokens)
-    over = [x for x in sites if stats[x.site_id].absmax > FORMAT_MAX["fp16"]]
-    for x in over:
-        console.print(
-            f"[yellow]warning:[/yellow] {x.site_id} reaches {stats[x.site_id].absmax:.6g} > 65504: "
-            "overflows float16"
-        )
+    _print_gamma(console, sites, stats, weights)
+    for fmt, top in FORMAT_MAX.items():
+        over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
+        if over:
+            shown = ", ".join(over[:12]) + (f", ... ({len(over)} in all)" if len(over) > 12 else "")
+            console.print(f"[yellow]warning:[/yellow] {len(over)} sites overflow {fmt} (max {top:.6g}): {shown}")
     bad = [x for x in sites if stats[x.site_id].nan_count or stats[x.site_id].inf_count]
     for x in bad:
         st = stats[x.site_id]
@@ -139,3 +140,15 @@ def _print_study(console, peak: Peak, sites, stats, tokens) -> None:
         tok = repr(tokens[r]) if tokens is not None else ""
         table.add_row(str(r + 1), f"{top.topk_signed[r]:+.6g}", str(s), str(p), str(c), tok)
     console.print(table)
+
+
+def _print_gamma(console, sites, stats, weights) -> None:
+    """Norm sites whose peak channel is the channel of their gain's largest gamma."""
+    gamma = {w.key: w for w in weights if w.kind == "norm"}
+    same = []
+    for x in sites:
+        w = gamma.get(x.site_id)
+        if w is not None and int(np.argmax(stats[x.site_id].per_channel_absmax)) == w.gamma_argmax:
+            same.append(f"{x.site_id} (channel {w.gamma_argmax}, gamma {w.max_abs:.4g})")
+    if same:
+        console.print("peak channel = largest-gamma channel of the norm: " + ", ".join(same))

@@ -89,7 +89,7 @@ def output_name(site_id: str, stat: str) -> str:
     return f"{OUTPUT_PREFIX}{site_id}/{stat}"
 
 
-class _Builder:
+class ReductionBuilder:
     """Emits reduction nodes for an opset (ReduceMax/Min take axes as an input from opset 18)."""
 
     def __init__(self, opset: int):
@@ -129,13 +129,13 @@ class _Builder:
         return token, self.op("ArgMax", [row], axis=0, keepdims=0)
 
 
-def _valid_rows(b: _Builder, x: ir.Value, valid_index: ir.Value, cast: bool) -> ir.Value:
+def valid_rows(b: ReductionBuilder, x: ir.Value, valid_index: ir.Value, cast: bool) -> ir.Value:
     """The site's valid tokens as rows ``[n_valid, width]`` (float32)."""
     rows = b.op("Gather", [b.op("Flatten", [x], axis=2), valid_index], axis=0)
     return b.op("Cast", [rows], to=ir.DataType.FLOAT) if cast else rows
 
 
-def _fast_reductions(b: _Builder, xv: ir.Value):
+def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     """Statistics of ``xv [n, width]`` assuming it is finite; ``nonfinite_tokens`` checks that."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
@@ -161,7 +161,7 @@ def _fast_reductions(b: _Builder, xv: ir.Value):
 
 
 def _study_reductions(
-    b: _Builder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool
+    b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool
 ) -> dict[str, ir.Value]:
     """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``).
 
@@ -231,7 +231,7 @@ def _study_reductions(
     return out
 
 
-def _exact_reductions(b: _Builder, xv: ir.Value):
+def _exact_reductions(b: ReductionBuilder, xv: ir.Value):
     """Statistics of ``xv [n, width]`` with NaN excluded from extremes and non-finite values from sums."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     nan = b.op("IsNaN", [xv])
@@ -283,7 +283,7 @@ class InstrumentPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, sites: Sequence[Site], variant: str = "fast", float32: bool = False,
-                 study: bool = True, keep_outputs: Sequence[str] = ()):
+                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None):
         super().__init__()
         if variant not in ("fast", "exact"):
             raise ValueError(f"variant must be 'fast' or 'exact', not {variant!r}")
@@ -292,13 +292,15 @@ class InstrumentPass(ir.passes.InPlacePass):
         self.float32 = float32
         self.study = study
         self.keep_outputs = set(keep_outputs)
+        # reducer(b, site, rows) -> {name: (value, Statistic)} replaces the statistics above.
+        self.reducer = reducer
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opset = graph.opset_imports.get("", 0)
         if opset < 13:
             raise ValueError(f"default-domain opset {opset} < 13 is not supported")
-        b = _Builder(opset)
+        b = ReductionBuilder(opset)
         mask = ir.val(TOKEN_MASK, dtype=ir.DataType.BOOL, shape=ir.Shape(["batch_size", "sequence_length"]))
         graph.inputs.append(mask)
         flat_mask = b.op("Reshape", [mask, b.const(np.array([-1], np.int64), "flat")])
@@ -312,12 +314,19 @@ class InstrumentPass(ir.passes.InPlacePass):
         placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
         for site in self.sites:
             b.tape = ir.tape.Tape()
-            stats, xs, ax, tok_absmax = reductions(b, _valid_rows(b, site.value, valid_index, cast=not self.float32))
-            if self.study:
-                stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
-                                               exact=self.variant == "exact"))
+            rows = valid_rows(b, site.value, valid_index, cast=not self.float32)
+            if self.reducer is not None:
+                made = self.reducer(b, site, rows)
+                stats = {k: v for k, (v, _) in made.items()}
+                site_specs = tuple(spec for _, spec in made.values())
+            else:
+                stats, xs, ax, tok_absmax = reductions(b, rows)
+                if self.study:
+                    stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
+                                                   exact=self.variant == "exact"))
+                site_specs = specs
             placed.append((site.value.producer(), b.tape.nodes))
-            for spec in specs:
+            for spec in site_specs:
                 value = stats[spec.name]
                 value.name = output_name(site.site_id, spec.name)
                 value.dtype = spec.dtype

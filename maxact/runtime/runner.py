@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, STUDY_STATISTICS, output_name
@@ -89,3 +90,17 @@ def run_batches(
     return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds, exact_batches=n_exact)
 
 
+
+
+def run_sums(session: Session, batches: Sequence[Batch], progress: bool = True) -> dict[str, np.ndarray]:
+    """Run every batch and add up every output (for graphs whose outputs are all sums or counts)."""
+    totals: dict[str, np.ndarray] = {}
+    with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                  TimeRemainingColumn(), disable=not progress) as bar:
+        task = bar.add_task("sums", total=len(batches))
+        for batch in batches:
+            for name, value in session.run(batch).items():
+                v = np.asarray(value, dtype=np.float64 if value.dtype.kind == "f" else np.int64)
+                totals[name] = v if name not in totals else totals[name] + v
+            bar.update(task, advance=1)
+    return totals

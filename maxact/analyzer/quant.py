@@ -1,0 +1,179 @@
+"""The INT8 sanity check of the study on a finished run: calibrate scales, fake-quantise, report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.distribution import hist_quantile
+from maxact.analyzer.run import load_model
+from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
+from maxact.errors import AnalyzerError
+from maxact.passes.instrument import InstrumentPass
+from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
+from maxact.passes.sites import discover_sites
+from maxact.runtime.batching import length_sorted_batches
+from maxact.runtime.runner import run_batches, run_sums
+from maxact.runtime.session import Session
+
+SCALES = ("maxabs", "p999")
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties) of two equal-length sequences."""
+
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # average the ranks of ties
+            tie = v == value
+            r[tie] = r[tie].mean()
+        return r
+
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _attr(f, name):
+    v = f.attrs[name]
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[str] | None = None,
+                provider: str = "cpu", threads: int | None = None, progress: bool = True,
+                console: Console | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """INT8 check of the study on the passages of a run, written into the run file's ``/quant``.
+
+    The run's passages are split by position into a calibration half (even) and a disjoint
+    evaluation half (odd). On the calibration half each site's max |x| and 99.9th percentile
+    (from the log10 histogram, to within 1/32 decade) give the scales ``s = value / 127``; on the
+    evaluation half the sites are fake-quantised in the graph (symmetric per-tensor INT8) and the
+    errors summed.
+
+    Args:
+        run_path: a run file of ``analyzer run``.
+        model_path: the model (default: the run's ``model_path``).
+        site_ids: the sites to check (default: the global peak's site and every layer's residual).
+
+    Returns:
+        site id -> scale name -> metrics (mae, rmse, rel_mae, rel_rmse, sqnr_db, clip_rate,
+        zero_frac, scale).
+
+    Raises:
+        AnalyzerError: unreadable run file, unknown sites, too few passages to split.
+    """
+    console = console or Console()
+    run_path = Path(run_path)
+    try:
+        with h5py.File(run_path, "r") as f:
+            meta = {k: _attr(f, k) for k in f.attrs}
+            samples = f["corpus/sample_index"][()]
+            known = list(f["sites"])
+            absmax = {sid: float(f["sites"][sid]["absmax"][()]) for sid in known}
+            peak = _attr(f["summary"], "global_site")
+    except (OSError, KeyError) as e:
+        raise AnalyzerError(f"{run_path} is not a run file of `analyzer run` ({e})") from e
+    if site_ids is None:
+        site_ids = [peak] + [s for s in known if s.endswith(".residual") and s != peak]
+    unknown = [s for s in site_ids if s not in known]
+    if unknown:
+        raise AnalyzerError(f"sites not in {run_path}: {', '.join(unknown)} (known: {', '.join(known[:6])}, ...)")
+    if len(samples) < 2:
+        raise AnalyzerError("the run has fewer than 2 passages: nothing to split into calibration and evaluation")
+    path = Path(model_path or meta["model_path"])
+    tokenizer = load_tokenizer(find_tokenizer(path, meta["tokenizer"]))
+    corpus = load_corpus(meta["corpus"])
+    ids = encode(tokenizer, [corpus.texts[k] for k in samples], meta["bos"], int(meta["max_length"]))
+    calib = [j for j in range(len(samples)) if j % 2 == 0]
+    evalu = [j for j in range(len(samples)) if j % 2 == 1]
+    batch = int(meta.get("batch_size", 8))
+
+    def session_for(**kw):
+        _, model = load_model(path)
+        sites = [s for s in discover_sites(model).sites if s.site_id in site_ids]
+        InstrumentPass(sites, float32=meta["dtype"] == "float32", **kw)(model)
+        return Session(model, provider=provider, threads=threads), [s.site_id for s in sites]
+
+    session, sids = session_for(variant="fast", study=True)
+    exact = lambda: session_for(variant="exact", study=True)[0]  # noqa: E731
+    cal = run_batches(session, sids, list(length_sorted_batches([ids[j] for j in calib],
+                      [int(samples[j]) for j in calib], batch)), exact, progress=progress)
+    scales = {
+        sid: {"maxabs": cal.stats[sid].absmax / QMAX, "p999": hist_quantile(cal.stats[sid].study.hist, 0.999) / QMAX}
+        for sid in sids
+    }
+    for sid in sids:
+        if not all(np.isfinite(v) and v > 0 for v in scales[sid].values()):
+            raise AnalyzerError(f"{sid}: calibration gave no usable scale ({scales[sid]})")
+    session, _ = session_for(reducer=fake_quant_reducer(scales))
+    sums = run_sums(session, list(length_sorted_batches([ids[j] for j in evalu], [int(samples[j]) for j in evalu],
+                                                         batch)), progress=progress)
+
+    def total(sid, name):
+        return sums[f"maxact/{sid}/{name}"]
+
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for sid in sids:
+        results[sid] = {}
+        for m in SCALES:
+            vals = {k: total(sid, f"{m}_{k}") for k in SCALE_SUMS}
+            metrics = int8_metrics(int(total(sid, "n")), float(total(sid, "x_sq_sum")), float(total(sid, "x_abs_sum")),
+                                   float(vals["err_abs_sum"]), float(vals["err_sq_sum"]), int(vals["clipped"]),
+                                   int(vals["zeros"]))
+            metrics["scale"] = scales[sid][m]
+            results[sid][m] = metrics
+    corr = {m: spearman([absmax[s] for s in sids], [results[s][m]["sqnr_db"] for s in sids]) for m in SCALES}
+    _write(run_path, results, corr, len(calib), len(evalu))
+    _print(console, results, corr, absmax)
+    return results
+
+
+def _write(run_path: Path, results, corr, n_calib: int, n_eval: int) -> None:
+    """Add the results to the run file atomically (a copy is edited, then renamed over it)."""
+    tmp = run_path.with_name(f".{run_path.name}.{os.getpid()}.quant.tmp")
+    try:
+        shutil.copyfile(run_path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            q = f.require_group("quant")
+            for sid, by_scale in results.items():
+                g = q.require_group(sid)
+                for m, metrics in by_scale.items():
+                    for k, v in metrics.items():
+                        name = f"int8_{m}_{k}"
+                        if name in g:
+                            del g[name]
+                        g.create_dataset(name, data=np.float64(v))
+            for m, r in corr.items():
+                q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
+            q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
+            q.attrs["int8_calibration_passages"] = n_calib
+            q.attrs["int8_evaluation_passages"] = n_eval
+        os.replace(tmp, run_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _print(console: Console, results, corr, absmax) -> None:
+    table = Table(title="INT8 symmetric per-tensor fake quantisation (evaluation half)")
+    for col in ("site", "max |x|", "scale from", "SQNR dB", "rel RMSE", "clip rate", "zero frac"):
+        table.add_column(col, no_wrap=True)
+    for sid, by_scale in results.items():
+        for m, r in by_scale.items():
+            table.add_row(sid, f"{absmax[sid]:.5g}", m, f"{r['sqnr_db']:.2f}", f"{r['rel_rmse']:.3g}",
+                          f"{r['clip_rate']:.3g}", f"{r['zero_frac']:.3g}")
+    console.print(table)
+    console.print("Spearman(site max |x|, SQNR): " + ", ".join(f"{m} {v:+.3f}" for m, v in corr.items()))

@@ -1,0 +1,105 @@
+"""Static weight statistics read from initializers: max |W| of every projection, norm gains."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from maxact.passes.dataflow import is_constant
+from maxact.passes.sites import Site
+
+NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm", "post_attn_norm", "post_mlp_norm")
+PROJECTION_OPS = ("MatMul", "Gemm")
+_NORM_OPS = ("SimplifiedLayerNormalization", "LayerNormalization", "SkipSimplifiedLayerNormalization",
+             "SkipLayerNormalization")
+
+
+@dataclass
+class WeightStat:
+    """Statistics of one weight tensor.
+
+    Attributes:
+        key: ``layers.3.attn_norm`` for a norm gain, the module path (``model.layers.3.mlp.down_proj``)
+            or the initializer name for a projection.
+        kind: ``"projection"`` or ``"norm"``.
+        tensor: the initializer's name.
+        shape: its shape.
+        max_abs: max |W| (float64).
+        gamma_argmax: for norms, the channel of the largest |gamma| (else -1).
+        layer: layer index of the norm site, -1 otherwise.
+    """
+
+    key: str
+    kind: str
+    tensor: str
+    shape: tuple[int, ...]
+    max_abs: float
+    gamma_argmax: int = -1
+    layer: int = -1
+
+
+def _array(value: ir.Value) -> np.ndarray | None:
+    tensor = value.const_value
+    if tensor is None:
+        prod = value.producer()
+        if prod is not None and prod.op_type == "Constant" and "value" in prod.attributes:
+            tensor = prod.attributes["value"].as_tensor()
+    return None if tensor is None else tensor.numpy()
+
+
+def _scope_key(node: ir.Node, fallback: str) -> str:
+    name = node.name or ""
+    if name.startswith("/") and name.count("/") >= 2:
+        return name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+    return re.sub(r"[^\w.:-]", "_", fallback)
+
+
+def _gain(site: Site) -> ir.Value | None:
+    """The gain (gamma) a norm site is scaled by: the constant operand of its final Mul, or the
+    scale input of a fused norm operator."""
+    node = site.value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Mul":
+        consts = [v for v in node.inputs if v is not None and is_constant(v)]
+        return consts[0] if len(consts) == 1 else None
+    if node.op_type in _NORM_OPS:
+        return node.inputs[2] if node.op_type.startswith("Skip") else node.inputs[1]
+    return None
+
+
+def weight_statistics(model: ir.Model, sites: list[Site]) -> list[WeightStat]:
+    """max |W| of every projection (MatMul/Gemm with a constant 2-D weight) and, for every norm
+    site, its gain's largest |gamma| and that channel. Reads initializers only (external data is
+    read one tensor at a time); the model is not run.
+
+    Quantised projections (MatMulNBits) are not yet dequantised: they are skipped.
+    """
+    out: list[WeightStat] = []
+    seen: set[str] = set()
+    for node in model.graph:
+        if node.op_type not in PROJECTION_OPS or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if w is None or not is_constant(w) or w.name in seen:
+            continue
+        arr = _array(w)
+        if arr is None or arr.ndim != 2:
+            continue
+        seen.add(w.name)
+        out.append(WeightStat(_scope_key(node, w.name or "weight"), "projection", w.name or "",
+                              tuple(arr.shape), float(np.abs(arr).max())))
+    for site in sites:
+        if site.role not in NORM_ROLES:
+            continue
+        g = _gain(site)
+        arr = None if g is None else _array(g)
+        if arr is None:
+            continue
+        a = np.abs(arr.astype(np.float64)).ravel()
+        out.append(WeightStat(site.site_id, "norm", g.name or "", tuple(arr.shape), float(a.max()),
+                              int(a.argmax()), -1 if site.layer is None else site.layer))
+    return out
