@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from maxact.passes.residual import layer_of, residual_depth
 from maxact.passes.sites import Discovery, Site
 
 _ROLE_COMPONENT = {
@@ -74,13 +75,7 @@ def build_component_map(discovery: Discovery) -> ComponentMap:
         A :class:`ComponentMap`. A site whose name gives layer ``i`` while the residual stream puts
         it at layer ``j != i`` is listed in ``disagreements`` (the named layer is kept).
     """
-    flow = discovery.flow
-    step_index = {id(n): k for k, n in enumerate(discovery.chain.steps)}
-    # depth[n] = index of the latest residual step upstream of node n (or n itself), -1 if none.
-    depth: dict[int, int] = {}
-    for node in nx.topological_sort(flow):
-        d = max((depth[id(p)] for p in flow.predecessors(node)), default=-1)
-        depth[id(node)] = step_index.get(id(node), d)
+    depth = residual_depth(discovery.flow, discovery.chain)
 
     tree = nx.DiGraph()
     tree.add_node("model")
@@ -102,7 +97,7 @@ def build_component_map(discovery: Discovery) -> ComponentMap:
             structural[site.site_id] = None
             continue
         k = depth[id(prod)]
-        layer = k // 2 if id(prod) in step_index else (k + 1) // 2
+        layer = layer_of(prod, depth, discovery.chain)
         structural[site.site_id] = layer if layer < n_layers else None
         if layer != site.layer:
             problems.append(

@@ -17,9 +17,10 @@ import maxact
 from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import load_corpus, select_samples
 from maxact.analyzer.store import write_run
-from maxact.analyzer.summary import SiteInfo, global_peak, print_summary, role_absmax
+from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError
+from maxact.passes.attention import find_attention
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.sites import discover_sites
 from maxact.passes.weights import weight_statistics
@@ -136,14 +137,16 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
     float32 = meta_graph["dtype"] == "float32"
     study = opts.stats == "full"
-    InstrumentPass(sites, variant="fast", float32=float32, study=study)(model)
+    attention, fused_attention = find_attention(discovery) if study else ([], [])
+    InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
     session = Session(model, provider=opts.provider, threads=opts.threads)
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
         _, again = load_model(model_path)
-        InstrumentPass(discover_sites(again, want_logits=opts.keep_logits).sites, variant="exact",
-                       float32=float32, study=study)(again)
+        found = discover_sites(again, want_logits=opts.keep_logits)
+        InstrumentPass(found.sites, variant="exact", float32=float32, study=study,
+                       attention=find_attention(found)[0] if study else ())(again)
         return Session(again, provider=opts.provider, threads=opts.threads)
 
     batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
@@ -210,8 +213,11 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         extra_datasets={"corpus/sample_index": np.array(chosen, dtype=np.int64)},
         topk_tokens=topk_tokens,
         weights=weights,
+        attention=attention_shares(result.sums),
+        fused_attention=fused_attention,
     )
-    print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights)
+    print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights,
+                  attention_shares(result.sums))
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
         f"wrote {out}"

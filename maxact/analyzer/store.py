@@ -30,6 +30,8 @@ def write_run(
     extra_datasets: Mapping[str, np.ndarray] | None = None,
     topk_tokens: Mapping[str, Sequence[str]] | None = None,
     weights: Sequence[WeightStat] = (),
+    attention: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    fused_attention: Sequence[int] = (),
 ) -> None:
     """Write the run file.
 
@@ -47,6 +49,9 @@ def write_run(
         extra_datasets: more datasets to store, path -> array (e.g. ``corpus/sample_index``).
         topk_tokens: site id -> the text of the token at each top-k location.
         weights: static weight statistics, written under ``/static/<key>``.
+        attention: layer -> first_token_share, top_key_share, sink_heads, n_queries
+            (``/attention/layers.<i>``); ``fused_attention``: layers whose attention is a fused
+            operator (not measurable), listed in ``/attention`` attribute ``not_measurable``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -88,6 +93,13 @@ def write_run(
                 if w.kind == "norm":
                     g.create_dataset("gamma_max", data=np.float64(w.max_abs))
                     g.create_dataset("gamma_argmax", data=np.int64(w.gamma_argmax))
+            g_att = f.create_group("attention")
+            fused = [f"layers.{i}" for i in fused_attention]
+            g_att.attrs["not_measurable"] = np.array(fused, dtype=h5py.string_dtype())
+            for layer, a in (attention or {}).items():
+                g = g_att.create_group(f"layers.{layer}")
+                for k, v in a.items():
+                    g.create_dataset(k, data=v)
             s = f.create_group("summary")
             s.attrs["global_absmax"] = peak.absmax
             s.attrs["global_signed"] = peak.signed

@@ -12,6 +12,9 @@ from rich.table import Table
 from maxact.passes.patterns import ROLE_ORDER
 from maxact.runtime.merge import SiteStats
 
+#: A head whose mean attention on the first token exceeds this is a sink ("no-op") head.
+SINK_SHARE = 0.9
+
 #: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2).
 FORMAT_MAX = {
     "fp16": 65504.0,
@@ -86,6 +89,7 @@ def print_summary(
     meta: Mapping[str, object],
     peak_topk_tokens: Sequence[str] | None = None,
     weights: Sequence = (),
+    attention: Mapping[int, Mapping[str, np.ndarray]] | None = None,
 ) -> None:
     """Print the global peak, a per-role table, the massive-activation test, the peak site's top
     values, and a warning for every site beyond fp16's range or holding NaN/Inf."""
@@ -108,6 +112,10 @@ def print_summary(
     console.print(table)
     _print_study(console, peak, sites, stats, peak_topk_tokens)
     _print_gamma(console, sites, stats, weights)
+    if attention:
+        sinks = {layer: a["sink_heads"] for layer, a in attention.items() if len(a["sink_heads"])}
+        text = "; ".join(f"layer {layer}: heads {', '.join(map(str, h))}" for layer, h in sinks.items())
+        console.print(f"attention sink heads (mean first-token share > {SINK_SHARE}): {text or 'none'}")
     for fmt, top in FORMAT_MAX.items():
         over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
         if over:
@@ -152,3 +160,26 @@ def _print_gamma(console, sites, stats, weights) -> None:
             same.append(f"{x.site_id} (channel {w.gamma_argmax}, gamma {w.max_abs:.4g})")
     if same:
         console.print("peak channel = largest-gamma channel of the norm: " + ", ".join(same))
+
+
+def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """layer -> ``first_token_share``, ``top_key_share`` (float64 ``[heads]``, means over valid
+    queries), ``sink_heads`` (heads whose first-token share exceeds :data:`SINK_SHARE`) and
+    ``n_queries``, from the summed attention outputs of a run."""
+    layers: dict[int, dict[str, np.ndarray]] = {}
+    for name, value in sums.items():
+        if not name.startswith("maxact_attn/layers."):
+            continue
+        layer_part, stat = name[len("maxact_attn/"):].split("/")
+        layers.setdefault(int(layer_part.split(".")[1]), {})[stat] = np.asarray(value)
+    out = {}
+    for layer, d in sorted(layers.items()):
+        n = float(d["n_queries"])
+        first = d["first_token_sum"] / n
+        out[layer] = {
+            "first_token_share": first,
+            "top_key_share": d["top_key_sum"] / n,
+            "sink_heads": np.flatnonzero(first > SINK_SHARE).astype(np.int64),
+            "n_queries": np.int64(n),
+        }
+    return out

@@ -283,7 +283,7 @@ class InstrumentPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, sites: Sequence[Site], variant: str = "fast", float32: bool = False,
-                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None):
+                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None, attention=()):
         super().__init__()
         if variant not in ("fast", "exact"):
             raise ValueError(f"variant must be 'fast' or 'exact', not {variant!r}")
@@ -294,6 +294,8 @@ class InstrumentPass(ir.passes.InPlacePass):
         self.keep_outputs = set(keep_outputs)
         # reducer(b, site, rows) -> {name: (value, Statistic)} replaces the statistics above.
         self.reducer = reducer
+        # [AttentionProbs]: layers whose softmax is reduced to first-token / top-key shares.
+        self.attention = list(attention)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -333,6 +335,19 @@ class InstrumentPass(ir.passes.InPlacePass):
                 shape = [f"{site.site_id}_{d}" if isinstance(d, str) else d for d in spec.shape]
                 value.shape = ir.Shape(shape)
                 new_outputs.append(value)
+        if self.attention:
+            from maxact.passes.attention import attention_name, attention_reducer
+
+            for probs in self.attention:
+                b.tape = ir.tape.Tape()
+                made = attention_reducer(b, probs.value, valid_index)
+                placed.append((probs.value.producer(), b.tape.nodes))
+                for name, (value, spec) in made.items():
+                    value.name = attention_name(probs.layer, name)
+                    value.dtype = spec.dtype
+                    value.shape = ir.Shape([f"layers.{probs.layer}_{d}" if isinstance(d, str) else d
+                                            for d in spec.shape])
+                    new_outputs.append(value)
         # Each site's reductions right after the node that makes it: onnxruntime runs nodes in
         # this order, so the site tensor is freed at once rather than kept to the end of the run.
         for producer, nodes in placed:

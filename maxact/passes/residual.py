@@ -128,3 +128,24 @@ def find_residual_chain(
             "(Add of the stream and a branch computed from it); is this a decoder language model?"
         )
     return ResidualChain(embedding=embedding, steps=steps)
+
+
+def residual_depth(flow: nx.DiGraph, chain: ResidualChain) -> dict[int, int]:
+    """For every node (keyed by ``id(node)``): the index of the latest residual step upstream of
+    it, or of the node itself when it is a step; -1 before the first step. One pass in
+    topological order. A branch node with depth ``k`` belongs to layer ``(k + 1) // 2``
+    (attention after step ``2i - 1``, MLP after step ``2i``); step ``k`` to layer ``k // 2``."""
+    step_index = {id(n): k for k, n in enumerate(chain.steps)}
+    depth: dict[int, int] = {}
+    for node in nx.topological_sort(flow):
+        d = max((depth[id(p)] for p in flow.predecessors(node)), default=-1)
+        depth[id(node)] = step_index.get(id(node), d)
+    return depth
+
+
+def layer_of(node: ir.Node, depth: dict[int, int], chain: ResidualChain) -> int:
+    """The layer a node lies in by its position along the residual stream (may be the number of
+    layers for nodes after the last step, e.g. the final norm)."""
+    k = depth[id(node)]
+    is_step = any(node is s for s in chain.steps)
+    return k // 2 if is_step else (k + 1) // 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -13,6 +13,9 @@ from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, STUDY_STATIST
 from maxact.runtime.batching import Batch
 from maxact.runtime.merge import SiteStats
 from maxact.runtime.session import Session
+
+#: Outputs under this prefix are per-batch sums (attention shares), added up across batches.
+SUMMED_PREFIX = "maxact_attn/"
 
 
 @dataclass
@@ -24,12 +27,14 @@ class RunResult:
         n_tokens: real (unpadded) tokens processed.
         seconds: wall time of the batch loop.
         exact_batches: batches redone with the exact graph because a site held NaN or Inf.
+        sums: other outputs (named ``maxact_attn/...``), summed over the batches.
     """
 
     stats: dict[str, SiteStats]
     n_tokens: int
     seconds: float
     exact_batches: int = 0
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -56,6 +61,7 @@ def run_batches(
     """
     exact: Session | None = None
     n_exact = 0
+    sums: dict[str, np.ndarray] = {}
     total_tokens = sum(b.n_tokens for b in batches)
     stats: dict[str, SiteStats] = {}
     done = 0
@@ -78,6 +84,9 @@ def run_batches(
                 exact = exact or exact_session()
                 out = exact.run(batch)
                 n_exact += 1
+            for name, value in out.items():
+                if name.startswith(SUMMED_PREFIX):
+                    sums[name] = value if name not in sums else sums[name] + value
             valid = batch.valid
             for sid in site_ids:
                 part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
@@ -87,7 +96,7 @@ def run_batches(
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=batch.n_tokens, rate=f"{rate:,.0f} tok/s")
     seconds = time.perf_counter() - start
-    return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds, exact_batches=n_exact)
+    return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds, exact_batches=n_exact, sums=sums)
 
 
 
