@@ -8,44 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from maxact.passes.patterns import LLAMA
-
-
-def site_tensors(model, ids: np.ndarray, n_layers: int) -> dict[str, np.ndarray]:
-    """site id -> float64 ``[seq, width]`` for one passage ``ids [seq]``."""
-    import torch
-
-    got: dict[str, np.ndarray] = {}
-    handles = []
-    modules = dict(model.named_modules())
-
-    def grab(site_id, tap):
-        def out_hook(_m, _args, out):
-            t = out[0] if isinstance(out, tuple) else out
-            got[site_id] = t.detach().double().numpy()[0]
-
-        def in_hook(_m, args):
-            got[site_id] = args[0].detach().double().numpy()[0]
-
-        return in_hook if tap == "input" else out_hook
-
-    for pattern in LLAMA.patterns + LLAMA.residual_taps:
-        if pattern.role == "logits":
-            continue
-        layers = range(n_layers) if pattern.per_layer else [None]
-        for i in layers:
-            name = pattern.module.format(i=i)
-            sid = pattern.role if i is None else f"layers.{i}.{pattern.role}"
-            hook = grab(sid, pattern.tap)
-            mod = modules[name]
-            handles.append(mod.register_forward_pre_hook(hook) if pattern.tap == "input" else mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.as_tensor(ids[None, :]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    finally:
-        for h in handles:
-            h.remove()
-    return got
+from maxact.analyzer.torch_hooks import site_tensors  # noqa: F401  (hook placement only; statistics below are numpy)
 
 
 def reference_stats(model, sequences, sample_index, n_layers: int) -> dict[str, dict]:
@@ -78,39 +41,45 @@ def reference_stats(model, sequences, sample_index, n_layers: int) -> dict[str, 
 def study_reference(model, sequences, sample_index, n_layers: int, k: int = 100) -> dict[str, dict]:
     """Per site, from full tensors: top-k |x| with locations, the Sun et al. statistics with
     ``torch.median`` (the study's median), and exact quantiles of |x|."""
-    import torch
 
     per_site: dict[str, list] = {}
     for ids, s in zip(sequences, sample_index):
         for sid, x in site_tensors(model, np.asarray(ids), n_layers).items():
             per_site.setdefault(sid, []).append((s, x))
-    ref = {}
-    for sid, parts in per_site.items():
-        absval = np.concatenate([np.abs(x).ravel() for _, x in parts])
-        locs = np.concatenate([
-            np.stack(np.meshgrid([s], np.arange(x.shape[0]), np.arange(x.shape[1]), indexing="ij"), -1).reshape(-1, 3)
-            for s, x in parts
-        ])
-        order = np.lexsort((locs[:, 2], locs[:, 1], locs[:, 0], -absval))[:k]
-        tok_max = np.concatenate([np.abs(x).max(axis=1) for _, x in parts])
-        tok_med = np.concatenate([torch.median(torch.as_tensor(np.abs(x)), dim=1).values.numpy() for _, x in parts])
-        has = tok_med > 0
-        ratio = tok_max[has] / tok_med[has]
-        # The passage and token holding the first largest |x|.
-        peak = int(np.argmax(absval))
-        part = int(np.searchsorted(np.cumsum([x.size for _, x in parts]), peak, side="right"))
-        x_peak = parts[part][1]
-        peak_row = np.abs(x_peak[(peak - sum(x.size for _, x in parts[:part])) // x_peak.shape[1]])
-        ref[sid] = {
-            "topk_abs": absval[order],
-            "topk_location": locs[order],
-            "sun_max_ratio": ratio.max(),
-            "sun_mean_ratio": ratio.mean(),
-            "sun_std_ratio": ratio.std(),
-            "sun_n_tokens": len(tok_max),
-            "sun_n_pass": int(((tok_max > 100) & (tok_max / np.where(has, tok_med, 1) > 1000) & has).sum()),
-            "sun_peak_token_median": torch.median(torch.as_tensor(peak_row)).item(),
-            "quantiles": {q: np.quantile(absval, q, method="inverted_cdf") for q in (0.25, 0.5, 0.75, 0.9, 0.99, 0.999)},
-            "zero_frac": float((absval < 1e-8).mean()),
-        }
-    return ref
+    return {sid: study_from_parts(parts, k) for sid, parts in per_site.items()}
+
+
+def study_from_parts(parts, k: int = 100) -> dict:
+    """The study's statistics of one site from ``[(sample, x [seq, width]), ...]`` in sample order."""
+    import torch
+
+    absval = np.concatenate([np.abs(x).ravel() for _, x in parts])
+    locs = np.concatenate([
+        np.stack(np.meshgrid([s], np.arange(x.shape[0]), np.arange(x.shape[1]), indexing="ij"), -1).reshape(-1, 3)
+        for s, x in parts
+    ])
+    order = np.lexsort((locs[:, 2], locs[:, 1], locs[:, 0], -absval))[:k]
+    tok_max = np.concatenate([np.abs(x).max(axis=1) for _, x in parts])
+    tok_med = np.concatenate([torch.median(torch.as_tensor(np.abs(x)), dim=1).values.numpy() for _, x in parts])
+    has = tok_med > 0
+    ratio = tok_max[has] / tok_med[has]
+    # The passage and token holding the first largest |x|.
+    peak = int(np.argmax(absval))
+    part = int(np.searchsorted(np.cumsum([x.size for _, x in parts]), peak, side="right"))
+    x_peak = parts[part][1]
+    peak_row = np.abs(x_peak[(peak - sum(x.size for _, x in parts[:part])) // x_peak.shape[1]])
+    return {
+        "max": max(x.max() for _, x in parts),
+        "min": min(x.min() for _, x in parts),
+        "absmax": absval.max(),
+        "topk_abs": absval[order],
+        "topk_location": locs[order],
+        "sun_max_ratio": ratio.max(),
+        "sun_mean_ratio": ratio.mean(),
+        "sun_std_ratio": ratio.std(),
+        "sun_n_tokens": len(tok_max),
+        "sun_n_pass": int(((tok_max > 100) & (tok_max / np.where(has, tok_med, 1) > 1000) & has).sum()),
+        "sun_peak_token_median": torch.median(torch.as_tensor(peak_row)).item(),
+        "quantiles": {q: np.quantile(absval, q, method="inverted_cdf") for q in (0.25, 0.5, 0.75, 0.9, 0.99, 0.999)},
+        "zero_frac": float((absval < 1e-8).mean()),
+    }
