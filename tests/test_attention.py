@@ -15,7 +15,7 @@ def test_first_token_and_top_key_shares_match_eager_attention(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(str(require_stories()), attn_implementation="eager").eval()
     out = run(RunOptions(model=default_model_path(), corpus=str(TEST_CORPUS), out=tmp_path / "r.h5", batch_size=4,
-                         progress=False))
+                         stats="full", progress=False))
     seqs = encode(load_tokenizer(BUILTIN / "tokenizer.json"), load_corpus(str(TEST_CORPUS)).texts, "none", 512)
     first = np.zeros((5, 8))
     top = np.zeros((5, 8))

@@ -32,7 +32,7 @@ def test_nan_in_one_embedding_row_is_counted_exactly(tmp_path):
     assert occurrences == 3
 
     out = run(RunOptions(model=folder / "model.onnx", corpus=str(corpus), out=tmp_path / "r.h5", batch_size=2,
-                         progress=False))
+                         stats="full", progress=False))
     with h5py.File(out) as f:
         emb = f["sites/embedding"]
         assert emb["nan_count"][()] == occurrences

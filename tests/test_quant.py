@@ -24,7 +24,7 @@ def test_int8_metrics_match_numpy_on_full_tensors(tmp_path):
 
     torch_model = AutoModelForCausalLM.from_pretrained(str(require_stories())).eval()
     out = run(RunOptions(model=default_model_path(), corpus=str(TEST_CORPUS), out=tmp_path / "r.h5",
-                         batch_size=4, progress=False))
+                         batch_size=4, stats="full", progress=False))
     sites = ["layers.1.residual", "layers.4.mlp_product"]
     results = quant_check(out, site_ids=sites, progress=False)
 

@@ -16,7 +16,7 @@ def _datasets(f):
 
 def test_two_runs_are_identical(tmp_path):
     opts = dict(model=default_model_path(), corpus="default", samples=21, seed=3, batch_size=4, max_length=96,
-                bos="auto", progress=False)
+                bos="auto", stats="full", progress=False)
     a = run(RunOptions(out=tmp_path / "a.h5", **opts))
     b = run(RunOptions(out=tmp_path / "b.h5", **opts))
     with h5py.File(a) as fa, h5py.File(b) as fb:

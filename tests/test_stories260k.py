@@ -17,7 +17,7 @@ from reference import reference_stats
 @pytest.fixture(scope="module")
 def stories_run(stories_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "stories.h5"
-    run(RunOptions(model=stories_export, corpus="default", samples=40, out=out, batch_size=8, progress=False))
+    run(RunOptions(model=stories_export, corpus="default", samples=40, out=out, batch_size=8, stats="full", progress=False))
     return out
 
 
@@ -63,7 +63,7 @@ def test_padding_never_leaks_batch_1_equals_batch_8(tmp_path):
     files = {}
     for bs in (1, 8):
         files[bs] = run(RunOptions(model=default_model_path(), corpus=str(TEST_CORPUS), out=tmp_path / f"b{bs}.h5",
-                                   batch_size=bs, progress=False))
+                                   batch_size=bs, stats="full", progress=False))
     with h5py.File(files[1]) as a, h5py.File(files[8]) as b:
         assert set(a["sites"]) == set(b["sites"])
         for sid in a["sites"]:

@@ -50,7 +50,7 @@ class RunOptions:
     threads: int | None = None
     seed: int = 0
     keep_logits: bool = False
-    stats: str = "full"
+    stats: str = "main"
     progress: bool = True
 
 

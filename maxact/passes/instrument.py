@@ -217,17 +217,17 @@ def _study_reductions(
     scale = b.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
     offset = b.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
     t = b.op("Add", [b.op("Mul", [b.op("Log", [ax]), scale]), offset])
-    if exact:  # +Inf belongs in the last bin: clip before the cast (no NaN here).
-        t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
-                          b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
-        idx = b.op("Cast", [t], to=i64)
-    else:  # finite values (else the batch is redone): clip after the cast, which maps NaN to int64 min.
-        idx = b.op("Clip", [b.op("Cast", [t], to=i64), b.const(np.array(0, np.int64), "zero_i"),
-                            b.const(np.array(HIST_BINS, np.int64), "hist_top_i")])
+    # Float clip first (+Inf -> last bin, -Inf -> 0); NaN (only in batches the caller redoes)
+    # survives it and becomes int32 min in the cast, so the fast variant clips the ints again.
+    t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
+                      b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
+    idx = b.op("Cast", [t], to=ir.DataType.INT32)
+    if not exact:
+        idx = b.op("Max", [idx, b.const(np.array(0, np.int32), "zero_i32")])
     idx = b.op("Reshape", [idx, b.const(np.array([-1], np.int64), "flat")])
-    ones = b.op("ConstantOfShape", [b.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int64)))
-    empty = b.const(np.zeros(HIST_BINS + 1, np.int64), "hist_empty")
-    out["hist"] = b.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")
+    ones = b.op("ConstantOfShape", [b.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int32)))
+    empty = b.const(np.zeros(HIST_BINS + 1, np.int32), "hist_empty")
+    out["hist"] = b.op("Cast", [b.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")], to=i64)
     return out
 
 
