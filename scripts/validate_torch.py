@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--layers-at-once", type=int, default=6)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    out = run(RunOptions(model=args.model, corpus="default", samples=args.samples, out=args.work / "run.h5", stats="full"))
+    out = run(RunOptions(model=args.model, corpus="default", samples=args.samples, out=args.work / "run.h5",
+                         stats="full"))
     with h5py.File(out) as f:
         peak = f["summary"].attrs["global_site"]
         samples = f["corpus/sample_index"][()]

@@ -104,3 +104,22 @@ def test_merge_keeps_the_lowest_location_among_equal_maxima():
     assert tuple(a.merge(b).absmax_location) == (3, 9, 0)
     assert tuple(b.merge(a).absmax_location) == (3, 9, 0)
     assert tuple(a.merge(stats(6.0, [9, 9, 9])).absmax_location) == (9, 9, 9)
+
+
+@pytest.mark.parametrize("variant", ["fast", "exact"])
+def test_no_large_reduction_output_is_left_unread(variant):
+    """onnxruntime keeps an output that nothing reads until the run ends; on SmolLM2-135M the
+    median TopK's unread index output held 3 GB. Only the [<=100] values of the top-token TopK
+    may be left unread."""
+    from maxact.analyzer.run import default_model_path, load_model
+    from maxact.passes.attention import find_attention
+    from maxact.passes.sites import discover_sites
+
+    _, model = load_model(default_model_path())
+    found = discover_sites(model)
+    InstrumentPass(found.sites, variant=variant, study=True, attention=find_attention(found)[0])(model)
+    graph_outputs = {id(v) for v in model.graph.outputs}
+    unread = [(node.op_type, j) for node in model.graph for j, v in enumerate(node.outputs)
+              if not v.uses() and id(v) not in graph_outputs]
+    assert len(unread) == len(found.sites)
+    assert set(unread) == {("TopK", 0)}

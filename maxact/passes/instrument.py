@@ -194,8 +194,8 @@ def _study_reductions(
     one = b.const(np.array([1], np.int64), "one")
     two = b.const(np.array([2], np.int64), "two")
     k_med = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), two]), one])
-    smallest, _ = b.tape.op_multi_out("TopK", [ax, k_med], num_outputs=2,
-                                      attributes={"axis": -1, "largest": 0, "sorted": 0})
+    smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, k_med], num_outputs=2,
+                                                 attributes={"axis": -1, "largest": 0, "sorted": 0})
     median = b.reduce("ReduceMax", smallest, [-1])  # [n]
     has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
     safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
@@ -206,7 +206,10 @@ def _study_reductions(
     out["sun_ratio_sum"] = b.reduce("ReduceSum", ratio64, None)
     out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
     out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
-    out["sun_n_tokens"] = b.reduce("ReduceSum", n, None)
+    # The token count is read off TopK's index output: an output nothing reads is kept by
+    # onnxruntime until the run ends ([n, width/2] int64 per site, GBs over a model).
+    rows_seen = b.op("Gather", [b.op("Shape", [smallest_idx]), b.const(np.array([0], np.int64), "first")], axis=0)
+    out["sun_n_tokens"] = b.reduce("ReduceSum", rows_seen, None)
     passes = b.op("And", [
         b.op("Greater", [tok_absmax, b.const(np.array(SUN_MIN_ABS, np.float32), "sun_abs")]),
         b.op("Greater", [ratio, b.const(np.array(SUN_MIN_RATIO, np.float32), "sun_ratio")]),
