@@ -106,3 +106,31 @@ def test_study_statistics_match_full_tensors(stories_run, stories_export):
             # |x| < 1e-8: ORT and PyTorch may put a value or two on either side of the edge.
             assert abs(g["zero_frac"][()] - want["zero_frac"]) * g["count"][()] <= 3, sid
             assert g["hist_log10"][()].sum() + g["hist_zero"][()] == g["count"][()]
+
+
+def test_static_weights_and_headroom_match_the_checkpoint(stories_run):
+    """/static against the PyTorch state dict; /quant headroom against max |x| / format max."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(require_stories())).eval()
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    fmt_max = {"fp16": 65504.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+    with h5py.File(stories_run) as f:
+        static = f["static"]
+        for i, layer in enumerate(model.model.layers):
+            for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                w = layer.get_submodule(path).weight.detach().numpy()
+                assert static[f"model.layers.{i}.{path}/max_abs"][()] == pytest.approx(np.abs(w).max(), rel=1e-7)
+            for role, module in norms.items():
+                gamma = np.abs(getattr(layer, module).weight.detach().numpy())
+                g = static[f"layers.{i}.{role}"]
+                assert g["gamma_max"][()] == pytest.approx(gamma.max(), rel=1e-7)
+                assert g["gamma_argmax"][()] == gamma.argmax()
+        assert static["final_norm/gamma_argmax"][()] == np.abs(model.model.norm.weight.detach().numpy()).argmax()
+        for sid, g in f["sites"].items():
+            for fmt, top in fmt_max.items():
+                assert f[f"quant/{sid}/headroom_{fmt}"][()] == pytest.approx(g["absmax"][()] / top, rel=1e-12)
+        for fmt, top in fmt_max.items():
+            over = sorted(s for s, g in f["sites"].items() if g["absmax"][()] > top)
+            assert sorted(f["quant"].attrs[f"overflow_{fmt}"]) == over

@@ -113,9 +113,15 @@ def print_summary(
     _print_study(console, peak, sites, stats, peak_topk_tokens)
     _print_gamma(console, sites, stats, weights)
     if attention:
-        sinks = {layer: a["sink_heads"] for layer, a in attention.items() if len(a["sink_heads"])}
-        text = "; ".join(f"layer {layer}: heads {', '.join(map(str, h))}" for layer, h in sinks.items())
-        console.print(f"attention sink heads (mean first-token share > {SINK_SHARE}): {text or 'none'}")
+        parts = []
+        for layer, a in attention.items():
+            for h in a["sink_heads"]:
+                text = f"layer {layer} head {h} (share {a['first_token_share'][h]:.3f}"
+                if "value_absmax_first_token" in a:  # sinks tend to carry small values ("do nothing")
+                    text += (f", max |value| at first token {a['value_absmax_first_token'][h]:.3g}, "
+                             f"at top keys {a['value_absmax_top_key'][h]:.3g}")
+                parts.append(text + ")")
+        console.print(f"attention sink heads (mean first-token share > {SINK_SHARE}): {'; '.join(parts) or 'none'}")
     for fmt, top in FORMAT_MAX.items():
         over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
         if over:
@@ -164,13 +170,15 @@ def _print_gamma(console, sites, stats, weights) -> None:
 
 def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
     """layer -> ``first_token_share``, ``top_key_share`` (float64 ``[heads]``, means over valid
-    queries), ``sink_heads`` (heads whose first-token share exceeds :data:`SINK_SHARE`) and
-    ``n_queries``, from the summed attention outputs of a run."""
+    queries), ``sink_heads`` (heads whose first-token share exceeds :data:`SINK_SHARE`),
+    ``n_queries`` and, where the value vectors are visible, ``value_absmax_first_token`` and
+    ``value_absmax_top_key`` (float32 ``[heads]``), from the merged attention outputs of a run."""
     layers: dict[int, dict[str, np.ndarray]] = {}
     for name, value in sums.items():
-        if not name.startswith("maxact_attn/layers."):
+        prefix, _, rest = name.partition("/")
+        if prefix not in ("maxact_attn", "maxact_attn_max") or not rest.startswith("layers."):
             continue
-        layer_part, stat = name[len("maxact_attn/"):].split("/")
+        layer_part, stat = rest.split("/")
         layers.setdefault(int(layer_part.split(".")[1]), {})[stat] = np.asarray(value)
     out = {}
     for layer, d in sorted(layers.items()):
@@ -182,4 +190,7 @@ def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.n
             "sink_heads": np.flatnonzero(first > SINK_SHARE).astype(np.int64),
             "n_queries": np.int64(n),
         }
+        for k in ("value_absmax_first_token", "value_absmax_top_key"):
+            if k in d:
+                out[layer][k] = d[k]
     return out

@@ -343,10 +343,10 @@ class InstrumentPass(ir.passes.InPlacePass):
 
             for probs in self.attention:
                 b.tape = ir.tape.Tape()
-                made = attention_reducer(b, probs.value, valid_index)
-                placed.append((probs.value.producer(), b.tape.nodes))
-                for name, (value, spec) in made.items():
-                    value.name = attention_name(probs.layer, name)
+                made = attention_reducer(b, probs, valid_index)
+                placed.append((probs.matmul or probs.value.producer(), b.tape.nodes))
+                for name, (value, spec, merge) in made.items():
+                    value.name = attention_name(probs.layer, name, merge)
                     value.dtype = spec.dtype
                     value.shape = ir.Shape([f"layers.{probs.layer}_{d}" if isinstance(d, str) else d
                                             for d in spec.shape])

@@ -12,7 +12,7 @@ from maxact.passes.dataflow import is_constant
 from maxact.passes.sites import Site
 
 NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm", "post_attn_norm", "post_mlp_norm")
-PROJECTION_OPS = ("MatMul", "Gemm")
+PROJECTION_OPS = ("MatMul", "Gemm", "MatMulNBits")
 _NORM_OPS = ("SimplifiedLayerNormalization", "LayerNormalization", "SkipSimplifiedLayerNormalization",
              "SkipLayerNormalization")
 
@@ -71,12 +71,49 @@ def _gain(site: Site) -> ir.Value | None:
     return None
 
 
+def _unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """``uint8 [rows, bytes]`` -> ``uint8 [rows, bytes * 8 // bits]``, lowest bits first in each byte."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits)[None, None, :]
+    out = (packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return out.reshape(packed.shape[0], -1)
+
+
+def dequantize_matmul_nbits(node: ir.Node) -> np.ndarray | None:
+    """The float weight ``[N, K]`` of a ``com.microsoft`` MatMulNBits node (``Y = A @ W.T``).
+
+    ``B`` is ``uint8 [N, n_blocks, block_size * bits / 8]``, ``scales`` ``[N * n_blocks]``,
+    ``zero_points`` packed ``uint8`` like ``B`` (one row of ``ceil(n_blocks * bits / 8)`` bytes per
+    output channel) or of the scales' dtype, default ``2 ** (bits - 1)``;
+    ``W[n, k] = (q[n, k] - zp[n, g]) * scale[n, g]`` with ``g = k // block_size`` (or ``g_idx[k]``).
+    Source: onnxruntime's contrib operator documentation (MatMulNBits). Returns None when an input
+    is not a constant.
+    """
+    attrs = {k: a.as_int() for k, a in node.attributes.items() if k in ("K", "N", "bits", "block_size")}
+    k_dim, n_dim, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
+    inputs = list(node.inputs) + [None] * 6
+    b, scales, zp, g_idx = (None if v is None else _array(v) for v in inputs[1:5])
+    if b is None or scales is None or (inputs[3] is not None and zp is None):
+        return None
+    n_blocks = -(-k_dim // block)
+    q = _unpack_bits(b.reshape(n_dim, -1), bits)[:, :k_dim].astype(np.float32)
+    scales = scales.astype(np.float32).reshape(n_dim, n_blocks)
+    if zp is None:
+        zero = np.full((n_dim, n_blocks), 2 ** (bits - 1), np.float32)
+    elif zp.dtype == np.uint8:
+        zero = _unpack_bits(zp.reshape(n_dim, -1), bits)[:, :n_blocks].astype(np.float32)
+    else:
+        zero = zp.astype(np.float32).reshape(n_dim, n_blocks)
+    group = g_idx.astype(np.int64) if g_idx is not None and g_idx.size == k_dim else np.arange(k_dim) // block
+    return (q - zero[:, group]) * scales[:, group]
+
+
 def weight_statistics(model: ir.Model, sites: list[Site]) -> list[WeightStat]:
     """max |W| of every projection (MatMul/Gemm with a constant 2-D weight) and, for every norm
     site, its gain's largest |gamma| and that channel. Reads initializers only (external data is
     read one tensor at a time); the model is not run.
 
-    Quantised projections (MatMulNBits) are not yet dequantised: they are skipped.
+    Quantised projections (MatMulNBits) are dequantised (:func:`dequantize_matmul_nbits`).
     """
     out: list[WeightStat] = []
     seen: set[str] = set()
@@ -86,7 +123,7 @@ def weight_statistics(model: ir.Model, sites: list[Site]) -> list[WeightStat]:
         w = node.inputs[1]
         if w is None or not is_constant(w) or w.name in seen:
             continue
-        arr = _array(w)
+        arr = dequantize_matmul_nbits(node) if node.op_type == "MatMulNBits" else _array(w)
         if arr is None or arr.ndim != 2:
             continue
         seen.add(w.name)

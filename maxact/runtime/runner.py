@@ -16,6 +16,8 @@ from maxact.runtime.session import Session
 
 #: Outputs under this prefix are per-batch sums (attention shares), added up across batches.
 SUMMED_PREFIX = "maxact_attn/"
+#: Outputs under this prefix are per-batch maxima (attention value vectors), merged by max.
+MAXED_PREFIX = "maxact_attn_max/"
 
 
 @dataclass
@@ -27,7 +29,8 @@ class RunResult:
         n_tokens: real (unpadded) tokens processed.
         seconds: wall time of the batch loop.
         exact_batches: batches redone with the exact graph because a site held NaN or Inf.
-        sums: other outputs (named ``maxact_attn/...``), summed over the batches.
+        sums: other outputs: ``maxact_attn/...`` summed over the batches, ``maxact_attn_max/...``
+            merged by max.
     """
 
     stats: dict[str, SiteStats]
@@ -87,6 +90,8 @@ def run_batches(
             for name, value in out.items():
                 if name.startswith(SUMMED_PREFIX):
                     sums[name] = value if name not in sums else sums[name] + value
+                elif name.startswith(MAXED_PREFIX):
+                    sums[name] = value if name not in sums else np.maximum(sums[name], value)
             valid = batch.valid
             for sid in site_ids:
                 part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
