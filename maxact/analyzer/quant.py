@@ -169,11 +169,15 @@ def _write(run_path: Path, results, corr, n_calib: int, n_eval: int) -> None:
 
 def _print(console: Console, results, corr, absmax) -> None:
     table = Table(title="INT8 symmetric per-tensor fake quantisation (evaluation half)")
-    for col in ("site", "max |x|", "scale from", "SQNR dB", "rel RMSE", "clip rate", "zero frac"):
-        table.add_column(col, no_wrap=True)
+    table.add_column("site", overflow="fold")
+    for col in ("max |x|", "scale", "SQNR dB", "rel RMSE", "clip rate", "zero frac"):
+        table.add_column(col, no_wrap=True, min_width=len(col))
     for sid, by_scale in results.items():
         for m, r in by_scale.items():
             table.add_row(sid, f"{absmax[sid]:.5g}", m, f"{r['sqnr_db']:.2f}", f"{r['rel_rmse']:.3g}",
                           f"{r['clip_rate']:.3g}", f"{r['zero_frac']:.3g}")
     console.print(table)
-    console.print("Spearman(site max |x|, SQNR): " + ", ".join(f"{m} {v:+.3f}" for m, v in corr.items()))
+    if all(np.isfinite(v) for v in corr.values()):
+        console.print("Spearman(site max |x|, SQNR): " + ", ".join(f"{m} {v:+.3f}" for m, v in corr.items()))
+    else:
+        console.print("Spearman(site max |x|, SQNR): not defined (needs two or more sites with distinct values)")
