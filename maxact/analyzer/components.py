@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from maxact.passes.residual import layer_of, residual_depth
+from maxact.passes.fused import is_skip_norm
+from maxact.passes.residual import residual_depth, value_layer
 from maxact.passes.sites import Discovery, Site
 
 _ROLE_COMPONENT = {
@@ -86,7 +87,10 @@ def build_component_map(discovery: Discovery) -> ComponentMap:
     for site in discovery.sites:
         prod = site.value.producer()
         scope = _scope(prod.name or "") if prod is not None else None
-        path = scope if scope and re.match(r"^model(/|$)", scope) else _fallback_component(site)
+        # A fused residual step is named for the norm it ends in (the next layer's): place the
+        # residual sum by its role instead.
+        fused_sum = site.role in ("residual", "residual_post_attn") and prod is not None and is_skip_norm(prod)
+        path = scope if scope and not fused_sum and re.match(r"^model(/|$)", scope) else _fallback_component(site)
         component[site.site_id] = path
         parts = path.split("/")
         for k in range(1, len(parts)):
@@ -97,7 +101,7 @@ def build_component_map(discovery: Discovery) -> ComponentMap:
             structural[site.site_id] = None
             continue
         k = depth[id(prod)]
-        layer = layer_of(prod, depth, discovery.chain)
+        layer = value_layer(site.value, depth, discovery.chain)
         structural[site.site_id] = layer if layer < n_layers else None
         if layer != site.layer:
             problems.append(

@@ -21,7 +21,9 @@ from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, pri
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError
 from maxact.passes.attention import find_attention
+from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.passes.instrument import InstrumentPass
+from maxact.passes.past import max_positions
 from maxact.passes.sites import discover_sites
 from maxact.passes.weights import weight_statistics
 from maxact.runtime.batching import length_sorted_batches
@@ -55,7 +57,7 @@ class RunOptions:
 
 
 def load_model(path: Path) -> tuple[Path, ir.Model]:
-    """Load an ONNX model lazily (external data stays on disk).
+    """Load an ONNX model lazily (external data stays on disk), fused norms' residual sums exposed.
 
     ``path`` may be a ``.onnx`` file or a folder holding ``model.onnx``.
 
@@ -73,6 +75,7 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
         raise ModelFileError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:120]})") from e
     if model.graph.num_nodes() == 0:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
+    ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
     return path, model
 
 
@@ -120,7 +123,13 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     tokenizer = load_tokenizer(tok_path)
     corpus = load_corpus(opts.corpus)
     chosen = select_samples(corpus, opts.samples, opts.seed)
-    ids = encode(tokenizer, [corpus.texts[k] for k in chosen], opts.bos, opts.max_length)
+    max_length = opts.max_length
+    limit = max_positions(model.graph)
+    if limit is not None and limit < max_length:
+        console.print(f"[yellow]warning:[/yellow] the graph's rotary cache covers {limit} positions: passages are "
+                      f"truncated to {limit} tokens, not --max-length {max_length}")
+        max_length = limit
+    ids = encode(tokenizer, [corpus.texts[k] for k in chosen], opts.bos, max_length)
     keep = [j for j, seq in enumerate(ids) if len(seq)]
     if not keep:
         raise CorpusError(f"corpus {opts.corpus!r}: no passage yields a token with this tokenizer")
@@ -137,7 +146,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
     float32 = meta_graph["dtype"] == "float32"
     study = opts.stats == "full"
-    attention, fused_attention = find_attention(discovery) if study else ([], [])
+    attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
+    attention = attention if study else []
     InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
     session = Session(model, provider=opts.provider, threads=opts.threads)
 
@@ -177,7 +187,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "tokenizer": str(tok_path.resolve()),
         "n_samples": len(chosen),
         "n_tokens": result.n_tokens,
-        "max_length": opts.max_length,
+        "max_length": max_length,
         "bos": opts.bos,
         "stats": opts.stats,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

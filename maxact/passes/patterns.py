@@ -56,6 +56,9 @@ class SitePattern:
     role: str
     module: str
     tap: str = "output"
+    #: Other module paths of the same module in deployment builds (onnxruntime-genai's
+    #: ``model.layers.{i}.attn``); they name ONNX scopes only, never PyTorch modules.
+    onnx_aliases: tuple[str, ...] = ()
 
     @property
     def per_layer(self) -> bool:
@@ -67,12 +70,34 @@ class SitePattern:
         parts = re.sub(r"\.(\d+)(?=\.|$)", r"@\1", path).split(".")
         return "/" + "/".join(p.replace("@", ".") for p in parts) + "/"
 
-    def scope_regex(self) -> re.Pattern[str]:
-        """Regex matching node names inside this module's scope; group ``layer`` is the index."""
-        scope = re.escape(self.onnx_scope(layer=0) if self.per_layer else self.onnx_scope())
-        if self.per_layer:
-            scope = scope.replace(re.escape("layers.0/"), r"layers\.(?P<layer>\d+)/", 1)
-        return re.compile("^" + scope)
+    def scope_regex(self) -> re.Pattern[str] | _AnyOf:
+        """Regex matching node names inside this module's scope or an alias's; group ``layer`` is
+        the index."""
+        scopes = []
+        for module in (self.module, *self.onnx_aliases):
+            alias = SitePattern(self.role, module, self.tap)
+            scope = re.escape(alias.onnx_scope(layer=0) if self.per_layer else alias.onnx_scope())
+            if self.per_layer:
+                scope = scope.replace(re.escape("layers.0/"), r"layers\.(?P<layer>\d+)/", 1)
+            scopes.append(scope)
+        if len(scopes) == 1:
+            return re.compile("^" + scopes[0])
+        # One named group may appear once per regex: match the alternatives one by one.
+        return _AnyOf([re.compile("^" + sc) for sc in scopes])
+
+
+class _AnyOf:
+    """The first of several compiled patterns that matches (``match`` only)."""
+
+    def __init__(self, patterns: list[re.Pattern[str]]):
+        self.patterns = patterns
+
+    def match(self, text: str) -> re.Match[str] | None:
+        for rx in self.patterns:
+            m = rx.match(text)
+            if m:
+                return m
+        return None
 
 
 @dataclass(frozen=True)
@@ -101,8 +126,9 @@ LLAMA = Family(
         SitePattern("attn_q", "model.layers.{i}.self_attn.q_proj"),
         SitePattern("attn_k", "model.layers.{i}.self_attn.k_proj"),
         SitePattern("attn_v", "model.layers.{i}.self_attn.v_proj"),
-        SitePattern("attn_context", "model.layers.{i}.self_attn.o_proj", tap="input"),
-        SitePattern("attn_output", "model.layers.{i}.self_attn.o_proj"),
+        SitePattern("attn_context", "model.layers.{i}.self_attn.o_proj", tap="input",
+                    onnx_aliases=("model.layers.{i}.attn.o_proj",)),
+        SitePattern("attn_output", "model.layers.{i}.self_attn.o_proj", onnx_aliases=("model.layers.{i}.attn.o_proj",)),
         SitePattern("mlp_norm", "model.layers.{i}.post_attention_layernorm"),
         SitePattern("mlp_gate", "model.layers.{i}.mlp.gate_proj"),
         SitePattern("mlp_act", "model.layers.{i}.mlp.act_fn"),

@@ -8,7 +8,9 @@ and ends at the final norm. Rules, in order:
    ``Gather`` (GPT-2's learned positions) extends the embedding; it is not a residual step.
 2. From the current stream value ``v`` (or ``v`` seen through Cast/Identity), a residual step is an
    ``Add`` with one input ``v`` and the other input computed from ``v`` (the branch: attention or
-   MLP). Of several, the first in topological order is the step; its output is the new ``v``.
+   MLP), or a fused ``Skip(Simplified)LayerNormalization`` with ``v`` as its input or skip and the
+   other computed from ``v``. Of several, the first in topological order is the step; its output
+   (the fused norm's residual sum, see :mod:`maxact.passes.fused`) is the new ``v``.
 3. The chain ends where no such ``Add`` exists. A graph whose chain has no step has no residual
    stream and is not a decoder language model maxact can analyse.
 """
@@ -22,6 +24,17 @@ import onnx_ir as ir
 
 from maxact.errors import NotALanguageModelError
 from maxact.passes.dataflow import aliases, is_constant, reaches
+from maxact.passes.fused import is_skip_norm, skip_sum
+
+
+def step_output(node: ir.Node) -> ir.Value:
+    """The residual stream after a step: an Add's output, a fused norm's residual sum."""
+    if is_skip_norm(node):
+        value = skip_sum(node)
+        if value is None:
+            raise ValueError(f"{node.name}: run ExposeSkipSumsPass before walking the residual stream")
+        return value
+    return node.outputs[0]
 
 
 @dataclass
@@ -39,8 +52,8 @@ class ResidualChain:
 
     @property
     def values(self) -> list[ir.Value]:
-        """The stream after each step: ``steps[k].outputs[0]``."""
-        return [n.outputs[0] for n in self.steps]
+        """The stream after each step (:func:`step_output`)."""
+        return [step_output(n) for n in self.steps]
 
 
 def _is_table_gather(node: ir.Node) -> bool:
@@ -104,9 +117,17 @@ def find_residual_chain(
         candidates = []
         for a in seen:
             for user in a.consumers():
-                if user.op_type != "Add" or user not in order or len(user.inputs) != 2:
+                if user not in order:
                     continue
-                other = user.inputs[1] if id(user.inputs[0]) in seen_ids else user.inputs[0]
+                if user.op_type == "Add" and len(user.inputs) == 2:
+                    pair = user.inputs
+                elif is_skip_norm(user) and skip_sum(user) is not None and any(
+                    id(x) in seen_ids for x in user.inputs[:2]
+                ):
+                    pair = user.inputs[:2]
+                else:
+                    continue
+                other = pair[1] if id(pair[0]) in seen_ids else pair[0]
                 if other is None or id(other) in seen_ids:
                     continue
                 prod = other.producer()
@@ -117,7 +138,7 @@ def find_residual_chain(
         if not candidates:
             break
         _, node, kind = min(candidates, key=lambda c: c[0])
-        v = node.outputs[0]
+        v = step_output(node)
         if kind == "step":
             steps.append(node)
         else:
@@ -149,3 +170,14 @@ def layer_of(node: ir.Node, depth: dict[int, int], chain: ResidualChain) -> int:
     k = depth[id(node)]
     is_step = any(node is s for s in chain.steps)
     return k // 2 if is_step else (k + 1) // 2
+
+
+def value_layer(value: ir.Value, depth: dict[int, int], chain: ResidualChain) -> int:
+    """The layer a site tensor lies in: its producer's (:func:`layer_of`), except for the
+    normalised output of a fused residual step, which feeds the next branch (layer
+    ``(k + 1) // 2`` after step ``k``)."""
+    node = value.producer()
+    k = depth[id(node)]
+    if any(node is s for s in chain.steps) and value is not step_output(node):
+        return (k + 1) // 2
+    return layer_of(node, depth, chain)

@@ -6,7 +6,10 @@ Two methods that must agree where both apply:
    the family table (:mod:`maxact.passes.patterns`); a module's *output* is the last value made
    inside its scope that is used outside it, its *input* the first non-constant value entering it;
 2. structure: the residual chain (:mod:`maxact.passes.residual`) gives the embedding, every
-   residual step and so the number of layers.
+   residual step and so the number of layers; where a step is a fused
+   ``Skip(Simplified)LayerNormalization``, its normalised output is the next branch's norm
+   (``mlp_norm`` after the attention step, the next layer's ``attn_norm`` after the MLP step,
+   ``final_norm`` after the last).
 
 Disagreements (a name-derived layer that is not the step's position on the chain, a named
 embedding that is not the chain's) are returned as messages, never silently resolved.
@@ -22,8 +25,9 @@ import onnx_ir as ir
 
 from maxact.errors import NotALanguageModelError
 from maxact.passes.dataflow import dataflow_graph, is_constant
+from maxact.passes.fused import is_skip_norm
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern
-from maxact.passes.residual import ResidualChain, find_residual_chain
+from maxact.passes.residual import ResidualChain, find_residual_chain, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
 
@@ -200,16 +204,34 @@ def discover_sites(model: ir.Model, want_logits: bool = False) -> Discovery:
     if not any(s.role == "embedding" for s in sites):
         prod = chain.embedding.producer()
         sites.append(Site("embedding", None, chain.embedding, evidence=(prod.name or "",)))
+    named_ids = {s.site_id: s for s in sites}
     for k, step in enumerate(chain.steps):
         layer = k // 2
         role = "residual_post_attn" if k % 2 == 0 else "residual"
+        fused = is_skip_norm(step)
+        # A fused step carries the name of the norm it ends in: the next branch's layer.
+        named_layer = (k + 1) // 2 if fused else layer
         m = _LAYER_IN_NAME.search(step.name or "")
-        if m and int(m.group(1)) != layer:
+        if m and int(m.group(1)) != named_layer:
             disagreements.append(
                 f"residual step {k} ({step.name}) is named for layer {m.group(1)} but is step "
-                f"{k} of the residual stream, i.e. layer {layer}"
+                f"{k} of the residual stream, i.e. layer {named_layer}"
             )
-        sites.append(Site(role, layer, step.outputs[0], evidence=(step.name or "", f"residual step {k}")))
+        sites.append(Site(role, layer, step_output(step), evidence=(step.name or "", f"residual step {k}")))
+        if fused:
+            if k == len(chain.steps) - 1:
+                norm_role, norm_layer = "final_norm", None
+            else:
+                norm_role, norm_layer = ("mlp_norm", layer) if k % 2 == 0 else ("attn_norm", layer + 1)
+            norm = Site(norm_role, norm_layer, step.outputs[0], evidence=(step.name or "", f"fused norm of step {k}"))
+            named = named_ids.get(norm.site_id)
+            if named is None:
+                sites.append(norm)
+            elif named.value is not norm.value:
+                disagreements.append(
+                    f"{norm.site_id}: its scope names {named.tensor!r} but the fused norm of residual "
+                    f"step {k} outputs {norm.tensor!r}"
+                )
 
     # Two sites on one tensor (e.g. o_proj output == self_attn output): keep the first role.
     unique: dict[int, Site] = {}

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from maxact.errors import AnalyzerError
 from maxact.passes.instrument import TOKEN_MASK
+from maxact.passes.past import past_shapes
 from maxact.runtime.batching import Batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -57,10 +58,12 @@ class Session:
     Raises:
         ProviderError: ``provider`` is not available (e.g. ``cuda`` without onnxruntime-gpu).
         UnsupportedInputError: the graph has an input other than input_ids, attention_mask,
-            position_ids.
+            position_ids and past key/values (fed empty: a prompt with no cache).
+        PastShapeError: a past key/value input whose shape cannot be told.
     """
 
     def __init__(self, model: ir.Model, provider: str = "cpu", threads: int | None = None):
+        self.past = past_shapes(model.graph)  # KV-cache graphs: past inputs fed empty
         name = PROVIDERS.get(provider)
         if name is None:
             raise ProviderError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
@@ -91,7 +94,7 @@ class Session:
             )
         self.provider = provider
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        known = {"input_ids", "attention_mask", "position_ids", TOKEN_MASK}
+        known = {"input_ids", "attention_mask", "position_ids", TOKEN_MASK, *self.past}
         unknown = [n for n in self.inputs if n not in known]
         if unknown:
             raise UnsupportedInputError(
@@ -113,6 +116,10 @@ class Session:
             "position_ids": np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1),
             TOKEN_MASK: mask.astype(bool),
         }
+        batch_size = mask.shape[0]
+        for n, (kv_heads, head_dim) in self.past.items():
+            dtype = _NUMPY_OF_ORT.get(self.inputs[n].type, np.float32)
+            values[n] = np.zeros((batch_size, kv_heads, 0, head_dim), dtype=dtype)
         return {
             n: values[n].astype(_NUMPY_OF_ORT.get(i.type, values[n].dtype), copy=False)
             for n, i in self.inputs.items()

@@ -1,0 +1,62 @@
+"""Expose the residual sums that fused Skip*LayerNormalization nodes compute but may not output.
+
+onnxruntime's fused norms ``SkipLayerNormalization`` and ``SkipSimplifiedLayerNormalization``
+(``com.microsoft``) add a residual ``input`` and a ``skip`` (the branch output) and normalise the
+sum; their optional fourth output ``input_skip_bias_sum`` is the residual stream after that
+addition. Builders (onnxruntime-genai, onnxruntime's transformer optimizer) leave it out where
+nothing reads it, e.g. at the final norm. This pass gives every such node its fourth output so the
+residual stream is visible at every step. Source: onnxruntime's contrib operator documentation
+(``docs/ContribOperators.md``).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+SKIP_NORM_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+#: Index of the ``input_skip_bias_sum`` output of the fused norms.
+SKIP_SUM_OUTPUT = 3
+
+
+def is_skip_norm(node: ir.Node) -> bool:
+    """Whether ``node`` is a fused residual-add + norm of onnxruntime."""
+    return node.op_type in SKIP_NORM_OPS and node.domain in ("com.microsoft", "")
+
+
+def skip_sum(node: ir.Node) -> ir.Value | None:
+    """The residual sum output of a fused norm, or None where the node does not output it."""
+    if len(node.outputs) <= SKIP_SUM_OUTPUT or not node.outputs[SKIP_SUM_OUTPUT].name:
+        return None
+    return node.outputs[SKIP_SUM_OUTPUT]
+
+
+class ExposeSkipSumsPass(ir.passes.InPlacePass):
+    """Give every fused Skip*LayerNormalization its ``input_skip_bias_sum`` output.
+
+    A node without it is replaced by a copy with four outputs (outputs 1 and 2, mean and inverse
+    standard deviation, stay absent); the values it had keep their consumers.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if not is_skip_norm(node) or skip_sum(node) is not None:
+                continue
+            new = ir.Node(node.domain, node.op_type, list(node.inputs), list(node.attributes.values()),
+                          num_outputs=SKIP_SUM_OUTPUT + 1, name=node.name)
+            for k, out in enumerate(new.outputs):
+                old = node.outputs[k] if k < len(node.outputs) else None
+                if old is not None and old.name:
+                    out.name, out.dtype, out.shape = old.name, old.dtype, old.shape
+                elif k == SKIP_SUM_OUTPUT:
+                    out.name = f"{node.name or node.outputs[0].name}/maxact_skip_sum"
+                    out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
+                else:
+                    out.name = ""  # an absent optional output
+            kept = [k for k, v in enumerate(node.outputs) if v.name]
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], [new], [node.outputs[k] for k in kept], [new.outputs[k] for k in kept]
+            )
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
