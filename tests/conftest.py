@@ -37,10 +37,11 @@ def stories_export(tmp_path_factory) -> Path:
     return export_checkpoint(src, out)
 
 
-def save_tiny_llama(folder: Path, seed: int = 0, n_layers: int = 3, plant=None):
+def save_tiny_llama(folder: Path, seed: int = 0, n_layers: int = 3, plant=None, tied: bool = False):
     """A tiny random LlamaForCausalLM (vocab 512, the stories260K tokenizer) saved to ``folder``.
 
-    ``plant(model)`` may edit the weights before saving. Returns the model (eval mode, fp32).
+    ``plant(model)`` may edit the weights before saving; ``tied`` shares the embedding with the
+    LM head. Returns the model (eval mode, fp32).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,7 +55,7 @@ def save_tiny_llama(folder: Path, seed: int = 0, n_layers: int = 3, plant=None):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(cfg).eval()
     if plant is not None:

@@ -43,7 +43,9 @@ def builds(tmp_path_factory):
         m.model.layers[1].mlp.down_proj.weight[5, :] *= 2000.0
 
     # head_dim 16: onnxruntime's CPU kernel of GroupQueryAttention needs a multiple of 16.
-    save_tiny_llama(root / "hf", seed=3, n_layers=3, plant=plant)
+    # Tied embeddings: the builder's lookup is Gather(Transpose(lm_head)) in fp32 and
+    # GatherBlockQuantized over the int4 head.
+    save_tiny_llama(root / "hf", seed=3, n_layers=3, plant=plant, tied=True)
     optimum = export_checkpoint(root / "hf", root / "optimum")
     return {"optimum": optimum, "fp32": _genai_build(root / "hf", root / "fp32", "fp32"),
             "int4": _genai_build(root / "hf", root / "int4", "int4"), "root": root}

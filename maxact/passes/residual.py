@@ -3,9 +3,11 @@
 The residual stream is the chain of residual additions that starts at the token-embedding lookup
 and ends at the final norm. Rules, in order:
 
-1. The embedding is a ``Gather`` whose data is a constant 2-D table and whose indices come from a
-   graph input (``input_ids``), possibly through a Cast. An ``Add`` of a second constant-table
-   ``Gather`` (GPT-2's learned positions) extends the embedding; it is not a residual step.
+1. The embedding is a ``Gather`` (or int4 ``GatherBlockQuantized``) whose data is a constant 2-D
+   table, possibly seen through Transpose/Reshape/Cast (tied embeddings in onnxruntime-genai
+   builds), and whose indices come from a graph input (``input_ids``), possibly through a Cast. An
+   ``Add`` of a second constant-table ``Gather`` (GPT-2's learned positions) extends the
+   embedding; it is not a residual step.
 2. From the current stream value ``v`` (or ``v`` seen through Cast/Identity), a residual step is an
    ``Add`` with one input ``v`` and the other input computed from ``v`` (the branch: attention or
    MLP), or a fused ``Skip(Simplified)LayerNormalization`` with ``v`` as its input or skip and the
@@ -56,12 +58,29 @@ class ResidualChain:
         return [step_output(n) for n in self.steps]
 
 
+# Ops that turn a weight into another weight (tied embeddings: Gather over Transpose(lm_head)).
+_WEIGHT_VIEW_OPS = ("Transpose", "Reshape", "Cast", "Identity")
+
+
+def _weight_derived(value: ir.Value, hops: int = 4) -> bool:
+    """A constant, or a constant seen through Transpose/Reshape/Cast/Identity."""
+    if is_constant(value):
+        return True
+    prod = value.producer()
+    if hops == 0 or prod is None or prod.op_type not in _WEIGHT_VIEW_OPS:
+        return False
+    return _weight_derived(prod.inputs[0], hops - 1)
+
+
 def _is_table_gather(node: ir.Node) -> bool:
-    if node.op_type != "Gather" or len(node.inputs) < 2:
+    """A lookup of rows of a weight table: Gather, or onnxruntime's int4 GatherBlockQuantized."""
+    if node.op_type not in ("Gather", "GatherBlockQuantized") or len(node.inputs) < 2:
         return False
     table, idx = node.inputs[0], node.inputs[1]
-    if not is_constant(table) or idx is None or is_constant(idx):
+    if table is None or not _weight_derived(table) or idx is None or is_constant(idx):
         return False
+    if node.op_type == "GatherBlockQuantized":
+        return True
     shape = table.shape
     return shape is None or len(shape) == 2
 
