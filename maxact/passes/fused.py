@@ -30,6 +30,14 @@ def skip_sum(node: ir.Node) -> ir.Value | None:
     return node.outputs[SKIP_SUM_OUTPUT]
 
 
+def _copy_type(src: ir.Value, dst: ir.Value) -> None:
+    """Copy a known dtype and shape (an unknown one stays unset: it would not serialise)."""
+    if src.dtype is not None:
+        dst.dtype = src.dtype
+    if src.shape is not None:
+        dst.shape = src.shape
+
+
 class ExposeSkipSumsPass(ir.passes.InPlacePass):
     """Give every fused Skip*LayerNormalization its ``input_skip_bias_sum`` output.
 
@@ -48,10 +56,11 @@ class ExposeSkipSumsPass(ir.passes.InPlacePass):
             for k, out in enumerate(new.outputs):
                 old = node.outputs[k] if k < len(node.outputs) else None
                 if old is not None and old.name:
-                    out.name, out.dtype, out.shape = old.name, old.dtype, old.shape
+                    out.name = old.name
+                    _copy_type(old, out)
                 elif k == SKIP_SUM_OUTPUT:
                     out.name = f"{node.name or node.outputs[0].name}/maxact_skip_sum"
-                    out.dtype, out.shape = node.outputs[0].dtype, node.outputs[0].shape
+                    _copy_type(node.outputs[0], out)
                 else:
                     out.name = ""  # an absent optional output
             kept = [k for k, v in enumerate(node.outputs) if v.name]

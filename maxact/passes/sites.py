@@ -24,12 +24,14 @@ import networkx as nx
 import onnx_ir as ir
 
 from maxact.errors import NotALanguageModelError
-from maxact.passes.dataflow import dataflow_graph, is_constant
+from maxact.passes.dataflow import aliases, dataflow_graph, is_constant
 from maxact.passes.fused import is_skip_norm
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern
 from maxact.passes.residual import ResidualChain, find_residual_chain, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
+#: Norm operators (onnxruntime's contrib ones are in the default domain in some builds).
+NORM_OPS = ("SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization")
 
 
 @dataclass
@@ -232,6 +234,28 @@ def discover_sites(model: ir.Model, want_logits: bool = False) -> Discovery:
                     f"{norm.site_id}: its scope names {named.tensor!r} but the fused norm of residual "
                     f"step {k} outputs {norm.tensor!r}"
                 )
+
+    # Norm operators (not fused with a step) reading the stream: the branch that follows is theirs.
+    streams = [chain.embedding, *chain.values]
+    for k, v in enumerate(streams, start=-1):  # k: the step after which v is the stream
+        for alias in aliases(v):
+            for user in alias.consumers():
+                if user.op_type not in NORM_OPS or user.inputs[0] is not alias:
+                    continue
+                if k == len(chain.steps) - 1:
+                    norm_role, norm_layer = "final_norm", None
+                else:
+                    norm_role, norm_layer = ("attn_norm", (k + 1) // 2) if k % 2 else ("mlp_norm", k // 2)
+                norm = Site(norm_role, norm_layer, user.outputs[0], evidence=(user.name or "", f"norm after step {k}"))
+                named = named_ids.get(norm.site_id)
+                if named is None:
+                    sites.append(norm)
+                    named_ids[norm.site_id] = norm
+                elif named.value is not norm.value:
+                    disagreements.append(
+                        f"{norm.site_id}: its scope names {named.tensor!r} but the norm operator reading "
+                        f"the residual stream after step {k} outputs {norm.tensor!r}"
+                    )
 
     # Two sites on one tensor (e.g. o_proj output == self_attn output): keep the first role.
     unique: dict[int, Site] = {}

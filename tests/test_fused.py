@@ -1,0 +1,59 @@
+"""Graphs other than a plain Optimum export of the built-in stories260K: onnxruntime's transformer
+optimizer (fused SkipSimplifiedLayerNormalization norms) and a copy with every name made opaque."""
+
+import h5py
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from conftest import BUILTIN, TEST_CORPUS
+from maxact.analyzer.run import RunOptions, default_model_path, run
+
+
+def _run(model, out):
+    return run(RunOptions(model=model, corpus=str(TEST_CORPUS), tokenizer=str(BUILTIN), batch_size=4, out=out,
+                          progress=False))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _run(default_model_path(), tmp_path_factory.mktemp("ref") / "ref.h5")
+
+
+def test_ort_optimized_graph_gives_the_same_sites_and_maxima(reference, tmp_path):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(default_model_path()), model_type="gpt2", num_heads=8, hidden_size=64, opt_level=0)
+    ops = {n.op_type for n in opt.model.graph.node}
+    assert "SkipSimplifiedLayerNormalization" in ops  # the residual additions are fused
+    opt.save_model_to_file(str(tmp_path / "opt.onnx"))
+    got = _run(tmp_path / "opt.onnx", tmp_path / "opt.h5")
+    with h5py.File(reference) as a, h5py.File(got) as b:
+        assert set(b["sites"]) == set(a["sites"])
+        assert b.attrs["discovery_warnings"] == ""
+        for sid in a["sites"]:
+            x, y = a["sites"][sid], b["sites"][sid]
+            np.testing.assert_allclose(y["absmax"][()], x["absmax"][()], rtol=1e-5, err_msg=sid)
+            np.testing.assert_array_equal(y["absmax_location"][()], x["absmax_location"][()], err_msg=sid)
+        # The last residual step lives inside the fused final norm, which did not output it.
+        assert b["sites/layers.4.residual"].attrs["tensor"].endswith("maxact_skip_sum")
+        assert b["sites/final_norm"].attrs["op_type"] == "SkipSimplifiedLayerNormalization"
+
+
+def test_opaque_names_give_the_same_residual_stream(reference, tmp_path):
+    model = ir.load(default_model_path())
+    for k, node in enumerate(model.graph):
+        node.name = f"n{k}"
+        for j, v in enumerate(node.outputs):
+            if v.name and not v.is_graph_output():
+                v.name = f"v{k}_{j}"
+    for k, v in enumerate(list(model.graph.initializers.values())):
+        v.name = f"w{k}"
+    ir.save(model, tmp_path / "opaque.onnx")
+    got = _run(tmp_path / "opaque.onnx", tmp_path / "opaque.h5")
+    with h5py.File(reference) as a, h5py.File(got) as b:
+        assert b.attrs["n_layers"] == a.attrs["n_layers"] == 5
+        assert b.attrs["family"] == "structure"
+        for sid in ["embedding"] + [f"layers.{i}.{r}" for i in range(5) for r in ("residual_post_attn", "residual")]:
+            np.testing.assert_allclose(b["sites"][sid]["absmax"][()], a["sites"][sid]["absmax"][()], rtol=1e-6)
+            np.testing.assert_array_equal(b["sites"][sid]["absmax_location"][()], a["sites"][sid]["absmax_location"][()])
