@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import BUILTIN, TEST_CORPUS
+from conftest import BUILTIN, TEST_CORPUS, require_export, require_stories
 from maxact.analyzer.run import RunOptions, default_model_path, run
 
 
@@ -57,3 +57,37 @@ def test_opaque_names_give_the_same_residual_stream(reference, tmp_path):
         for sid in ["embedding"] + [f"layers.{i}.{r}" for i in range(5) for r in ("residual_post_attn", "residual")]:
             np.testing.assert_allclose(b["sites"][sid]["absmax"][()], a["sites"][sid]["absmax"][()], rtol=1e-6)
             np.testing.assert_array_equal(b["sites"][sid]["absmax_location"][()], a["sites"][sid]["absmax_location"][()])
+
+
+def test_dynamo_export_is_discovered_by_its_name_scope_metadata(reference, tmp_path):
+    """torch.onnx.export(dynamo=True) names nodes node_linear_3 and keeps the module path in
+    metadata; every site of the TorchScript-era export is found, with the same maxima."""
+    require_export()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(require_stories())).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids, mask = torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    program = torch.onnx.export(Logits(model), (ids, mask), dynamo=True, input_names=["input_ids", "attention_mask"],
+                                output_names=["logits"],
+                                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+    program.save(str(tmp_path / "dynamo.onnx"))
+    got = _run(tmp_path / "dynamo.onnx", tmp_path / "dynamo.h5")
+    with h5py.File(reference) as a, h5py.File(got) as b:
+        assert set(b["sites"]) == set(a["sites"])
+        assert b.attrs["discovery_warnings"] == ""
+        assert b["sites/layers.3.mlp_gate"].attrs["component"] == "model/layers.3/mlp/gate_proj"
+        for sid in a["sites"]:
+            x, y = a["sites"][sid], b["sites"][sid]
+            np.testing.assert_allclose(y["absmax"][()], x["absmax"][()], rtol=1e-5, err_msg=sid)
+            np.testing.assert_array_equal(y["absmax_location"][()], x["absmax_location"][()], err_msg=sid)

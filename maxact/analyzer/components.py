@@ -16,7 +16,7 @@ import networkx as nx
 
 from maxact.passes.fused import is_skip_norm
 from maxact.passes.residual import residual_depth, value_layer
-from maxact.passes.sites import Discovery, Site
+from maxact.passes.sites import Discovery, Site, scoped_names
 
 _ROLE_COMPONENT = {
     "embedding": "embedding",
@@ -86,7 +86,8 @@ def build_component_map(discovery: Discovery) -> ComponentMap:
     n_layers = discovery.n_layers
     for site in discovery.sites:
         prod = site.value.producer()
-        scope = _scope(prod.name or "") if prod is not None else None
+        names = scoped_names(prod) if prod is not None else []
+        scope = next((_scope(n) for n in names if re.match(r"^/model(/|$)", n)), _scope(names[0]) if names else None)
         # A fused residual step is named for the norm it ends in (the next layer's): place the
         # residual sum by its role instead.
         fused_sum = site.role in ("residual", "residual_post_attn") and prod is not None and is_skip_norm(prod)

@@ -17,6 +17,7 @@ embedding that is not the chain's) are returned as messages, never silently reso
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass, field
 
@@ -94,12 +95,40 @@ class Discovery:
     flow: nx.DiGraph | None = None
 
 
+_DYNAMO_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def scoped_names(node: ir.Node) -> list[str]:
+    """Scope-style names of a node to match against the family table.
+
+    TorchScript/Optimum exports name nodes ``/model/layers.0/mlp/down_proj/MatMul``. Dynamo exports
+    (``torch.onnx.export(dynamo=True)``) name them ``node_linear_6`` and record the module path in
+    the metadata ``pkg.torch.onnx.name_scopes`` (``['', 'm', 'm.model', 'm.model.layers.0', ...,
+    'linear_6']``); that path is turned into the same form, once per suffix of the path so that a
+    wrapper module's prefix (``m.``) does not hide it.
+    """
+    name = node.name or ""
+    if name.startswith("/"):
+        return [name]
+    scopes = node.metadata_props.get(_DYNAMO_SCOPES)
+    if not scopes:
+        return [name]
+    try:
+        parts = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return [name]
+    if len(parts) < 2 or not parts[-2]:
+        return [name]
+    modules = re.sub(r"\.(\d+)(?=\.|$)", r"@\1", parts[-2]).split(".")
+    return ["/" + "/".join(m.replace("@", ".") for m in modules[k:]) + "/" + parts[-1] for k in range(len(modules))]
+
+
 def _scope_nodes(graph: ir.Graph, pattern: SitePattern) -> dict[int | None, list[ir.Node]]:
     """Nodes inside the pattern's module scope, grouped by layer (None for model-level)."""
     rx = pattern.scope_regex()
     found: dict[int | None, list[ir.Node]] = {}
     for node in graph:
-        m = rx.match(node.name or "")
+        m = next((m for n in scoped_names(node) if (m := rx.match(n))), None)
         if m:
             layer = int(m.group("layer")) if pattern.per_layer else None
             found.setdefault(layer, []).append(node)
