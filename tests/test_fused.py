@@ -91,3 +91,21 @@ def test_dynamo_export_is_discovered_by_its_name_scope_metadata(reference, tmp_p
             x, y = a["sites"][sid], b["sites"][sid]
             np.testing.assert_allclose(y["absmax"][()], x["absmax"][()], rtol=1e-5, err_msg=sid)
             np.testing.assert_array_equal(y["absmax_location"][()], x["absmax_location"][()], err_msg=sid)
+
+
+def test_external_data_model_runs_and_the_users_folder_is_untouched(reference, tmp_path):
+    """Weights in a separate file (the >2 GB layout) are read lazily; the instrumented graph goes to
+    a private temporary folder, never beside the user's model."""
+    model = ir.load(default_model_path())
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    ir.save(model, folder / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
+    before = sorted(p.name for p in folder.iterdir())
+    assert before == ["model.onnx", "model.onnx.data"]
+    got = _run(folder / "model.onnx", tmp_path / "ext.h5")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    with h5py.File(reference) as a, h5py.File(got) as b:
+        assert set(b["sites"]) == set(a["sites"])
+        for sid in a["sites"]:
+            assert b["sites"][sid]["absmax"][()] == a["sites"][sid]["absmax"][()]
+            np.testing.assert_array_equal(b["sites"][sid]["absmax_location"][()], a["sites"][sid]["absmax_location"][()])

@@ -47,6 +47,23 @@ def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+def _inline_external_attributes(model: ir.Model) -> None:
+    """Read tensor attributes stored as external data (Optimum puts large Constant values there)
+    into memory: ``ir.save`` moves initializers to the new data file, not attributes, and the
+    temporary folder does not hold the original file."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
+
+
+def _release_external(model: ir.Model) -> None:
+    """Drop the memory maps of external tensors (pages read while saving count as resident)."""
+    for v in model.graph.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value.release()
+
+
 class Session:
     """An onnxruntime session of an instrumented graph that runs :class:`Batch` es.
 
@@ -84,9 +101,11 @@ class Session:
         if _has_external_data(model) or _weight_bytes(model) > _INLINE_LIMIT:
             # Written to a private temporary folder, never next to (or over) the user's file;
             # onnxruntime reads it while the session is made, so the folder can go afterwards.
+            _inline_external_attributes(model)
             with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
                 path = Path(tmp) / "instrumented.onnx"
-                ir.save(model, path, external_data="instrumented.onnx.data")
+                ir.save(model, path, external_data="instrumented.onnx.data", size_threshold_bytes=0)
+                _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
                 self.session = ort.InferenceSession(os.fspath(path), opts, providers=[name])
         else:
             self.session = ort.InferenceSession(
