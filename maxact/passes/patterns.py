@@ -42,6 +42,9 @@ LAYER_ROLES = (
 ROLE_ORDER = {r: k for k, r in enumerate(("embedding", *LAYER_ROLES, "final_norm", "logits"))}
 
 
+_SENTINEL = 987654321  # stands for the layer index while a scope regex is built
+
+
 @dataclass(frozen=True)
 class SitePattern:
     """Where one site role lives in one model family.
@@ -76,9 +79,9 @@ class SitePattern:
         scopes = []
         for module in (self.module, *self.onnx_aliases):
             alias = SitePattern(self.role, module, self.tap)
-            scope = re.escape(alias.onnx_scope(layer=0) if self.per_layer else alias.onnx_scope())
+            scope = re.escape(alias.onnx_scope(layer=_SENTINEL) if self.per_layer else alias.onnx_scope())
             if self.per_layer:
-                scope = scope.replace(re.escape("layers.0/"), r"layers\.(?P<layer>\d+)/", 1)
+                scope = scope.replace(str(_SENTINEL), r"(?P<layer>\d+)", 1)
             scopes.append(scope)
         if len(scopes) == 1:
             return re.compile("^" + scopes[0])
@@ -144,7 +147,30 @@ LLAMA = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA,)
+GPT2 = Family(
+    name="gpt2",
+    model_types=("gpt2",),
+    patterns=(
+        SitePattern("attn_norm", "transformer.h.{i}.ln_1"),
+        SitePattern("attn_context", "transformer.h.{i}.attn.c_proj", tap="input"),
+        SitePattern("attn_output", "transformer.h.{i}.attn.c_proj"),
+        SitePattern("mlp_norm", "transformer.h.{i}.ln_2"),
+        # A plain MLP: the first projection (pre-activation) is the gate role, its activation
+        # the down projection's input (mlp_act and mlp_product are one tensor: mlp_act is kept).
+        SitePattern("mlp_gate", "transformer.h.{i}.mlp.c_fc"),
+        SitePattern("mlp_act", "transformer.h.{i}.mlp.act"),
+        SitePattern("mlp_product", "transformer.h.{i}.mlp.c_proj", tap="input"),
+        SitePattern("mlp_output", "transformer.h.{i}.mlp.c_proj"),
+        SitePattern("final_norm", "transformer.ln_f"),
+        SitePattern("logits", "lm_head"),
+    ),
+    residual_taps=(
+        SitePattern("residual_post_attn", "transformer.h.{i}.ln_2", tap="input"),
+        SitePattern("residual", "transformer.h.{i}"),
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GPT2)
 
 
 def family_for_model_type(model_type: str) -> Family | None:

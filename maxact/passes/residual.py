@@ -85,14 +85,26 @@ def _is_table_gather(node: ir.Node) -> bool:
     return shape is None or len(shape) == 2
 
 
+# Ops that change a tensor's dtype or layout, not its values (GPT-2 views input_ids as [-1, seq]).
+_VIEW_OPS = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")
+
+
 def _source_input(value: ir.Value) -> ir.Value | None:
-    """The graph input ``value`` comes from through Cast/Identity/Unsqueeze-free paths, if any."""
+    """The graph input ``value`` comes from through Cast/Identity/Reshape/... (data input), if any."""
     while value is not None and not value.is_graph_input():
         prod = value.producer()
-        if prod is None or prod.op_type not in ("Cast", "Identity"):
+        if prod is None or prod.op_type not in _VIEW_OPS:
             return None
         value = prod.inputs[0]
     return value
+
+
+def _through_views(value: ir.Value | None) -> ir.Node | None:
+    """The producer of ``value`` seen through Cast/Identity/Reshape/..."""
+    prod = value.producer() if value is not None else None
+    while prod is not None and prod.op_type in _VIEW_OPS:
+        prod = prod.inputs[0].producer() if prod.inputs[0] is not None else None
+    return prod
 
 
 def find_embedding(graph: ir.Graph, input_ids: ir.Value | None = None) -> ir.Value:
@@ -150,7 +162,8 @@ def find_residual_chain(
                 if other is None or id(other) in seen_ids:
                     continue
                 prod = other.producer()
-                if not steps and prod is not None and _is_table_gather(prod):
+                table = _through_views(other)
+                if not steps and table is not None and _is_table_gather(table):
                     candidates.append((order[user], user, "position"))
                 elif not is_constant(other) and prod is not None and reaches(flow, v, prod):
                     candidates.append((order[user], user, "step"))

@@ -1,0 +1,95 @@
+"""One test per model family: a tiny random model from a `transformers` config, a planted massive
+activation, and `analyzer run` on its Optimum export must find the layer count, and the peak's
+layer, role, location and value (checked against the PyTorch hidden states)."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import BUILTIN, TEST_CORPUS, require_export
+from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.run import RunOptions, run
+from maxact.analyzer.tokenize import encode, load_tokenizer
+
+LAYER, CHANNEL, FACTOR = 1, 7, 3000.0
+
+
+def _gpt2(plant: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=3, n_head=4, n_positions=512)).eval()
+    if plant:  # Conv1D weights are [in, out]: scale the MLP output projection's column CHANNEL
+        model.transformer.h[LAYER].mlp.c_proj.weight[:, CHANNEL] *= FACTOR
+    return model
+
+
+def _llama_like(config_class: str, model_class: str, **extra):
+    def make(plant: bool):
+        import transformers
+
+        cfg = getattr(transformers, config_class)(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **extra)
+        model = getattr(transformers, model_class)(cfg).eval()
+        if plant:  # nn.Linear weights are [out, in]: scale the down projection's row CHANNEL
+            model.model.layers[LAYER].mlp.down_proj.weight[CHANNEL, :] *= FACTOR
+        return model
+
+    return make
+
+
+FAMILIES = {
+    "gpt2": (_gpt2, 3, "gpt2"),
+    "mistral": (_llama_like("MistralConfig", "MistralForCausalLM"), 3, "llama"),
+    "qwen2": (_llama_like("Qwen2Config", "Qwen2ForCausalLM"), 3, "llama"),
+    "qwen3": (_llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), 3, "llama"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_layers_and_planted_peak(family, tmp_path):
+    require_export()
+    import torch
+
+    from maxact.exporters.hf import export_checkpoint
+
+    make, n_layers, table = FAMILIES[family]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = make(plant=True)
+    model.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(BUILTIN / name, tmp_path / "hf" / name)
+    export_checkpoint(tmp_path / "hf", tmp_path / "onnx")
+    out = run(RunOptions(model=tmp_path / "onnx" / "model.onnx", corpus=str(TEST_CORPUS), out=tmp_path / "r.h5",
+                         batch_size=4, progress=False))
+
+    # PyTorch: the residual stream after layer LAYER (hidden_states[LAYER + 1]), one passage at a time.
+    seqs = encode(load_tokenizer(BUILTIN / "tokenizer.json"), load_corpus(str(TEST_CORPUS)).texts, "none", 512)
+    best = (0.0, None)
+    with torch.no_grad():
+        for sample, ids in enumerate(seqs):
+            h = model(input_ids=torch.as_tensor(ids[None]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            a = h.abs().numpy()
+            pos, ch = np.unravel_index(a.argmax(), a.shape)
+            if a[pos, ch] > best[0]:
+                best = (float(a[pos, ch]), (sample, pos, ch))
+    with h5py.File(out) as f:
+        assert f.attrs["n_layers"] == n_layers
+        assert f.attrs["family"] == table
+        assert f.attrs["discovery_warnings"] == ""
+        residual = f[f"sites/layers.{LAYER}.residual"]
+        assert residual["absmax"][()] == pytest.approx(best[0], rel=1e-4)
+        assert tuple(residual["absmax_location"][()]) == best[1]
+        assert best[1][2] == CHANNEL
+        # The planted role and layer: the largest MLP output is layer LAYER's, at CHANNEL; the
+        # residual stream carries it on, so the global peak is at CHANNEL in LAYER or later.
+        roles = {r.decode() if isinstance(r, bytes) else r: (a, site) for r, a, site in f["summary/role_absmax"][()]}
+        _, mlp_site = roles["mlp_output"]
+        assert (mlp_site.decode() if isinstance(mlp_site, bytes) else mlp_site) == f"layers.{LAYER}.mlp_output"
+        assert f[f"sites/layers.{LAYER}.mlp_output/absmax_location"][()][2] == CHANNEL
+        s = f["summary"].attrs
+        assert s["global_layer"] >= LAYER and s["global_location"][2] == CHANNEL
+        assert s["global_role"] in ("mlp_output", "residual", "residual_post_attn")
