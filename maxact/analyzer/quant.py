@@ -13,7 +13,7 @@ from rich.table import Table
 
 from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.distribution import hist_quantile
-from maxact.analyzer.run import load_model
+from maxact.analyzer.run import load_model, model_type_beside
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.errors import AnalyzerError
 from maxact.passes.instrument import InstrumentPass
@@ -102,8 +102,9 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     batch = int(meta.get("batch_size", 8))
 
     def session_for(**kw):
-        _, model = load_model(path)
-        sites = [s for s in discover_sites(model).sites if s.site_id in site_ids]
+        model_file, model = load_model(path)
+        found = discover_sites(model, model_type=model_type_beside(model_file))
+        sites = [s for s in found.sites if s.site_id in site_ids]
         InstrumentPass(sites, float32=meta["dtype"] == "float32", **kw)(model)
         return Session(model, provider=provider, threads=threads), [s.site_id for s in sites]
 

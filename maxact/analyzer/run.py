@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
@@ -79,6 +80,16 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
     return path, model
 
 
+def model_type_beside(model_path: Path) -> str | None:
+    """``model_type`` of the Hugging Face ``config.json`` beside the model, if there is one."""
+    config = Path(model_path).parent / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -117,7 +128,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     if opts.batch_size < 1 or opts.max_length < 1:
         raise AnalyzerError("--batch-size and --max-length must be at least 1")
 
-    discovery = discover_sites(model, want_logits=opts.keep_logits)
+    model_type = model_type_beside(model_path)
+    discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type)
     components = build_component_map(discovery)
     tok_path = find_tokenizer(model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
@@ -154,7 +166,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
         _, again = load_model(model_path)
-        found = discover_sites(again, want_logits=opts.keep_logits)
+        found = discover_sites(again, want_logits=opts.keep_logits, model_type=model_type)
         InstrumentPass(found.sites, variant="exact", float32=float32, study=study,
                        attention=find_attention(found)[0] if study else ())(again)
         return Session(again, provider=opts.provider, threads=opts.threads)

@@ -122,7 +122,7 @@ class Family:
 
 LLAMA = Family(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "gemma"),
     patterns=(
         SitePattern("embedding", "model.embed_tokens"),
         SitePattern("attn_norm", "model.layers.{i}.input_layernorm"),
@@ -170,7 +170,66 @@ GPT2 = Family(
     ),
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, GPT2)
+_LLAMA_ATTENTION = tuple(p for p in LLAMA.patterns if p.role.startswith("attn_") and p.role != "attn_norm")
+_LLAMA_MLP = tuple(p for p in LLAMA.patterns if p.role.startswith("mlp_") and p.role != "mlp_norm")
+
+# Sandwich norms: a norm before and after each branch (Gemma 2, Gemma 3).
+GEMMA2 = Family(
+    name="gemma2",
+    model_types=("gemma2", "gemma3", "gemma3_text"),
+    patterns=(
+        SitePattern("embedding", "model.embed_tokens"),
+        SitePattern("attn_norm", "model.layers.{i}.input_layernorm"),
+        *_LLAMA_ATTENTION,
+        SitePattern("post_attn_norm", "model.layers.{i}.post_attention_layernorm"),
+        SitePattern("mlp_norm", "model.layers.{i}.pre_feedforward_layernorm"),
+        *_LLAMA_MLP,
+        SitePattern("post_mlp_norm", "model.layers.{i}.post_feedforward_layernorm"),
+        SitePattern("final_norm", "model.norm"),
+        SitePattern("logits", "lm_head"),
+    ),
+    residual_taps=(
+        SitePattern("residual_post_attn", "model.layers.{i}.pre_feedforward_layernorm", tap="input"),
+        SitePattern("residual", "model.layers.{i}"),
+    ),
+)
+
+# Norms after the branches only (OLMo 2): post_attention_layernorm normalises the attention output.
+OLMO2 = Family(
+    name="olmo2",
+    model_types=("olmo2",),
+    patterns=(
+        SitePattern("embedding", "model.embed_tokens"),
+        *_LLAMA_ATTENTION,
+        SitePattern("post_attn_norm", "model.layers.{i}.post_attention_layernorm"),
+        *_LLAMA_MLP,
+        SitePattern("post_mlp_norm", "model.layers.{i}.post_feedforward_layernorm"),
+        SitePattern("final_norm", "model.norm"),
+        SitePattern("logits", "lm_head"),
+    ),
+    residual_taps=(SitePattern("residual", "model.layers.{i}"),),
+)
+
+# Fused projections (Phi-3): qkv_proj, and gate_up_proj whose halves are gate and up.
+PHI3 = Family(
+    name="phi3",
+    model_types=("phi3",),
+    patterns=(
+        SitePattern("embedding", "model.embed_tokens"),
+        SitePattern("attn_norm", "model.layers.{i}.input_layernorm"),
+        SitePattern("attn_context", "model.layers.{i}.self_attn.o_proj", tap="input"),
+        SitePattern("attn_output", "model.layers.{i}.self_attn.o_proj"),
+        SitePattern("mlp_norm", "model.layers.{i}.post_attention_layernorm"),
+        SitePattern("mlp_act", "model.layers.{i}.mlp.activation_fn"),
+        SitePattern("mlp_product", "model.layers.{i}.mlp.down_proj", tap="input"),
+        SitePattern("mlp_output", "model.layers.{i}.mlp.down_proj"),
+        SitePattern("final_norm", "model.norm"),
+        SitePattern("logits", "lm_head"),
+    ),
+    residual_taps=LLAMA.residual_taps,
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GPT2, GEMMA2, OLMO2, PHI3)
 
 
 def family_for_model_type(model_type: str) -> Family | None:

@@ -6,8 +6,8 @@ and ends at the final norm. Rules, in order:
 1. The embedding is a ``Gather`` (or int4 ``GatherBlockQuantized``) whose data is a constant 2-D
    table, possibly seen through Transpose/Reshape/Cast (tied embeddings in onnxruntime-genai
    builds), and whose indices come from a graph input (``input_ids``), possibly through a Cast. An
-   ``Add`` of a second constant-table ``Gather`` (GPT-2's learned positions) extends the
-   embedding; it is not a residual step.
+   ``Add`` of a second constant-table ``Gather`` (GPT-2's learned positions) or a ``Mul`` by a
+   constant (Gemma's sqrt(hidden) scale) extends the embedding; it is not a residual step.
 2. From the current stream value ``v`` (or ``v`` seen through Cast/Identity), a residual step is an
    ``Add`` with one input ``v`` and the other input computed from ``v`` (the branch: attention or
    MLP), or a fused ``Skip(Simplified)LayerNormalization`` with ``v`` as its input or skip and the
@@ -51,6 +51,8 @@ class ResidualChain:
 
     embedding: ir.Value
     steps: list[ir.Node]
+    #: the raw lookup (Gather output) before learned positions or a scale are applied.
+    lookup: ir.Value | None = None
 
     @property
     def values(self) -> list[ir.Value]:
@@ -139,7 +141,7 @@ def find_residual_chain(
     Raises:
         NotALanguageModelError: when there is no embedding or no residual addition after it.
     """
-    v = embedding = find_embedding(graph, input_ids)
+    v = embedding = lookup = find_embedding(graph, input_ids)
     order = nx.get_node_attributes(flow, "order")
     steps: list[ir.Node] = []
     while True:
@@ -149,6 +151,12 @@ def find_residual_chain(
         for a in seen:
             for user in a.consumers():
                 if user not in order:
+                    continue
+                if not steps and user.op_type == "Mul" and len(user.inputs) == 2:
+                    # Gemma scales the embedding by sqrt(hidden): still the embedding.
+                    other = user.inputs[1] if id(user.inputs[0]) in seen_ids else user.inputs[0]
+                    if other is not None and _weight_derived(other):
+                        candidates.append((order[user], user, "scale"))
                     continue
                 if user.op_type == "Add" and len(user.inputs) == 2:
                     pair = user.inputs
@@ -180,7 +188,7 @@ def find_residual_chain(
             "no residual stream found: after the token embedding there is no residual addition "
             "(Add of the stream and a branch computed from it); is this a decoder language model?"
         )
-    return ResidualChain(embedding=embedding, steps=steps)
+    return ResidualChain(embedding=embedding, steps=steps, lookup=lookup)
 
 
 def residual_depth(flow: nx.DiGraph, chain: ResidualChain) -> dict[int, int]:

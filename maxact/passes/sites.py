@@ -27,7 +27,7 @@ import onnx_ir as ir
 from maxact.errors import NotALanguageModelError
 from maxact.passes.dataflow import aliases, dataflow_graph, is_constant
 from maxact.passes.fused import is_skip_norm
-from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern
+from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type
 from maxact.passes.residual import ResidualChain, find_residual_chain, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
@@ -176,12 +176,14 @@ def _named_sites(graph: ir.Graph, family: Family, want_logits: bool) -> list[Sit
     return sites
 
 
-def discover_sites(model: ir.Model, want_logits: bool = False) -> Discovery:
+def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str | None = None) -> Discovery:
     """Find every site of a decoder-only LLM graph.
 
     Args:
         model: the ONNX model (``onnx_ir``); not modified.
         want_logits: also return the ``logits`` site (the LM head output).
+        model_type: Hugging Face ``config.model_type`` (from ``config.json`` beside the model),
+            which picks the family table; None: the table that matches the most scope names.
 
     Returns:
         A :class:`Discovery`; ``sites`` all have shape ``[batch, seq, width]``.
@@ -208,8 +210,11 @@ def discover_sites(model: ir.Model, want_logits: bool = False) -> Discovery:
     n_layers = (len(chain.steps) + 1) // 2
 
     # Method 1: names. Pick the family whose table matches the most sites.
+    # The config's model_type names the family where it is known; else the table matching the
+    # most sites (ties: the earlier table).
     best: tuple[int, Family | None, list[Site]] = (0, None, [])
-    for fam in FAMILIES:
+    chosen = family_for_model_type(model_type) if model_type else None
+    for fam in [chosen] if chosen else FAMILIES:
         named = _named_sites(graph, fam, want_logits)
         if len(named) > best[0]:
             best = (len(named), fam, named)
@@ -223,7 +228,7 @@ def discover_sites(model: ir.Model, want_logits: bool = False) -> Discovery:
                 f"only {n_layers} layers"
             )
             continue
-        if site.role == "embedding" and site.value is not chain.embedding:
+        if site.role == "embedding" and site.value is not chain.embedding and site.value is not chain.lookup:
             disagreements.append(
                 f"embedding: the named module's output {site.tensor!r} is not the residual "
                 f"stream's start {chain.embedding.name!r}; using the residual stream's"
