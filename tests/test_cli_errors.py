@@ -19,6 +19,27 @@ def _two_node_graph(path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
+def _cnn(path):
+    """A convolution classifier: an image input, no token ids."""
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], [0.1] * 108)
+    g = helper.make_graph([helper.make_node("Conv", ["pixel_values", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+                           helper.make_node("GlobalAveragePool", ["r"], ["y"])], "cnn", [x], [y], initializer=[w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def _token_graph_without_residual(path):
+    """Token ids, an embedding lookup and a projection, but no residual addition."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    emb = helper.make_tensor("emb", TensorProto.FLOAT, [16, 4], [0.5] * 64)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.25] * 16)
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+                           helper.make_node("MatMul", ["e", "w"], ["y"])], "g", [ids], [y], initializer=[emb, w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
 def _model_without_tokenizer(folder):
     folder.mkdir()
     shutil.copyfile(BUILTIN / "model.onnx", folder / "model.onnx")
@@ -29,6 +50,9 @@ CASES = {
     "not onnx": (lambda d: (d / "junk.onnx").write_text("hello, not a model\n" * 50) and d / "junk.onnx", None,
                  "not an ONNX model"),
     "two-node graph": (lambda d: _two_node_graph(d / "tiny.onnx") or d / "tiny.onnx", None, "input_ids"),
+    "CNN": (lambda d: _cnn(d / "cnn.onnx") or d / "cnn.onnx", None, "no 'input_ids' input"),
+    "no residual stream": (lambda d: _token_graph_without_residual(d / "emb.onnx") or d / "emb.onnx", None,
+                           "no residual stream found"),
     "empty corpus": (lambda d: BUILTIN / "model.onnx", lambda d: (d / "empty.txt").write_text("\n\n  \n") and d / "empty.txt",
                      "no non-empty passage"),
     "no tokenizer": (lambda d: _model_without_tokenizer(d / "m") or d / "m" / "model.onnx", None, "tokenizer.json"),
@@ -57,3 +81,27 @@ def test_console_script_exit_code(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
+
+
+def test_encoder_only_bert_is_refused(tmp_path, capsys):
+    """An encoder-only BERT (post-norm: its residual additions read normalised tensors, so no
+    residual stream runs from the embedding) exits 2 naming what is missing."""
+    from conftest import require_export
+
+    require_export()
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128)).save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(BUILTIN / name, tmp_path / "hf" / name)
+    main_export(str(tmp_path / "hf"), str(tmp_path / "onnx"), task="feature-extraction", no_post_process=True)
+    capsys.readouterr()  # the export's own warnings
+    out = tmp_path / "bert.h5"
+    assert main(["run", str(tmp_path / "onnx" / "model.onnx"), "--samples", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no residual stream found" in err[0]
+    assert not out.exists()
