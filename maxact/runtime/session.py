@@ -47,14 +47,24 @@ def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+#: Initializers up to this size stay inside the saved graph: onnxruntime's shape inference must
+#: read small constants (axes, shapes) and cannot read them from external data.
+_SMALL_TENSOR_BYTES = 1024
+
+
 def _inline_external_attributes(model: ir.Model) -> None:
-    """Read tensor attributes stored as external data (Optimum puts large Constant values there)
-    into memory: ``ir.save`` moves initializers to the new data file, not attributes, and the
-    temporary folder does not hold the original file."""
+    """Read into memory the external tensors the temporary save would not move: tensor attributes
+    (Optimum puts large Constant values in external data; ``ir.save`` moves initializers only)
+    and small initializers (kept inline by the save, which would leave them pointing at the
+    user's data file, which the temporary folder does not hold)."""
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor) and t.nbytes <= _SMALL_TENSOR_BYTES:
+            v.const_value = ir.tensor(t.numpy(), name=t.name)
 
 
 def _release_external(model: ir.Model) -> None:
@@ -104,7 +114,8 @@ class Session:
             _inline_external_attributes(model)
             with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
                 path = Path(tmp) / "instrumented.onnx"
-                ir.save(model, path, external_data="instrumented.onnx.data", size_threshold_bytes=0)
+                ir.save(model, path, external_data="instrumented.onnx.data",
+                        size_threshold_bytes=_SMALL_TENSOR_BYTES)
                 _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
                 self.session = ort.InferenceSession(os.fspath(path), opts, providers=[name])
         else:
