@@ -39,19 +39,32 @@ def _llama_like(config_class: str, model_class: str, **extra):
     return make
 
 
-SANDWICH = ("post_attn_norm", "post_mlp_norm")
+SANDWICH = ("post_attn_norm", "post_mlp_norm", "residual_post_attn")
+SERIAL = ("residual_post_attn",)  # attention, then the MLP: two residual steps per layer
+
+
+def _gpt_neox(plant: bool):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=512, use_parallel_residual=True)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    if plant:
+        model.gpt_neox.layers[LAYER].mlp.dense_4h_to_h.weight[CHANNEL, :] *= FACTOR
+    return model
 
 # family -> (model maker, layers, family table, roles every layer must have besides the residuals)
 FAMILIES = {
-    "gpt2": (_gpt2, 3, "gpt2", ("attn_norm", "mlp_norm", "mlp_act", "mlp_output")),
-    "mistral": (_llama_like("MistralConfig", "MistralForCausalLM"), 3, "llama", ("attn_norm", "mlp_gate", "mlp_product")),
-    "qwen2": (_llama_like("Qwen2Config", "Qwen2ForCausalLM"), 3, "llama", ("attn_norm", "mlp_gate", "mlp_product")),
-    "qwen3": (_llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), 3, "llama", ("attn_q", "mlp_product")),
-    "gemma": (_llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16), 3, "llama", ("attn_norm", "mlp_product")),
+    "gpt2": (_gpt2, 3, "gpt2", SERIAL + ("attn_norm", "mlp_norm", "mlp_act", "mlp_output")),
+    "gpt_neox": (_gpt_neox, 3, "gpt_neox", ("attn_norm", "mlp_norm", "mlp_act", "mlp_output")),
+    "mistral": (_llama_like("MistralConfig", "MistralForCausalLM"), 3, "llama", SERIAL + ("attn_norm", "mlp_gate", "mlp_product")),
+    "qwen2": (_llama_like("Qwen2Config", "Qwen2ForCausalLM"), 3, "llama", SERIAL + ("attn_norm", "mlp_gate", "mlp_product")),
+    "qwen3": (_llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), 3, "llama", SERIAL + ("attn_q", "mlp_product")),
+    "gemma": (_llama_like("GemmaConfig", "GemmaForCausalLM", head_dim=16), 3, "llama", SERIAL + ("attn_norm", "mlp_product")),
     "gemma2": (_llama_like("Gemma2Config", "Gemma2ForCausalLM", head_dim=16), 3, "gemma2", SANDWICH + ("mlp_norm",)),
     "gemma3": (_llama_like("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16), 3, "gemma2", SANDWICH + ("mlp_norm",)),
     "olmo2": (_llama_like("Olmo2Config", "Olmo2ForCausalLM"), 3, "olmo2", SANDWICH + ("mlp_product",)),
-    "phi3": (_llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), 3, "phi3", ("attn_norm", "mlp_act", "mlp_product")),
+    "phi3": (_llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0), 3, "phi3", SERIAL + ("attn_norm", "mlp_act", "mlp_product")),
 }
 
 
@@ -86,7 +99,7 @@ def test_family_layers_and_planted_peak(family, tmp_path):
         assert f.attrs["family"] == table
         assert f.attrs["discovery_warnings"] == ""
         for layer in range(n_layers):
-            for role in ("attn_output", "residual_post_attn", "residual", *roles_per_layer):
+            for role in ("attn_output", "residual", *roles_per_layer):
                 assert f"layers.{layer}.{role}" in f["sites"], f"layers.{layer}.{role}"
         residual = f[f"sites/layers.{LAYER}.residual"]
         assert residual["absmax"][()] == pytest.approx(peak, rel=1e-4)
@@ -104,3 +117,5 @@ def test_family_layers_and_planted_peak(family, tmp_path):
         s = f["summary"].attrs
         assert s["global_layer"] >= LAYER and s["global_location"][2] == CHANNEL
         assert s["global_role"] in ("mlp_output", "residual", "residual_post_attn")
+        if family == "gpt_neox":  # parallel residual: one residual step per layer
+            assert not any(k.endswith("residual_post_attn") for k in f["sites"])

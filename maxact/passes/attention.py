@@ -76,7 +76,7 @@ def find_attention(discovery: Discovery) -> tuple[list[AttentionProbs], list[int
         if axis is not None and axis.as_int() not in (-1, 3):
             continue
         k = depth[id(node)]
-        if k % 2 == 0 and k >= 0:  # after an attention step: an MLP branch (e.g. a MoE router)
+        if discovery.chain.per_layer == 2 and k % 2 == 0 and k >= 0:  # an MLP branch (e.g. a MoE router)
             continue
         probs.setdefault(layer_of(node, depth, discovery.chain), []).append(node.outputs[0])
     found = [AttentionProbs(layer, vals[0], *_values_of(vals[0])) for layer, vals in sorted(probs.items())

@@ -229,7 +229,27 @@ PHI3 = Family(
     residual_taps=LLAMA.residual_taps,
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, GPT2, GEMMA2, OLMO2, PHI3)
+# Parallel residual (GPT-NeoX, Pythia): both branches read the layer's input; one residual step.
+GPT_NEOX = Family(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    patterns=(
+        SitePattern("embedding", "gpt_neox.embed_in"),
+        SitePattern("attn_norm", "gpt_neox.layers.{i}.input_layernorm"),
+        SitePattern("attn_context", "gpt_neox.layers.{i}.attention.dense", tap="input"),
+        SitePattern("attn_output", "gpt_neox.layers.{i}.attention.dense"),
+        SitePattern("mlp_norm", "gpt_neox.layers.{i}.post_attention_layernorm"),
+        SitePattern("mlp_gate", "gpt_neox.layers.{i}.mlp.dense_h_to_4h"),
+        SitePattern("mlp_act", "gpt_neox.layers.{i}.mlp.act"),
+        SitePattern("mlp_product", "gpt_neox.layers.{i}.mlp.dense_4h_to_h", tap="input"),
+        SitePattern("mlp_output", "gpt_neox.layers.{i}.mlp.dense_4h_to_h"),
+        SitePattern("final_norm", "gpt_neox.final_layer_norm"),
+        SitePattern("logits", "embed_out"),
+    ),
+    residual_taps=(SitePattern("residual", "gpt_neox.layers.{i}"),),
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GPT2, GEMMA2, OLMO2, PHI3, GPT_NEOX)
 
 
 def family_for_model_type(model_type: str) -> Family | None:

@@ -53,6 +53,21 @@ class ResidualChain:
     steps: list[ir.Node]
     #: the raw lookup (Gather output) before learned positions or a scale are applied.
     lookup: ir.Value | None = None
+    #: residual steps per layer: 2 (attention, then MLP), or 1 where both branches read the same
+    #: stream and are added together (GPT-NeoX's parallel residual).
+    per_layer: int = 2
+
+    def step_layer(self, k: int) -> int:
+        """The layer whose residual step ``k`` is."""
+        return k // self.per_layer
+
+    def branch_layer(self, k: int) -> int:
+        """The layer of a branch that starts after step ``k`` (-1: from the embedding)."""
+        return (k + 1) // 2 if self.per_layer == 2 else k + 1
+
+    @property
+    def n_layers(self) -> int:
+        return (len(self.steps) + 1) // 2 if self.per_layer == 2 else len(self.steps)
 
     @property
     def values(self) -> list[ir.Value]:
@@ -188,7 +203,32 @@ def find_residual_chain(
             "no residual stream found: after the token embedding there is no residual addition "
             "(Add of the stream and a branch computed from it); is this a decoder language model?"
         )
-    return ResidualChain(embedding=embedding, steps=steps, lookup=lookup)
+    return ResidualChain(embedding=embedding, steps=steps, lookup=lookup,
+                         per_layer=_steps_per_layer(graph, flow, steps))
+
+
+ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                 "PackedMultiHeadAttention", "SparseAttention")
+
+
+def _steps_per_layer(graph: ir.Graph, flow: nx.DiGraph, steps: list[ir.Node]) -> int:
+    """1 where every step's branch holds attention (parallel residual: one step per layer), else 2.
+
+    A branch's attention is an attention operator (Softmax included) between the previous step
+    and this one."""
+    if len(steps) < 2:
+        return 2
+    step_index = {id(n): k for k, n in enumerate(steps)}
+    depth: dict[int, int] = {}
+    attention_after: set[int] = set()
+    for node in nx.topological_sort(flow):
+        d = max((depth[id(p)] for p in flow.predecessors(node)), default=-1)
+        depth[id(node)] = step_index.get(id(node), d)
+        if node.op_type in ATTENTION_OPS and id(node) not in step_index:
+            attention_after.add(d)
+    # Steps whose branch (starting after step k - 1) holds attention.
+    with_attention = sum(1 for k in range(len(steps)) if k - 1 in attention_after)
+    return 1 if with_attention == len(steps) else 2
 
 
 def residual_depth(flow: nx.DiGraph, chain: ResidualChain) -> dict[int, int]:
@@ -209,7 +249,7 @@ def layer_of(node: ir.Node, depth: dict[int, int], chain: ResidualChain) -> int:
     layers for nodes after the last step, e.g. the final norm)."""
     k = depth[id(node)]
     is_step = any(node is s for s in chain.steps)
-    return k // 2 if is_step else (k + 1) // 2
+    return chain.step_layer(k) if is_step else chain.branch_layer(k)
 
 
 def value_layer(value: ir.Value, depth: dict[int, int], chain: ResidualChain) -> int:
@@ -219,5 +259,5 @@ def value_layer(value: ir.Value, depth: dict[int, int], chain: ResidualChain) ->
     node = value.producer()
     k = depth[id(node)]
     if any(node is s for s in chain.steps) and value is not step_output(node):
-        return (k + 1) // 2
+        return chain.branch_layer(k)
     return layer_of(node, depth, chain)

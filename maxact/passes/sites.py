@@ -202,12 +202,12 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
     flow = dataflow_graph(graph)
     chain = find_residual_chain(graph, flow, input_ids)
     disagreements: list[str] = []
-    if len(chain.steps) % 2:
+    if chain.per_layer == 2 and len(chain.steps) % 2:
         disagreements.append(
             f"the residual stream has {len(chain.steps)} additions, not two per layer; "
             "layers are counted as pairs of additions"
         )
-    n_layers = (len(chain.steps) + 1) // 2
+    n_layers = chain.n_layers
 
     # Method 1: names. Pick the family whose table matches the most sites.
     # The config's model_type names the family where it is known; else the table matching the
@@ -242,11 +242,11 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
         sites.append(Site("embedding", None, chain.embedding, evidence=(prod.name or "",)))
     named_ids = {s.site_id: s for s in sites}
     for k, step in enumerate(chain.steps):
-        layer = k // 2
-        role = "residual_post_attn" if k % 2 == 0 else "residual"
+        layer = chain.step_layer(k)
+        role = "residual_post_attn" if chain.per_layer == 2 and k % 2 == 0 else "residual"
         fused = is_skip_norm(step)
         # A fused step carries the name of the norm it ends in: the next branch's layer.
-        named_layer = (k + 1) // 2 if fused else layer
+        named_layer = chain.branch_layer(k) if fused else layer
         m = _LAYER_IN_NAME.search(step.name or "")
         if m and int(m.group(1)) != named_layer:
             disagreements.append(
@@ -254,7 +254,7 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
                 f"{k} of the residual stream, i.e. layer {named_layer}"
             )
         sites.append(Site(role, layer, step_output(step), evidence=(step.name or "", f"residual step {k}")))
-        if fused:
+        if fused and chain.per_layer == 2:
             if k == len(chain.steps) - 1:
                 norm_role, norm_layer = "final_norm", None
             else:
@@ -270,7 +270,8 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
                 )
 
     # Norm operators (not fused with a step) reading the stream: the branch that follows is theirs.
-    streams = [chain.embedding, *chain.values]
+    # (With a parallel residual both norms read the same stream: names alone tell them apart.)
+    streams = [chain.embedding, *chain.values] if chain.per_layer == 2 else []
     for k, v in enumerate(streams, start=-1):  # k: the step after which v is the stream
         for alias in aliases(v):
             for user in alias.consumers():
