@@ -211,6 +211,29 @@ ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttent
                  "PackedMultiHeadAttention", "SparseAttention")
 
 
+def _is_attention(node: ir.Node) -> bool:
+    """A fused attention operator, or a Softmax over scores ``Q @ K^T``: a MatMul of two computed
+    tensors, seen through the mask, scale and cast ops (a MoE router's Softmax reads a projection
+    by a constant weight and is not attention)."""
+    if node.op_type in ATTENTION_OPS[1:]:
+        return True
+    if node.op_type != "Softmax":
+        return False
+    frontier, hops = [node.inputs[0]], 0
+    while frontier and hops < 12:
+        v = frontier.pop()
+        prod = v.producer() if v is not None else None
+        if prod is None:
+            continue
+        if prod.op_type == "MatMul":
+            if not any(is_constant(x) for x in prod.inputs):
+                return True
+        elif prod.op_type in ("Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Tanh"):
+            frontier.extend(x for x in prod.inputs if x is not None and not is_constant(x))
+        hops += 1
+    return False
+
+
 def _steps_per_layer(graph: ir.Graph, flow: nx.DiGraph, steps: list[ir.Node]) -> int:
     """1 where every step's branch holds attention (parallel residual: one step per layer), else 2.
 
@@ -224,7 +247,7 @@ def _steps_per_layer(graph: ir.Graph, flow: nx.DiGraph, steps: list[ir.Node]) ->
     for node in nx.topological_sort(flow):
         d = max((depth[id(p)] for p in flow.predecessors(node)), default=-1)
         depth[id(node)] = step_index.get(id(node), d)
-        if node.op_type in ATTENTION_OPS and id(node) not in step_index:
+        if _is_attention(node) and id(node) not in step_index:
             attention_after.add(d)
     # Steps whose branch (starting after step k - 1) holds attention.
     with_attention = sum(1 for k in range(len(steps)) if k - 1 in attention_after)
