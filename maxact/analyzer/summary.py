@@ -9,6 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from maxact.passes.attention import MAX_PREFIX, PREFIX
 from maxact.passes.patterns import ROLE_ORDER
 from maxact.runtime.merge import SiteStats
 
@@ -175,8 +176,9 @@ def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.n
     ``value_absmax_top_key`` (float32 ``[heads]``), from the merged attention outputs of a run."""
     layers: dict[int, dict[str, np.ndarray]] = {}
     for name, value in sums.items():
-        prefix, _, rest = name.partition("/")
-        if prefix not in ("maxact_attn", "maxact_attn_max") or not rest.startswith("layers."):
+        prefix = next((x for x in (PREFIX, MAX_PREFIX) if name.startswith(x)), None)
+        rest = name[len(prefix):] if prefix else ""
+        if not rest.startswith("layers."):
             continue
         layer_part, stat = rest.split("/")
         layers.setdefault(int(layer_part.split(".")[1]), {})[stat] = np.asarray(value)

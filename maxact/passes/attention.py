@@ -20,11 +20,9 @@ import numpy as np
 import onnx_ir as ir
 
 from maxact.passes.instrument import ReductionBuilder, Statistic
-from maxact.passes.residual import layer_of, residual_depth
+from maxact.passes.residual import FUSED_ATTENTION_OPS, layer_of, residual_depth
 from maxact.passes.sites import Discovery
 
-FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                       "PackedMultiHeadAttention", "SparseAttention")
 PREFIX = "maxact_attn/"  # per-batch sums, added up over batches
 MAX_PREFIX = "maxact_attn_max/"  # per-batch maxima, merged by max
 _PASS_THROUGH = ("Cast", "Identity", "Dropout")

@@ -203,19 +203,21 @@ def find_residual_chain(
             "no residual stream found: after the token embedding there is no residual addition "
             "(Add of the stream and a branch computed from it); is this a decoder language model?"
         )
-    return ResidualChain(embedding=embedding, steps=steps, lookup=lookup,
-                         per_layer=_steps_per_layer(graph, flow, steps))
+    chain = ResidualChain(embedding=embedding, steps=steps, lookup=lookup)
+    chain.per_layer = _steps_per_layer(flow, chain)
+    return chain
 
 
-ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                 "PackedMultiHeadAttention", "SparseAttention")
+#: Attention operators that hide the attention probabilities (onnxruntime contrib operators).
+FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                       "PackedMultiHeadAttention", "SparseAttention")
 
 
 def _is_attention(node: ir.Node) -> bool:
     """A fused attention operator, or a Softmax over scores ``Q @ K^T``: a MatMul of two computed
     tensors, seen through the mask, scale and cast ops (a MoE router's Softmax reads a projection
     by a constant weight and is not attention)."""
-    if node.op_type in ATTENTION_OPS[1:]:
+    if node.op_type in FUSED_ATTENTION_OPS:
         return True
     if node.op_type != "Softmax":
         return False
@@ -234,24 +236,18 @@ def _is_attention(node: ir.Node) -> bool:
     return False
 
 
-def _steps_per_layer(graph: ir.Graph, flow: nx.DiGraph, steps: list[ir.Node]) -> int:
+def _steps_per_layer(flow: nx.DiGraph, chain: ResidualChain) -> int:
     """1 where every step's branch holds attention (parallel residual: one step per layer), else 2.
 
-    A branch's attention is an attention operator (Softmax included) between the previous step
-    and this one."""
-    if len(steps) < 2:
+    A branch's attention is an attention operator (:func:`_is_attention`) between the previous
+    step and this one."""
+    if len(chain.steps) < 2:
         return 2
-    step_index = {id(n): k for k, n in enumerate(steps)}
-    depth: dict[int, int] = {}
-    attention_after: set[int] = set()
-    for node in nx.topological_sort(flow):
-        d = max((depth[id(p)] for p in flow.predecessors(node)), default=-1)
-        depth[id(node)] = step_index.get(id(node), d)
-        if _is_attention(node) and id(node) not in step_index:
-            attention_after.add(d)
-    # Steps whose branch (starting after step k - 1) holds attention.
-    with_attention = sum(1 for k in range(len(steps)) if k - 1 in attention_after)
-    return 1 if with_attention == len(steps) else 2
+    depth = residual_depth(flow, chain)
+    steps = {id(n) for n in chain.steps}
+    attention_after = {depth[id(n)] for n in flow.nodes if id(n) not in steps and _is_attention(n)}
+    with_attention = sum(1 for k in range(len(chain.steps)) if k - 1 in attention_after)
+    return 1 if with_attention == len(chain.steps) else 2
 
 
 def residual_depth(flow: nx.DiGraph, chain: ResidualChain) -> dict[int, int]:

@@ -176,6 +176,19 @@ def _named_sites(graph: ir.Graph, family: Family, want_logits: bool) -> list[Sit
     return sites
 
 
+def _stream_norms(chain: ResidualChain):
+    """``(k, node, value, how)`` for every norm reading the residual stream after step ``k``
+    (-1: the embedding): a fused step's normalised output, or a norm operator's output."""
+    for k, step in enumerate(chain.steps):
+        if is_skip_norm(step):
+            yield k, step, step.outputs[0], "fused norm"
+    for k, v in enumerate([chain.embedding, *chain.values], start=-1):
+        for alias in aliases(v):
+            for user in alias.consumers():
+                if user.op_type in NORM_OPS and user.inputs[0] is alias:
+                    yield k, user, user.outputs[0], "norm operator"
+
+
 def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str | None = None) -> Discovery:
     """Find every site of a decoder-only LLM graph.
 
@@ -244,9 +257,8 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
     for k, step in enumerate(chain.steps):
         layer = chain.step_layer(k)
         role = "residual_post_attn" if chain.per_layer == 2 and k % 2 == 0 else "residual"
-        fused = is_skip_norm(step)
         # A fused step carries the name of the norm it ends in: the next branch's layer.
-        named_layer = chain.branch_layer(k) if fused else layer
+        named_layer = chain.branch_layer(k) if is_skip_norm(step) else layer
         m = _LAYER_IN_NAME.search(step.name or "")
         if m and int(m.group(1)) != named_layer:
             disagreements.append(
@@ -254,43 +266,24 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
                 f"{k} of the residual stream, i.e. layer {named_layer}"
             )
         sites.append(Site(role, layer, step_output(step), evidence=(step.name or "", f"residual step {k}")))
-        if fused and chain.per_layer == 2:
-            if k == len(chain.steps) - 1:
-                norm_role, norm_layer = "final_norm", None
-            else:
-                norm_role, norm_layer = ("mlp_norm", layer) if k % 2 == 0 else ("attn_norm", layer + 1)
-            norm = Site(norm_role, norm_layer, step.outputs[0], evidence=(step.name or "", f"fused norm of step {k}"))
-            named = named_ids.get(norm.site_id)
-            if named is None:
-                sites.append(norm)
-            elif named.value is not norm.value:
-                disagreements.append(
-                    f"{norm.site_id}: its scope names {named.tensor!r} but the fused norm of residual "
-                    f"step {k} outputs {norm.tensor!r}"
-                )
 
-    # Norm operators (not fused with a step) reading the stream: the branch that follows is theirs.
-    # (With a parallel residual both norms read the same stream: names alone tell them apart.)
-    streams = [chain.embedding, *chain.values] if chain.per_layer == 2 else []
-    for k, v in enumerate(streams, start=-1):  # k: the step after which v is the stream
-        for alias in aliases(v):
-            for user in alias.consumers():
-                if user.op_type not in NORM_OPS or user.inputs[0] is not alias:
-                    continue
-                if k == len(chain.steps) - 1:
-                    norm_role, norm_layer = "final_norm", None
-                else:
-                    norm_role, norm_layer = ("attn_norm", (k + 1) // 2) if k % 2 else ("mlp_norm", k // 2)
-                norm = Site(norm_role, norm_layer, user.outputs[0], evidence=(user.name or "", f"norm after step {k}"))
-                named = named_ids.get(norm.site_id)
-                if named is None:
-                    sites.append(norm)
-                    named_ids[norm.site_id] = norm
-                elif named.value is not norm.value:
-                    disagreements.append(
-                        f"{norm.site_id}: its scope names {named.tensor!r} but the norm operator reading "
-                        f"the residual stream after step {k} outputs {norm.tensor!r}"
-                    )
+    # The norm that opens the branch after each step. (With a parallel residual both branches'
+    # norms read the same stream: names alone tell them apart.)
+    for k, node, value, how in _stream_norms(chain) if chain.per_layer == 2 else ():
+        if k == len(chain.steps) - 1:
+            norm_role, norm_layer = "final_norm", None
+        else:
+            norm_role, norm_layer = ("attn_norm" if k % 2 else "mlp_norm"), chain.branch_layer(k)
+        norm = Site(norm_role, norm_layer, value, evidence=(node.name or "", f"{how} after step {k}"))
+        named = named_ids.get(norm.site_id)
+        if named is None:
+            sites.append(norm)
+            named_ids[norm.site_id] = norm
+        elif named.value is not norm.value:
+            disagreements.append(
+                f"{norm.site_id}: its scope names {named.tensor!r} but the {how} after residual step {k} "
+                f"outputs {norm.tensor!r}"
+            )
 
     # Two sites on one tensor (e.g. o_proj output == self_attn output): keep the first role.
     unique: dict[int, Site] = {}

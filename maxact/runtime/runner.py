@@ -9,15 +9,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from maxact.passes.attention import MAX_PREFIX, PREFIX
 from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, STUDY_STATISTICS, output_name
 from maxact.runtime.batching import Batch
 from maxact.runtime.merge import SiteStats
 from maxact.runtime.session import Session
 
-#: Outputs under this prefix are per-batch sums (attention shares), added up across batches.
-SUMMED_PREFIX = "maxact_attn/"
-#: Outputs under this prefix are per-batch maxima (attention value vectors), merged by max.
-MAXED_PREFIX = "maxact_attn_max/"
+# Attention outputs: per-batch sums (shares) are added up, per-batch maxima (value vectors) maxed.
+SUMMED_PREFIX, MAXED_PREFIX = PREFIX, MAX_PREFIX
 
 
 @dataclass

@@ -52,7 +52,7 @@ def _has_external_data(model: ir.Model) -> bool:
 _SMALL_TENSOR_BYTES = 1024
 
 
-def _inline_external_attributes(model: ir.Model) -> None:
+def _inline_unmoved_external_tensors(model: ir.Model) -> None:
     """Read into memory the external tensors the temporary save would not move: tensor attributes
     (Optimum puts large Constant values in external data; ``ir.save`` moves initializers only)
     and small initializers (kept inline by the save, which would leave them pointing at the
@@ -111,7 +111,7 @@ class Session:
         if _has_external_data(model) or _weight_bytes(model) > _INLINE_LIMIT:
             # Written to a private temporary folder, never next to (or over) the user's file;
             # onnxruntime reads it while the session is made, so the folder can go afterwards.
-            _inline_external_attributes(model)
+            _inline_unmoved_external_tensors(model)
             with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
                 path = Path(tmp) / "instrumented.onnx"
                 ir.save(model, path, external_data="instrumented.onnx.data",
