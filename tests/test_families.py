@@ -53,10 +53,63 @@ def _gpt_neox(plant: bool):
         model.gpt_neox.layers[LAYER].mlp.dense_4h_to_h.weight[CHANNEL, :] *= FACTOR
     return model
 
+def _opt(plant: bool):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                    word_embed_proj_dim=64, max_position_embeddings=512)
+    model = OPTForCausalLM(cfg).eval()
+    if plant:
+        model.model.decoder.layers[LAYER].fc2.weight[CHANNEL, :] *= FACTOR
+    return model
+
+
+def _moe(config_class: str, model_class: str, plant_experts, **extra):
+    """A tiny MoE model (4 experts, top-2); ``plant_experts(model)`` scales every expert's down
+    projection at CHANNEL in layer LAYER, so whichever experts a token is routed to carry it."""
+    def make(plant: bool):
+        import transformers
+
+        cfg = getattr(transformers, config_class)(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, num_experts_per_tok=2,
+            **extra)
+        model = getattr(transformers, model_class)(cfg).eval()
+        if plant:
+            plant_experts(model.model.layers[LAYER])
+        return model
+
+    return make
+
+
+def _plant_mixtral(layer):
+    for expert in layer.block_sparse_moe.experts:
+        expert.w2.weight[CHANNEL, :] *= FACTOR
+
+
+def _plant_qwen2_moe(layer):
+    for expert in [*layer.mlp.experts, layer.mlp.shared_expert]:
+        expert.down_proj.weight[CHANNEL, :] *= FACTOR
+
+
+def _plant_gpt_oss(layer):  # down_proj is [experts, intermediate, hidden]
+    layer.mlp.experts.down_proj[:, :, CHANNEL] *= FACTOR
+    layer.mlp.experts.down_proj_bias[:, CHANNEL] = 1.0
+
+
+MOE = ("attn_norm", "mlp_norm", "moe_router", "moe_expert_output.expert0", "moe_expert_output.expert3")
+
 # family -> (model maker, layers, family table, roles every layer must have besides the residuals)
 FAMILIES = {
     "gpt2": (_gpt2, 3, "gpt2", SERIAL + ("attn_norm", "mlp_norm", "mlp_act", "mlp_output")),
     "gpt_neox": (_gpt_neox, 3, "gpt_neox", ("attn_norm", "mlp_norm", "mlp_act", "mlp_output")),
+    "opt": (_opt, 3, "opt", SERIAL + ("attn_norm", "attn_q", "attn_k", "attn_v", "mlp_norm", "mlp_gate", "mlp_act")),
+    "mixtral": (_moe("MixtralConfig", "MixtralForCausalLM", _plant_mixtral, num_local_experts=4), 3, "mixtral",
+                SERIAL + MOE),
+    "qwen2_moe": (_moe("Qwen2MoeConfig", "Qwen2MoeForCausalLM", _plant_qwen2_moe, num_experts=4, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64), 3, "qwen_moe", SERIAL + MOE + ("moe_expert_output.shared",)),
+    "gpt_oss": (_moe("GptOssConfig", "GptOssForCausalLM", _plant_gpt_oss, num_local_experts=4, head_dim=16), 3, "gpt_oss",
+                SERIAL + MOE),
     "mistral": (_llama_like("MistralConfig", "MistralForCausalLM"), 3, "llama", SERIAL + ("attn_norm", "mlp_gate", "mlp_product")),
     "qwen2": (_llama_like("Qwen2Config", "Qwen2ForCausalLM"), 3, "llama", SERIAL + ("attn_norm", "mlp_gate", "mlp_product")),
     "qwen3": (_llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), 3, "llama", SERIAL + ("attn_q", "mlp_product")),
@@ -116,6 +169,11 @@ def test_family_layers_and_planted_peak(family, tmp_path):
         assert f[f"sites/layers.{LAYER}.mlp_output/absmax_location"][()][2] == CHANNEL
         s = f["summary"].attrs
         assert s["global_layer"] >= LAYER and s["global_location"][2] == CHANNEL
-        assert s["global_role"] in ("mlp_output", "residual", "residual_post_attn")
+        assert s["global_role"] in ("mlp_output", "residual", "residual_post_attn", "moe_expert_output")
+        if "moe_router" in " ".join(roles_per_layer):  # the experts of layer LAYER carry the plant
+            experts = [k for k in f["sites"] if k.startswith(f"layers.{LAYER}.moe_expert_output.")]
+            assert len(experts) >= 4
+            assert all(f["sites"][k]["absmax_location"][()][2] == CHANNEL for k in experts)
+            assert f[f"sites/layers.{LAYER}.moe_router"]["per_channel_absmax"].shape == (4,)  # one logit per expert
         if family == "gpt_neox":  # parallel residual: one residual step per layer
             assert not any(k.endswith("residual_post_attn") for k in f["sites"])

@@ -38,7 +38,8 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from maxact.exporters.hf import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, gguf_file=args.gguf_file)
+    out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, gguf_file=args.gguf_file,
+                            exporter=args.exporter)
     print(f"exported {out}")
     return 0
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir", help="folder to write model.onnx and the tokenizer files into")
     e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     e.add_argument("--gguf-file", help="the .gguf file name inside CHECKPOINT, when CHECKPOINT is a folder")
+    e.add_argument("--exporter", choices=("auto", "optimum", "dynamo"), default="auto",
+                   help="auto: torch.onnx.export(dynamo=True) for MoE models (their experts made dense), "
+                        "else Optimum (default)")
     e.set_defaults(func=_export)
     return p
 

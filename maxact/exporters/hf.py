@@ -1,4 +1,9 @@
-"""Export a Hugging Face checkpoint folder or a GGUF file to ONNX with Optimum, tokenizer beside it."""
+"""Export a Hugging Face checkpoint folder or a GGUF file to ONNX, tokenizer beside it.
+
+Optimum's TorchScript-based exporter by default; ``torch.onnx.export(dynamo=True)`` for model types
+Optimum has no config for (the mixture-of-experts families, with their MoE blocks made dense by
+:mod:`maxact.exporters.moe`), or on request.
+"""
 
 from __future__ import annotations
 
@@ -59,8 +64,63 @@ def _optimum_export(folder: Path, out_dir: Path, dtype: str) -> None:
         raise ExportError(f"Optimum could not export {folder}: {e}") from e
 
 
+#: ``config.model_type`` values exported with the dynamo exporter (MoE: Optimum 0.1.0 refuses them).
+DYNAMO_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        import json
+
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _dynamo_export(folder: Path, out_dir: Path, dtype: str) -> None:
+    """``torch.onnx.export(dynamo=True)`` of the causal LM's logits for ``input_ids`` and
+    ``attention_mask`` (dynamic batch and sequence), MoE blocks dense; writes ``model.onnx`` (with
+    external data beyond 2 GB) and ``config.json``."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from maxact.exporters.moe import dense_moe
+    except ImportError as e:
+        raise _need_export_extra(e) from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=getattr(torch, _TORCH_DTYPES[dtype]), local_files_only=True
+        ).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"transformers could not load {folder}: {e}") from e
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.ones(2, 16, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    try:
+        with dense_moe(model), torch.no_grad():
+            program = torch.onnx.export(Logits(model), (ids, torch.ones_like(ids)), dynamo=True,
+                                        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                                        dynamic_shapes=shapes)
+    except Exception as e:  # torch.export's errors have no common base class
+        raise ExportError(f"torch.onnx.export(dynamo=True) could not export {folder}: {str(e)[:500]}") from e
+    program.save(str(out_dir / "model.onnx"), external_data=sum(p.numel() for p in model.parameters()) * 4 > 2**31)
+    model.config.save_pretrained(str(out_dir))
+
+
 def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", gguf_file: str | None = None
+    checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", gguf_file: str | None = None,
+    exporter: str = "auto",
 ) -> Path:
     """Export a checkpoint to ``OUT_DIR/model.onnx`` (text-generation, no past key/values).
 
@@ -71,6 +131,9 @@ def export_checkpoint(
             Optimum writes it), ``config.json`` and the tokenizer files.
         dtype: ``fp32``, ``fp16`` or ``bf16`` weights and activations of the exported graph.
         gguf_file: the GGUF file name inside ``checkpoint`` when ``checkpoint`` is a folder.
+        exporter: ``optimum`` (TorchScript-based, Optimum's configs), ``dynamo``
+            (``torch.onnx.export(dynamo=True)``, MoE blocks made dense) or ``auto``: dynamo for
+            :data:`DYNAMO_MODEL_TYPES`, else Optimum.
 
     Returns:
         The path of ``model.onnx``.
@@ -87,8 +150,15 @@ def export_checkpoint(
             raise ExportError(f"{ckpt} is a file but not a .gguf file; give a folder or a .gguf file")
         ckpt, gguf_file = ckpt.parent, ckpt.name
     out.mkdir(parents=True, exist_ok=True)
+    if exporter not in ("auto", "optimum", "dynamo"):
+        raise ExportError(f"unknown exporter {exporter!r}: use auto, optimum or dynamo")
+
+    def export(folder: Path) -> None:
+        dynamo = exporter == "dynamo" or (exporter == "auto" and _model_type(folder) in DYNAMO_MODEL_TYPES)
+        (_dynamo_export if dynamo else _optimum_export)(folder, out, dtype)
+
     if gguf_file is None:
-        _optimum_export(ckpt, out, dtype)
+        export(ckpt)
         _copy_tokenizer(ckpt, out)
         return out / "model.onnx"
     try:
@@ -105,6 +175,6 @@ def export_checkpoint(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        _optimum_export(Path(tmp), out, dtype)
+        export(Path(tmp))
         _copy_tokenizer(Path(tmp), out)
     return out / "model.onnx"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import networkx as nx
 import onnx_ir as ir
 
-# Ops that pass a tensor through unchanged in value (up to dtype): a residual stream seen through
-# one of these is still the residual stream.
-PASS_THROUGH_OPS = frozenset({"Cast", "Identity"})
+# Ops that pass a tensor through unchanged in value (up to dtype and layout): a residual stream seen
+# through one of these is still the residual stream (OPT views it as [batch * seq, hidden] around
+# the MLP).
+PASS_THROUGH_OPS = frozenset({"Cast", "Identity", "Reshape"})
 
 
 def dataflow_graph(graph: ir.Graph) -> nx.DiGraph:
@@ -26,7 +27,7 @@ def dataflow_graph(graph: ir.Graph) -> nx.DiGraph:
 
 
 def aliases(value: ir.Value) -> list[ir.Value]:
-    """``value`` and every value derived from it through pass-through ops (Cast, Identity)."""
+    """``value`` and every value derived from it through pass-through ops (Cast, Identity, Reshape)."""
     found = [value]
     k = 0
     while k < len(found):

@@ -129,9 +129,13 @@ class ReductionBuilder:
         return token, self.op("ArgMax", [row], axis=0, keepdims=0)
 
 
-def valid_rows(b: ReductionBuilder, x: ir.Value, valid_index: ir.Value, cast: bool) -> ir.Value:
-    """The site's valid tokens as rows ``[n_valid, width]`` (float32)."""
-    rows = b.op("Gather", [b.op("Flatten", [x], axis=2), valid_index], axis=0)
+def valid_rows(b: ReductionBuilder, x: ir.Value, valid_index: ir.Value, cast: bool,
+               token_rows: ir.Value | None = None) -> ir.Value:
+    """The site's valid tokens as rows ``[n_valid, width]`` (float32). ``x`` is ``[batch, seq,
+    width]``, or ``[batch * seq, width]`` where ``token_rows`` (the int64 shape ``[batch * seq, -1]``)
+    is given (graphs that flatten the tokens around the MLP, like OPT)."""
+    flat = b.op("Flatten", [x], axis=2) if token_rows is None else b.op("Reshape", [x, token_rows])
+    rows = b.op("Gather", [flat, valid_index], axis=0)
     return b.op("Cast", [rows], to=ir.DataType.FLOAT) if cast else rows
 
 
@@ -310,6 +314,8 @@ class InstrumentPass(ir.passes.InPlacePass):
         graph.inputs.append(mask)
         flat_mask = b.op("Reshape", [mask, b.const(np.array([-1], np.int64), "flat")])
         valid_index = b.op("Reshape", [b.op("NonZero", [flat_mask]), b.const(np.array([-1], np.int64), "flat")])
+        n_tokens = b.op("Reshape", [b.op("Size", [mask]), b.const(np.array([1], np.int64), "one_dim")])
+        token_rows = b.op("Concat", [n_tokens, b.const(np.array([-1], np.int64), "flat")], axis=0)
 
         reductions = _fast_reductions if self.variant == "fast" else _exact_reductions
         specs = STATISTICS + ((NONFINITE_TOKENS,) if self.variant == "fast" else ())
@@ -319,7 +325,7 @@ class InstrumentPass(ir.passes.InPlacePass):
         placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
         for site in self.sites:
             b.tape = ir.tape.Tape()
-            rows = valid_rows(b, site.value, valid_index, cast=not self.float32)
+            rows = valid_rows(b, site.value, valid_index, cast=not self.float32, token_rows=token_rows)
             if self.reducer is not None:
                 made = self.reducer(b, site, rows)
                 stats = {k: v for k, (v, _) in made.items()}

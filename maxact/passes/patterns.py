@@ -249,7 +249,81 @@ GPT_NEOX = Family(
     residual_taps=(SitePattern("residual", "gpt_neox.layers.{i}"),),
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, GPT2, GEMMA2, OLMO2, PHI3, GPT_NEOX)
+
+
+def _decoder(role: str, path: str, tap: str = "output") -> SitePattern:
+    """OPT: the module ``model.<path>``, exported under the scope ``/<path>/`` (Optimum exports
+    ``OPTForCausalLM``'s decoder without the ``model`` prefix)."""
+    return SitePattern(role, f"model.{path}", tap, onnx_aliases=(path,))
+
+
+# OPT: learned positions, biases everywhere, a ReLU MLP on the stream viewed as [batch * seq, hidden].
+OPT = Family(
+    name="opt",
+    model_types=("opt",),
+    patterns=(
+        _decoder("embedding", "decoder.embed_tokens"),
+        _decoder("attn_norm", "decoder.layers.{i}.self_attn_layer_norm"),
+        _decoder("attn_q", "decoder.layers.{i}.self_attn.q_proj"),
+        _decoder("attn_k", "decoder.layers.{i}.self_attn.k_proj"),
+        _decoder("attn_v", "decoder.layers.{i}.self_attn.v_proj"),
+        _decoder("attn_context", "decoder.layers.{i}.self_attn.out_proj", tap="input"),
+        _decoder("attn_output", "decoder.layers.{i}.self_attn.out_proj"),
+        _decoder("mlp_norm", "decoder.layers.{i}.final_layer_norm"),
+        _decoder("mlp_gate", "decoder.layers.{i}.fc1"),
+        _decoder("mlp_act", "decoder.layers.{i}.activation_fn"),
+        _decoder("mlp_product", "decoder.layers.{i}.fc2", tap="input"),
+        _decoder("mlp_output", "decoder.layers.{i}.fc2"),
+        _decoder("final_norm", "decoder.final_layer_norm"),
+        SitePattern("logits", "lm_head"),
+    ),
+    residual_taps=(
+        # [batch * seq, hidden] in PyTorch: the decoder layer flattens the tokens before its MLP.
+        _decoder("residual_post_attn", "decoder.layers.{i}.final_layer_norm", tap="input"),
+        _decoder("residual", "decoder.layers.{i}"),
+    ),
+)
+
+_LLAMA_ATTENTION_BLOCK = tuple(p for p in LLAMA.patterns if p.role in ("embedding", "attn_norm", "mlp_norm")) \
+    + _LLAMA_ATTENTION
+_LLAMA_ENDS = tuple(p for p in LLAMA.patterns if p.role in ("final_norm", "logits"))
+
+# Mixture of experts: the router (a Linear to one logit per expert) and the block's output. The
+# experts' outputs are found by structure (one site per expert, ``moe_expert_output.expert<k>``).
+MIXTRAL = Family(
+    name="mixtral",
+    model_types=("mixtral",),
+    patterns=(
+        *_LLAMA_ATTENTION_BLOCK,
+        SitePattern("moe_router", "model.layers.{i}.block_sparse_moe.gate"),
+        SitePattern("mlp_output", "model.layers.{i}.block_sparse_moe"),
+        *_LLAMA_ENDS,
+    ),
+    residual_taps=LLAMA.residual_taps,
+)
+
+QWEN_MOE = Family(
+    name="qwen_moe",
+    model_types=("qwen2_moe", "qwen3_moe"),
+    patterns=(
+        *_LLAMA_ATTENTION_BLOCK,
+        SitePattern("moe_router", "model.layers.{i}.mlp.gate"),
+        SitePattern("mlp_output", "model.layers.{i}.mlp"),
+        *_LLAMA_ENDS,
+    ),
+    residual_taps=LLAMA.residual_taps,
+)
+
+# gpt-oss: the router module returns the routing weights, not its logits: the router site is
+# found by structure.
+GPT_OSS = Family(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    patterns=(*_LLAMA_ATTENTION_BLOCK, SitePattern("mlp_output", "model.layers.{i}.mlp"), *_LLAMA_ENDS),
+    residual_taps=LLAMA.residual_taps,
+)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, GPT2, GEMMA2, OLMO2, PHI3, GPT_NEOX, OPT, MIXTRAL, QWEN_MOE, GPT_OSS)
 
 
 def family_for_model_type(model_type: str) -> Family | None:

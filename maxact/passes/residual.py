@@ -19,6 +19,7 @@ and ends at the final norm. Rules, in order:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import networkx as nx
@@ -213,39 +214,40 @@ FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention",
                        "PackedMultiHeadAttention", "SparseAttention")
 
 
-def _is_attention(node: ir.Node) -> bool:
+def is_attention(node: ir.Node) -> bool:
     """A fused attention operator, or a Softmax over scores ``Q @ K^T``: a MatMul of two computed
-    tensors, seen through the mask, scale and cast ops (a MoE router's Softmax reads a projection
-    by a constant weight and is not attention)."""
+    tensors, seen through the mask, scale, soft-cap, cast and attention-sink ops (a MoE router's
+    Softmax reads a projection by a weight and is not attention)."""
     if node.op_type in FUSED_ATTENTION_OPS:
         return True
     if node.op_type != "Softmax":
         return False
-    frontier, hops = [node.inputs[0]], 0
-    while frontier and hops < 12:
-        v = frontier.pop()
+    frontier, seen = deque([node.inputs[0]]), set()
+    while frontier and len(seen) < 40:  # breadth first: the scores are a few ops upstream
+        v = frontier.popleft()
         prod = v.producer() if v is not None else None
-        if prod is None:
+        if prod is None or id(prod) in seen:
             continue
+        seen.add(id(prod))
         if prod.op_type == "MatMul":
-            if not any(is_constant(x) for x in prod.inputs):
+            if not any(_weight_derived(x) for x in prod.inputs):
                 return True
-        elif prod.op_type in ("Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Tanh"):
+        elif prod.op_type in ("Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Tanh", "Concat", "Slice",
+                              "ReduceMax", "Reshape", "Transpose", "Expand"):  # gpt-oss: sinks, max-shift
             frontier.extend(x for x in prod.inputs if x is not None and not is_constant(x))
-        hops += 1
     return False
 
 
 def _steps_per_layer(flow: nx.DiGraph, chain: ResidualChain) -> int:
     """1 where every step's branch holds attention (parallel residual: one step per layer), else 2.
 
-    A branch's attention is an attention operator (:func:`_is_attention`) between the previous
+    A branch's attention is an attention operator (:func:`is_attention`) between the previous
     step and this one."""
     if len(chain.steps) < 2:
         return 2
     depth = residual_depth(flow, chain)
     steps = {id(n) for n in chain.steps}
-    attention_after = {depth[id(n)] for n in flow.nodes if id(n) not in steps and _is_attention(n)}
+    attention_after = {depth[id(n)] for n in flow.nodes if id(n) not in steps and is_attention(n)}
     with_attention = sum(1 for k in range(len(chain.steps)) if k - 1 in attention_after)
     return 1 if with_attention == len(chain.steps) else 2
 

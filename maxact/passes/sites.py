@@ -25,10 +25,11 @@ import networkx as nx
 import onnx_ir as ir
 
 from maxact.errors import NotALanguageModelError
+from maxact.passes.branches import branch_sites, final_norm_site
 from maxact.passes.dataflow import aliases, dataflow_graph, is_constant
 from maxact.passes.fused import is_skip_norm
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type
-from maxact.passes.residual import ResidualChain, find_residual_chain, step_output
+from maxact.passes.residual import ResidualChain, find_residual_chain, residual_depth, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
 #: Norm operators (onnxruntime's contrib ones are in the default domain in some builds).
@@ -69,9 +70,10 @@ class Site:
         return prod.op_type if prod is not None else "input"
 
     @property
-    def sort_key(self) -> tuple[int, int, str]:
+    def sort_key(self) -> tuple[int, int, int, str]:
         layer = -1 if self.role == "embedding" else (10**6 if self.layer is None else self.layer)
-        return (layer, ROLE_ORDER.get(self.role, 999), self.suffix)
+        digits = "".join(c for c in self.suffix if c.isdigit())
+        return (layer, ROLE_ORDER.get(self.role, 999), int(digits) if digits else 10**6, self.suffix)
 
 
 @dataclass
@@ -189,6 +191,11 @@ def _stream_norms(chain: ResidualChain):
                     yield k, user, user.outputs[0], "norm operator"
 
 
+def _same_tensor(a: ir.Value, b: ir.Value) -> bool:
+    """The same values: one tensor, or one seen through Cast/Identity of the other."""
+    return any(x is b for x in aliases(a)) or any(x is a for x in aliases(b))
+
+
 def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str | None = None) -> Discovery:
     """Find every site of a decoder-only LLM graph.
 
@@ -283,6 +290,24 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
             disagreements.append(
                 f"{norm.site_id}: its scope names {named.tensor!r} but the {how} after residual step {k} "
                 f"outputs {norm.tensor!r}"
+            )
+
+    # Method 2, inside the branches: projections, attention, activation and norms by structure.
+    depth = residual_depth(flow, chain)
+    structural = branch_sites(flow, chain, depth)
+    final = final_norm_site(chain, want_logits=True)
+    if final is not None:
+        structural.append(final)
+    for b in structural:
+        found = Site(b.role, b.layer, b.value, evidence=(b.evidence, "structure"), suffix=b.suffix)
+        named = named_ids.get(found.site_id)
+        if named is None:
+            sites.append(found)
+            named_ids[found.site_id] = found
+        elif not _same_tensor(named.value, found.value):
+            disagreements.append(
+                f"{found.site_id}: its scope names {named.tensor!r} but the graph's structure gives "
+                f"{found.tensor!r} ({b.evidence})"
             )
 
     # Two sites on one tensor (e.g. o_proj output == self_attn output): keep the first role.
