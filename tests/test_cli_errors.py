@@ -40,6 +40,32 @@ def _token_graph_without_residual(path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
+def _bf16_decoder(folder):
+    """A bfloat16 graph with an embedding and two residual steps: onnxruntime's CPU execution provider
+    has no bfloat16 Gather/MatMul/Add kernels."""
+    import numpy as np
+
+    folder.mkdir()
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)
+    rng = np.random.default_rng(0)
+    emb = onnx.numpy_helper.from_array(rng.normal(size=(512, 8)).astype(np.float32), "emb")
+    w = onnx.numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("Cast", ["emb"], ["emb16"], to=TensorProto.BFLOAT16),
+             helper.make_node("Cast", ["w"], ["w16"], to=TensorProto.BFLOAT16),
+             helper.make_node("Gather", ["emb16", "input_ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "w16"], ["h"]),
+             helper.make_node("Add", ["e", "h"], ["r"]),  # two residual steps: one layer
+             helper.make_node("MatMul", ["r", "w16"], ["h2"]),
+             helper.make_node("Add", ["r", "h2"], ["y"])]
+    g = helper.make_graph(nodes, "bf16", [ids, mask], [y], initializer=[emb, w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(BUILTIN / name, folder / name)
+    return folder / "model.onnx"
+
+
 def _model_without_tokenizer(folder):
     folder.mkdir()
     shutil.copyfile(BUILTIN / "model.onnx", folder / "model.onnx")
@@ -56,6 +82,7 @@ CASES = {
     "empty corpus": (lambda d: BUILTIN / "model.onnx", lambda d: (d / "empty.txt").write_text("\n\n  \n") and d / "empty.txt",
                      "no non-empty passage"),
     "no tokenizer": (lambda d: _model_without_tokenizer(d / "m") or d / "m" / "model.onnx", None, "tokenizer.json"),
+    "bf16 on CPU": (lambda d: _bf16_decoder(d / "bf16"), None, "bfloat16 graphs need --provider cuda"),
     "missing corpus": (lambda d: BUILTIN / "model.onnx", lambda d: d / "nothing.jsonl", "not found"),
 }
 

@@ -325,15 +325,18 @@ def branch_sites(flow: nx.DiGraph, chain: ResidualChain, depth: dict[int, int]) 
             outputs = list(prod.inputs)  # parallel residual: attention + MLP
         for out in outputs:
             nodes = _branch_nodes(flow, depth, k, out, from_stream)
-            if nodes:
-                sites.extend(_sites_of_branch(_Branch(nodes, stream, out), layer, stream_ids))
+            if not nodes:
+                continue
+            br = _Branch(nodes, stream, out)
+            # Serial layers: attention, then the MLP; a parallel layer's halves tell by their content.
+            attention = any(is_attention(n) for n in nodes) if chain.per_layer == 1 else k % 2 == 0
+            sites.extend(_sites_of_branch(br, layer, stream_ids, attention))
     return sites
 
 
-def _sites_of_branch(br: _Branch, layer: int, stream_ids: set[int]) -> Iterator[BranchSite]:
+def _sites_of_branch(br: _Branch, layer: int, stream_ids: set[int], attention: bool) -> Iterator[BranchSite]:
     if not br.projections:
         return
-    attention = any(is_attention(n) for n in br.nodes)
     prefix = "attn" if attention else "mlp"
     # The input norm: the one value the first projections read.
     firsts = [p for p in br.projections if not any(is_projection(n) for n in br.upstream(p.inputs[0]))]

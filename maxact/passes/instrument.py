@@ -325,7 +325,10 @@ class InstrumentPass(ir.passes.InPlacePass):
         placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
         for site in self.sites:
             b.tape = ir.tape.Tape()
-            rows = valid_rows(b, site.value, valid_index, cast=not self.float32, token_rows=token_rows)
+            # A site of unknown dtype in a graph said to be float32 is cast all the same (a float32
+            # Cast is removed by onnxruntime; a bfloat16 one is needed).
+            cast = not (self.float32 and site.value.dtype == ir.DataType.FLOAT)
+            rows = valid_rows(b, site.value, valid_index, cast=cast, token_rows=token_rows)
             if self.reducer is not None:
                 made = self.reducer(b, site, rows)
                 stats = {k: v for k, (v, _) in made.items()}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from maxact.errors import AnalyzerError
 from maxact.passes.instrument import TOKEN_MASK
@@ -108,20 +109,27 @@ class Session:
         # Priority-based order runs each site's reductions as soon as the site exists, so the
         # full-size tensors are freed early; the default order kept them alive (2-3x peak memory).
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        if _has_external_data(model) or _weight_bytes(model) > _INLINE_LIMIT:
-            # Written to a private temporary folder, never next to (or over) the user's file;
-            # onnxruntime reads it while the session is made, so the folder can go afterwards.
-            _inline_unmoved_external_tensors(model)
-            with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
-                path = Path(tmp) / "instrumented.onnx"
-                ir.save(model, path, external_data="instrumented.onnx.data",
-                        size_threshold_bytes=_SMALL_TENSOR_BYTES)
-                _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
-                self.session = ort.InferenceSession(os.fspath(path), opts, providers=[name])
-        else:
-            self.session = ort.InferenceSession(
-                ir.to_proto(model).SerializeToString(), opts, providers=[name]
-            )
+        try:
+            if _has_external_data(model) or _weight_bytes(model) > _INLINE_LIMIT:
+                # Written to a private temporary folder, never next to (or over) the user's file;
+                # onnxruntime reads it while the session is made, so the folder can go afterwards.
+                _inline_unmoved_external_tensors(model)
+                with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
+                    path = Path(tmp) / "instrumented.onnx"
+                    ir.save(model, path, external_data="instrumented.onnx.data",
+                            size_threshold_bytes=_SMALL_TENSOR_BYTES)
+                    _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
+                    self.session = ort.InferenceSession(os.fspath(path), opts, providers=[name])
+            else:
+                self.session = ort.InferenceSession(
+                    ir.to_proto(model).SerializeToString(), opts, providers=[name]
+                )
+        except OrtNotImplemented as e:
+            raise ProviderError(
+                f"onnxruntime's {provider} execution provider has no kernel for part of this graph "
+                f"({str(e).split(':')[-1].strip()}); bfloat16 graphs need --provider cuda, or export "
+                "fp32/fp16 (`analyzer export --dtype fp16`)"
+            ) from e
         self.provider = provider
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         known = {"input_ids", "attention_mask", "position_ids", TOKEN_MASK, *self.past}
