@@ -20,7 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from maxact.passes.instrument import ReductionBuilder, Statistic
-from maxact.passes.residual import FUSED_ATTENTION_OPS, layer_of, residual_depth
+from maxact.passes.operators import FUSED_ATTENTION_OPS
+from maxact.passes.residual import layer_of, residual_depth
 from maxact.passes.sites import Discovery
 
 PREFIX = "maxact_attn/"  # per-batch sums, added up over batches

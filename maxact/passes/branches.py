@@ -36,28 +36,17 @@ import networkx as nx
 import onnx_ir as ir
 
 from maxact.passes.dataflow import aliases, is_constant
+from maxact.passes.operators import (
+    ACTIVATION_OPS,
+    PROJECTION_OPS,
+    QKV_ATTENTION_OPS,
+    QUANTIZE_OPS,
+    REDUCTION_OPS,
+)
 from maxact.passes.residual import ResidualChain, is_attention
 
-#: Matrix products by a weight: op -> index of the weight input.
-PROJECTION_OPS = {
-    "MatMul": 1,
-    "Gemm": 1,
-    "FusedMatMul": 1,
-    "MatMulNBits": 1,
-    "MatMulInteger": 1,
-    "MatMulIntegerToFloat": 1,
-    "DynamicQuantizeMatMul": 1,
-    "QLinearMatMul": 3,
-}
-#: Elementwise nonlinearities that make an MLP's activation (decomposed GELU has Erf or Tanh).
-ACTIVATION_OPS = ("Sigmoid", "Gelu", "FastGelu", "QuickGelu", "BiasGelu", "Erf", "Tanh", "Relu", "Softplus",
-                  "Elu", "Selu", "LeakyRelu", "HardSigmoid", "Mish")
 #: Elementwise arithmetic walked through from an activation back to its operand.
 _ELEMENTWISE = ("Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Neg", "Abs", "Cast", "Identity", *ACTIVATION_OPS)
-#: Ops whose presence between two values makes the second a normalisation of the first.
-REDUCTION_OPS = ("ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum", "LayerNormalization",
-                 "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
-                 "SkipSimplifiedLayerNormalization")
 _WEIGHT_VIEWS = ("Transpose", "Reshape", "Cast", "Identity", "DequantizeLinear", "Unsqueeze", "Squeeze", "Gather",
                  "Slice")
 
@@ -86,19 +75,49 @@ _FLATTEN_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
 def projection_input(node: ir.Node) -> ir.Value:
-    """A projection's data input; for a ``Gemm`` (2-D only: GPT-2's Conv1D) fed by a flattening
-    view, the tensor before that view."""
+    """A projection's float data input: for a ``Gemm`` (2-D only: GPT-2's Conv1D) fed by a
+    flattening view, the tensor before that view; for a quantised input (``QuantizeLinear``,
+    ``DynamicQuantizeLinear``, or a QDQ pair), the float tensor before quantisation."""
     x = node.inputs[0]
     prod = x.producer()
     if node.op_type == "Gemm" and prod is not None and prod.op_type in _FLATTEN_OPS:
         return prod.inputs[0]
+    if prod is not None and prod.op_type == "DequantizeLinear":
+        q = prod.inputs[0].producer()
+        if q is not None and q.op_type in QUANTIZE_OPS:
+            prod = q
+    if prod is not None and prod.op_type in QUANTIZE_OPS:
+        return prod.inputs[0]
     return x
+
+
+def _dequantized(out: ir.Value) -> ir.Value:
+    """The float value an integer projection output becomes: through ``DequantizeLinear``
+    (QLinearMatMul), or ``Cast`` and the scale ``Mul``s (MatMulInteger), or a QDQ pair."""
+    users = out.consumers()
+    if len(users) != 1:
+        return out
+    user = users[0]
+    if user.op_type == "QuantizeLinear":  # QDQ: the output is quantised and dequantised again
+        nxt = user.outputs[0].consumers()
+        return nxt[0].outputs[0] if len(nxt) == 1 and nxt[0].op_type == "DequantizeLinear" else out
+    if user.op_type == "DequantizeLinear":
+        return user.outputs[0]
+    if user.op_type == "Cast" and out.dtype in (ir.DataType.INT32, None):
+        out = user.outputs[0]
+        users = out.consumers()
+        while len(users) == 1 and users[0].op_type == "Mul":  # the input and weight scales
+            out = users[0].outputs[0]
+            users = out.consumers()
+    return out
 
 
 def projection_output(node: ir.Node) -> ir.Value:
     """A projection's output, after a bias ``Add`` of a constant where one follows, and, for a
     projection of a flattened input, after the view that restores the input's shape."""
     out = node.outputs[0]
+    if node.op_type in ("MatMulInteger", "QLinearMatMul"):
+        out = _dequantized(out)
     users = out.consumers()
     if len(users) == 1 and users[0].op_type == "Add" and any(
         x is not out and _weight(x) for x in users[0].inputs
@@ -202,7 +221,7 @@ def _attention_sites(br: _Branch, layer: int) -> Iterator[BranchSite]:
             operands += [("attn_q", scores.inputs[0]), ("attn_k", scores.inputs[1])]
         if probs_user is not None:
             operands.append(("attn_v", probs_user.inputs[1]))
-    elif attention.op_type in ("MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention"):
+    elif attention.op_type in QKV_ATTENTION_OPS:
         ins = list(attention.inputs) + [None, None, None]
         if ins[1] is not None and ins[2] is not None and ins[1].name and ins[2].name:
             operands += [("attn_q", ins[0]), ("attn_k", ins[1]), ("attn_v", ins[2])]
@@ -338,13 +357,18 @@ def _sites_of_branch(br: _Branch, layer: int, stream_ids: set[int], attention: b
     if not br.projections:
         return
     prefix = "attn" if attention else "mlp"
-    # The input norm: the one value the first projections read.
-    firsts = [p for p in br.projections if not any(is_projection(n) for n in br.upstream(p.inputs[0]))]
-    inputs = {id(projection_input(p)): projection_input(p) for p in firsts}
+    # The input norm: the one value the first projections read (or a fused attention operator
+    # that projects inside, like Attention).
+    firsts = [p for p in br.projections
+              if not any(is_projection(n) or is_attention(n) for n in br.upstream(p.inputs[0]))]
+    reads = [projection_input(p) for p in firsts]
+    reads += [n.inputs[0] for n in br.nodes if n.op_type in ("Attention", "PackedAttention")]
+    inputs = {id(v): v for v in reads}
     if len(inputs) == 1:
         (normed,) = inputs.values()
         if br.has_reduction(stream_ids, normed):
-            yield BranchSite(f"{prefix}_norm", layer, normed, f"read by {firsts[0].name}")
+            reader = next((u.name for u in normed.consumers() if id(u) in br.ids), "")
+            yield BranchSite(f"{prefix}_norm", layer, normed, f"read by {reader}")
     routers = [p for p in firsts if not attention and _feeds_topk(br, projection_output(p))]
     if routers:
         yield BranchSite("mlp_output", layer, br.output, "MoE block output")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-SKIP_NORM_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+from maxact.passes.operators import SKIP_NORM_OPS
+
 #: Index of the ``input_skip_bias_sum`` output of the fused norms.
 SKIP_SUM_OUTPUT = 3
 

@@ -28,6 +28,7 @@ import onnx_ir as ir
 from maxact.errors import NotALanguageModelError
 from maxact.passes.dataflow import aliases, is_constant, reaches
 from maxact.passes.fused import is_skip_norm, skip_sum
+from maxact.passes.operators import FUSED_ATTENTION_OPS
 
 
 def step_output(node: ir.Node) -> ir.Value:
@@ -209,9 +210,6 @@ def find_residual_chain(
     return chain
 
 
-#: Attention operators that hide the attention probabilities (onnxruntime contrib operators).
-FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                       "PackedMultiHeadAttention", "SparseAttention")
 
 
 def is_attention(node: ir.Node) -> bool:

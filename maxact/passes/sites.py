@@ -28,12 +28,11 @@ from maxact.errors import NotALanguageModelError
 from maxact.passes.branches import branch_sites, final_norm_site
 from maxact.passes.dataflow import aliases, dataflow_graph, is_constant
 from maxact.passes.fused import is_skip_norm
+from maxact.passes.operators import NORM_OPS
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type
 from maxact.passes.residual import ResidualChain, find_residual_chain, residual_depth, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
-#: Norm operators (onnxruntime's contrib ones are in the default domain in some builds).
-NORM_OPS = ("SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization")
 
 
 @dataclass

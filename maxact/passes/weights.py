@@ -9,12 +9,13 @@ import numpy as np
 import onnx_ir as ir
 
 from maxact.passes.dataflow import is_constant
+from maxact.passes.operators import NORM_OPS, PROJECTION_OPS, SKIP_NORM_OPS
 from maxact.passes.sites import Site
 
 NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm", "post_attn_norm", "post_mlp_norm")
-PROJECTION_OPS = ("MatMul", "Gemm", "MatMulNBits")
-_NORM_OPS = ("SimplifiedLayerNormalization", "LayerNormalization", "SkipSimplifiedLayerNormalization",
-             "SkipLayerNormalization")
+_NORM_OPS = NORM_OPS + SKIP_NORM_OPS
+#: Projections whose weight input is a float matrix (or MatMulNBits' int4 blocks, dequantised).
+_FLOAT_WEIGHT_OPS = tuple(op for op in PROJECTION_OPS if op in ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits"))
 
 
 @dataclass
@@ -118,7 +119,7 @@ def weight_statistics(model: ir.Model, sites: list[Site]) -> list[WeightStat]:
     out: list[WeightStat] = []
     seen: set[str] = set()
     for node in model.graph:
-        if node.op_type not in PROJECTION_OPS or len(node.inputs) < 2:
+        if node.op_type not in _FLOAT_WEIGHT_OPS or len(node.inputs) < 2:
             continue
         w = node.inputs[1]
         if w is None or not is_constant(w) or w.name in seen:
