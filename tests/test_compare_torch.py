@@ -191,3 +191,30 @@ def test_user_errors_exit_2_and_write_nothing(clean_run, tmp_path, monkeypatch, 
     assert main(["compare-torch", str(stories), str(clean_run), "--out", str(tmp_path / "c.h5")]) == 2
     assert "export extra" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.h5"))
+
+
+def test_gpt2_every_site_has_a_module_and_agrees(tmp_path):
+    """GPT-2: Conv1D projections, tuple-returning blocks, and an embedding (wte + wpe) that no
+    module outputs (read as the first block's input)."""
+    require_export()
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from maxact.analyzer.compare_torch import compare_torch
+    from maxact.exporters.hf import export_checkpoint
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=512)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(BUILTIN / name, tmp_path / "hf" / name)
+    export_checkpoint(tmp_path / "hf", tmp_path / "onnx")
+    run_file = _run(tmp_path / "onnx" / "model.onnx", tmp_path / "run.h5")
+    cmp = compare_torch(tmp_path / "hf", run_file, progress=False)
+    with h5py.File(run_file) as f:
+        assert len(cmp.sites) == len(f["sites"]) and not cmp.skipped
+    assert not cmp.flagged and cmp.meta["worst_rel_diff"] < 1e-5
+    # The embedding, from the weights alone: max |wte[id] + wpe[position]| over the passages.
+    wte, wpe = model.transformer.wte.weight.detach().numpy(), model.transformer.wpe.weight.detach().numpy()
+    emb = max(np.abs(wte[ids] + wpe[: len(ids)]).max() for ids in _passages(run_file).values())
+    assert next(c for c in cmp.sites if c.site_id == "embedding").torch["absmax"] == pytest.approx(emb, rel=1e-6)

@@ -80,10 +80,15 @@ def _place_hooks(model, points: Sequence[HookPoint], receive) -> list:
     for point in points:
         mod = modules[point.module]
         if point.tap == "input":
-            def pre_hook(_m, args, _sid=point.site_id):
-                receive(_sid, args[0])
+            def pre_hook(_m, args, kwargs, _sid=point.site_id):
+                # The first positional input; a module called with keywords only gets its
+                # hidden_states (decoder layers) or input (nn.Linear).
+                t = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+                if t is None:
+                    raise RuntimeError(f"{_sid}: the module's input is neither positional nor hidden_states")
+                receive(_sid, t)
 
-            handles.append(mod.register_forward_pre_hook(pre_hook))
+            handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
         else:
             def out_hook(_m, _args, out, _sid=point.site_id):
                 receive(_sid, _first_tensor(out))
