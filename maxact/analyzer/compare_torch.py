@@ -25,6 +25,7 @@ from rich.table import Table
 import maxact
 from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
+from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, family_for_model_type
 from maxact.runtime.batching import length_sorted_batches
@@ -393,8 +394,6 @@ def compare_torch(
         raise AnalyzerError(f"the tokenizer gives {n_tokens} tokens, the run had {int(meta['n_tokens'])}: "
                             "pass --tokenizer with the run's tokenizer")
     batches = list(length_sorted_batches(ids, chosen, int(meta.get("batch_size", 8))))
-
-    from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 
     model, model_type = load_checkpoint(ckpt, dtype)
     family = choose_family(model_type, meta.get("family"))
