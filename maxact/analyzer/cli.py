@@ -53,6 +53,14 @@ def _quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_torch(args: argparse.Namespace) -> int:
+    from maxact.analyzer.compare_torch import EXIT_DISAGREE, compare_torch
+
+    cmp = compare_torch(args.checkpoint, args.run, out=args.out, dtype=args.dtype, rtol=args.rtol,
+                        corpus=args.corpus, tokenizer=args.tokenizer, progress=not args.no_progress)
+    return EXIT_DISAGREE if cmp.flagged else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="analyzer",
@@ -90,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_quant)
+
+    c = sub.add_parser("compare-torch", help="the run's passages through the PyTorch checkpoint; per-site ranges "
+                                             "compared (needs .[export]); exit 3 when a site disagrees")
+    c.add_argument("checkpoint", help="the Hugging Face folder or .gguf file the run's graph was exported from")
+    c.add_argument("run", help="a run file of `analyzer run` (only read)")
+    c.add_argument("--out", help="the comparison file to write (default: <run>.compare_torch.<dtype>.h5 beside it)")
+    c.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="PyTorch's dtype (fp32); fp16/bf16 show how half precision moves the peaks")
+    c.add_argument("--rtol", type=float, default=1e-4, help="relative difference that flags a site (1e-4)")
+    c.add_argument("--corpus", help="the run's corpus, if it has moved (default: the path the run recorded)")
+    c.add_argument("--tokenizer", help="the run's tokenizer, if it has moved (default: the one the run recorded)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_compare_torch)
 
     e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
     e.add_argument("checkpoint", help="a Hugging Face model folder, or a .gguf file")

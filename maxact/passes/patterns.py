@@ -165,6 +165,9 @@ GPT2 = Family(
         SitePattern("logits", "lm_head"),
     ),
     residual_taps=(
+        # Learned positions: the stream starts as wte + wpe, which no module outputs; it is the
+        # first block's input.
+        SitePattern("embedding", "transformer.h.0", tap="input"),
         SitePattern("residual_post_attn", "transformer.h.{i}.ln_2", tap="input"),
         SitePattern("residual", "transformer.h.{i}"),
     ),
@@ -207,7 +210,11 @@ OLMO2 = Family(
         SitePattern("final_norm", "model.norm"),
         SitePattern("logits", "lm_head"),
     ),
-    residual_taps=(SitePattern("residual", "model.layers.{i}"),),
+    residual_taps=(
+        # The residual after attention (plus its post-norm) is the MLP's input.
+        SitePattern("residual_post_attn", "model.layers.{i}.mlp", tap="input"),
+        SitePattern("residual", "model.layers.{i}"),
+    ),
 )
 
 # Fused projections (Phi-3): qkv_proj, and gate_up_proj whose halves are gate and up.

@@ -1,0 +1,439 @@
+"""`analyzer compare-torch`: the run's passages through the PyTorch checkpoint, site ranges compared.
+
+A run file records what was measured (corpus and passages, tokenizer, BOS policy, max length,
+batch size) and the ONNX statistics of every site. This module feeds exactly those batches to
+the checkpoint in PyTorch, reads every site with a hook placed by the family table
+(:mod:`maxact.analyzer.torch_hooks`), reduces it per batch with the same padding mask and merge,
+and compares signed max, min and max |x| with its location, site by site. The result goes to a
+new HDF5 file (``/compare_torch/<site_id>``, the design's contract); the run file is only read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+import maxact
+from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
+from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
+from maxact.errors import AnalyzerError
+from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, family_for_model_type
+from maxact.runtime.batching import length_sorted_batches
+
+DTYPES = ("fp32", "fp16", "bf16")
+#: Exit status of ``compare-torch`` when a site disagrees (the design's command-line contract).
+EXIT_DISAGREE = 3
+
+
+class TorchMissingError(AnalyzerError):
+    """torch or transformers is not installed."""
+
+
+@dataclass
+class SiteComparison:
+    """One site's ranges on both sides.
+
+    Attributes:
+        site_id, role, layer: as in the run file (layer None at model level).
+        module, tap: the PyTorch module read and how (``output`` or ``input``).
+        onnx, torch: ``max``, ``min``, ``absmax`` (float64), ``nan_count``, ``inf_count`` (int) and
+            ``location`` (int64 ``[sample, position, channel]`` of max |x|) of each side.
+        rel_diff: ``|torch absmax - onnx absmax| / onnx absmax``; ``rel_diff_max``,
+            ``rel_diff_min``: the signed max's and min's difference on the same scale (the ONNX
+            max |x|), so a near-zero extreme does not inflate it.
+        agree: all three within ``rtol`` and equal NaN/Inf counts.
+        location_agree: the same ``[sample, position, channel]``; reported, not flagged (a tie
+            to the last bit may move it).
+    """
+
+    site_id: str
+    role: str
+    layer: int | None
+    module: str
+    tap: str
+    onnx: dict
+    torch: dict
+    rel_diff: float
+    rel_diff_max: float
+    rel_diff_min: float
+    agree: bool
+    location_agree: bool
+
+    @property
+    def ratio(self) -> float:
+        """PyTorch max |x| over ONNX max |x|."""
+        return self.torch["absmax"] / self.onnx["absmax"] if self.onnx["absmax"] else float("nan")
+
+    @property
+    def worst(self) -> float:
+        return max(self.rel_diff, self.rel_diff_max, self.rel_diff_min)
+
+
+@dataclass
+class Comparison:
+    """A finished comparison (what ``compare-torch`` writes and prints).
+
+    Attributes:
+        sites: compared sites in model order; ``skipped``: site id -> why it was not compared.
+        meta: root attributes of the output file (checkpoint, run file, dtypes, rtol, counts).
+        out: the HDF5 file written.
+    """
+
+    sites: list[SiteComparison]
+    skipped: dict[str, str]
+    meta: dict
+    out: Path
+    flagged: list[str] = field(default_factory=list)
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass
+class _Run:
+    path: Path
+    meta: dict
+    sites: list[tuple[str, str, int | None]]  # (site id, role, layer) in model order
+    onnx: dict[str, dict]
+    samples: np.ndarray
+
+
+def _model_order(site_id: str, role: str, layer: int | None) -> tuple:
+    first = -1 if role == "embedding" else (10**6 if layer is None else layer)
+    return (first, ROLE_ORDER.get(role, 999), site_id)
+
+
+def read_run(path: Path) -> _Run:
+    """The records of a run file that the comparison needs.
+
+    Raises:
+        AnalyzerError: missing file, or not a run file of ``analyzer run``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnalyzerError(f"run file {path} not found: give a .h5 file written by `analyzer run`")
+    try:
+        with h5py.File(path, "r") as f:
+            meta = {k: (_text(v) if isinstance(v, (bytes, str)) else v) for k, v in f.attrs.items()}
+            samples = f["corpus/sample_index"][()]
+            sites, onnx = [], {}
+            for sid, g in f["sites"].items():
+                layer = int(g.attrs["layer"])
+                sites.append((sid, _text(g.attrs["role"]), None if layer < 0 else layer))
+                onnx[sid] = {
+                    **{k: float(g[k][()]) for k in ("max", "min", "absmax")},
+                    **{k: int(g[k][()]) for k in ("nan_count", "inf_count")},
+                    "location": g["absmax_location"][()].astype(np.int64),
+                }
+    except (OSError, KeyError) as e:
+        raise AnalyzerError(f"{path} is not a run file of `analyzer run` ({e})") from e
+    missing = [k for k in ("corpus", "tokenizer", "bos", "max_length", "n_tokens", "model_path") if k not in meta]
+    if missing:
+        raise AnalyzerError(f"{path} is not a run file of `analyzer run` (no {', '.join(missing)} attribute)")
+    sites.sort(key=lambda s: _model_order(*s))
+    return _Run(path, meta, sites, onnx, samples)
+
+
+def _import_torch():
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise TorchMissingError(
+            f"compare-torch needs the export extra ({e.name} is missing): "
+            "pip install torch==2.13.0 && pip install 'maxact[export]'"
+        ) from e
+    return torch
+
+
+def load_checkpoint(checkpoint: Path, dtype: str = "fp32"):
+    """Load a Hugging Face folder or a ``.gguf`` file as a causal LM in eval mode.
+
+    Args:
+        checkpoint: a local Hugging Face model folder, or a ``.gguf`` file (dequantised by
+            transformers' GGUF loader, as ``analyzer export`` does).
+        dtype: ``fp32``, ``fp16`` or ``bf16``: the weights' and activations' dtype in PyTorch.
+
+    Returns:
+        ``(model, model_type)``; ``model_type`` is the config's ``model_type``.
+
+    Raises:
+        TorchMissingError: torch or transformers missing. AnalyzerError: transformers cannot load it.
+    """
+    torch = _import_torch()
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    ckpt = Path(checkpoint)
+    try:
+        if ckpt.is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt.parent), gguf_file=ckpt.name, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise AnalyzerError(f"transformers could not load {ckpt}: {str(e).splitlines()[0][:200]}") from e
+    return model.eval(), str(getattr(model.config, "model_type", "") or "")
+
+
+def choose_family(model_type: str, run_family: str | None) -> Family:
+    """The family table of the checkpoint: by ``model_type`` as site discovery picks it, else the
+    family the run recorded.
+
+    Raises:
+        AnalyzerError: neither names a known family.
+    """
+    family = family_for_model_type(model_type) if model_type else None
+    if family is None and run_family:
+        family = next((f for f in FAMILIES if f.name == run_family), None)
+    if family is None:
+        known = ", ".join(t for f in FAMILIES for t in f.model_types)
+        raise AnalyzerError(f"no family table for model_type {model_type!r} (known: {known})")
+    return family
+
+
+def _rel(a: float, b: float, scale: float) -> float:
+    if a == b:
+        return 0.0
+    if not (np.isfinite(a) and np.isfinite(b)):
+        return float("inf")
+    return abs(a - b) / scale if scale > 0 else float("inf")
+
+
+def compare_sites(run: _Run, torch_stats: dict, points, rtol: float) -> list[SiteComparison]:
+    """Compare each hooked site of ``run`` with its PyTorch statistics (model order)."""
+    where = {p.site_id: p for p in points}
+    out = []
+    for sid, role, layer in run.sites:
+        if sid not in where:
+            continue
+        o, st = run.onnx[sid], torch_stats[sid]
+        t = {"max": st.max, "min": st.min, "absmax": st.absmax, "nan_count": st.nan_count,
+             "inf_count": st.inf_count, "location": st.absmax_location.astype(np.int64)}
+        scale = abs(o["absmax"])
+        rd = _rel(t["absmax"], o["absmax"], scale)
+        rmax, rmin = _rel(t["max"], o["max"], scale), _rel(t["min"], o["min"], scale)
+        agree = max(rd, rmax, rmin) <= rtol and (o["nan_count"], o["inf_count"]) == (t["nan_count"], t["inf_count"])
+        out.append(SiteComparison(sid, role, layer, where[sid].module, where[sid].tap, o, t, rd, rmax, rmin, agree,
+                                  bool(np.array_equal(o["location"], t["location"]))))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_comparison(path: Path, meta: dict, sites: list[SiteComparison], skipped: dict[str, str]) -> None:
+    """Write ``/compare_torch/<site_id>`` and the root attributes to a new file, atomically.
+
+    Per site: attributes ``role``, ``layer`` (-1 model level), ``module``, ``tap``, ``order``
+    (model order); datasets ``onnx_absmax``, ``torch_absmax``, ``rel_diff``, ``agree`` (the
+    contract) and ``ratio``, ``onnx_max``, ``torch_max``, ``onnx_min``, ``torch_min``,
+    ``rel_diff_max``, ``rel_diff_min``, ``onnx_absmax_location``, ``torch_absmax_location``
+    (int64 ``[3]``), ``location_agree``, ``onnx_nan_count``, ``torch_nan_count``,
+    ``onnx_inf_count``, ``torch_inf_count``. ``/compare_torch`` attributes ``skipped`` and
+    ``skipped_reason`` list the sites not compared.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in meta.items():
+                f.attrs[k] = v
+            top = f.create_group("compare_torch")
+            top.attrs["skipped"] = np.array(list(skipped), dtype=h5py.string_dtype())
+            top.attrs["skipped_reason"] = np.array(list(skipped.values()), dtype=h5py.string_dtype())
+            for order, c in enumerate(sites):
+                g = top.create_group(c.site_id)
+                g.attrs.update(role=c.role, layer=-1 if c.layer is None else c.layer, module=c.module, tap=c.tap,
+                               order=order)
+                for side, d in (("onnx", c.onnx), ("torch", c.torch)):
+                    for k in ("max", "min", "absmax"):
+                        g.create_dataset(f"{side}_{k}", data=np.float64(d[k]))
+                    for k in ("nan_count", "inf_count"):
+                        g.create_dataset(f"{side}_{k}", data=np.int64(d[k]))
+                    g.create_dataset(f"{side}_absmax_location", data=d["location"])
+                for k in ("rel_diff", "rel_diff_max", "rel_diff_min", "ratio"):
+                    g.create_dataset(k, data=np.float64(getattr(c, k)))
+                g.create_dataset("agree", data=np.bool_(c.agree))
+                g.create_dataset("location_agree", data=np.bool_(c.location_agree))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _loc(v) -> str:
+    return ",".join(str(int(x)) for x in v)
+
+
+def print_comparison(console: Console, cmp: Comparison) -> None:
+    """The per-site table, then the verdict (and, for a half-precision PyTorch side, how the peaks moved)."""
+    m = cmp.meta
+    table = Table(title=f"max |x| per site, ONNX ({m['onnx_dtype']}) vs PyTorch ({m['torch_dtype']}); ratio = "
+                        "PyTorch / ONNX; rel. diff = worst of max, min, max |x|; location = sample,position,channel "
+                        "of max |x|", box=box.SIMPLE_HEAD)
+    table.add_column("site", no_wrap=True)
+    table.add_column("role", no_wrap=True)
+    table.add_column("layer", justify="right", no_wrap=True)
+    for col in ("ONNX", "PyTorch", "ratio", "rel. diff"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("location", overflow="fold")
+    for c in cmp.sites:
+        loc = "same" if c.location_agree else f"{_loc(c.onnx['location'])} vs {_loc(c.torch['location'])}"
+        table.add_row(c.site_id, c.role, "" if c.layer is None else str(c.layer), f"{c.onnx['absmax']:.6g}",
+                      f"{c.torch['absmax']:.6g}", f"{c.ratio:.6f}", f"{c.worst:.2e}", loc,
+                      style=None if c.agree else "red")
+    console.print(table)
+    for sid, why in cmp.skipped.items():
+        console.print(f"[yellow]not compared:[/yellow] {sid}: {why}")
+    worst = max(cmp.sites, key=lambda c: c.worst)
+    moved = sum(not c.location_agree for c in cmp.sites)
+    console.print(
+        f"{len(cmp.sites)} sites compared over {m['n_samples']} passages, {m['n_tokens']:,} tokens "
+        f"(PyTorch {m['torch_seconds']:.1f} s); worst relative difference {worst.worst:.3g} at {worst.site_id}; "
+        f"{moved} locations differ"
+    )
+    if m["torch_dtype"] != "fp32":
+        ratios = np.array([c.ratio for c in cmp.sites])
+        o_peak = max(cmp.sites, key=lambda c: c.onnx["absmax"])
+        t_peak = max(cmp.sites, key=lambda c: c.torch["absmax"])
+        console.print(
+            f"[yellow]note:[/yellow] PyTorch ran in {m['torch_dtype']} against a {m['onnx_dtype']} graph: "
+            f"flags beyond --rtol {m['rtol']:g} are expected; they show how {m['torch_dtype']} moves the peaks. "
+            f"PyTorch/ONNX max |x| over sites: median {np.median(ratios):.4f}, range {ratios.min():.4f} .. "
+            f"{ratios.max():.4f}; global peak {o_peak.onnx['absmax']:.6g} at {o_peak.site_id} (ONNX) vs "
+            f"{t_peak.torch['absmax']:.6g} at {t_peak.site_id} (PyTorch, ratio "
+            f"{t_peak.torch['absmax'] / o_peak.onnx['absmax']:.4f})",
+            highlight=False,
+        )
+    if cmp.flagged:
+        console.print(f"[red]{len(cmp.flagged)} sites disagree beyond rtol {m['rtol']:g}[/red] (first in model "
+                      f"order: {cmp.flagged[0]}); wrote {cmp.out}", highlight=False)
+    else:
+        console.print(f"[green]every site agrees within rtol {m['rtol']:g}[/green]; wrote {cmp.out}", highlight=False)
+
+
+def compare_torch(
+    checkpoint: str | Path,
+    run_path: str | Path,
+    out: str | Path | None = None,
+    dtype: str = "fp32",
+    rtol: float = 1e-4,
+    corpus: str | None = None,
+    tokenizer: str | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> Comparison:
+    """Run the passages of a run file through the PyTorch checkpoint and compare every site.
+
+    The passages (``corpus/sample_index``), tokenizer, BOS policy, max length and batch size are
+    the run's; the re-tokenised passages are checked against the run's ``corpus_sha256`` and
+    ``n_tokens``. Each site is read at the module the family table names for its role (family
+    from the checkpoint's ``model_type``), reduced per batch over the real tokens only.
+
+    Args:
+        checkpoint: the Hugging Face folder or ``.gguf`` file the run's graph was exported from.
+        run_path: a run file of ``analyzer run`` (only read).
+        out: the comparison file (default: ``<run>.compare_torch.<dtype>.h5`` beside the run).
+        dtype: PyTorch's dtype (``fp32``, ``fp16``, ``bf16``).
+        rtol: largest relative difference of max, min and max |x| that counts as agreement.
+        corpus, tokenizer: override the run's corpus path / tokenizer (same passages required).
+
+    Returns:
+        The :class:`Comparison`; ``flagged`` lists the sites that disagree, in model order.
+
+    Raises:
+        AnalyzerError: bad paths or options, a run file or checkpoint that cannot be read,
+            passages that no longer tokenise as in the run. TorchMissingError: no torch.
+    """
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or redirected: room for the table rather than 80 columns
+            console = Console(width=max(console.width, 132))
+    run = read_run(Path(run_path))
+    if dtype not in DTYPES:
+        raise AnalyzerError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not (rtol > 0):
+        raise AnalyzerError(f"--rtol must be positive, not {rtol}")
+    ckpt = Path(checkpoint)
+    if not ckpt.exists() or (ckpt.is_file() and ckpt.suffix != ".gguf"):
+        raise AnalyzerError(f"checkpoint {ckpt} not found: give a Hugging Face model folder or a .gguf file")
+    out = Path(out) if out else run.path.with_name(f"{run.path.stem}.compare_torch.{dtype}.h5")
+    if not out.parent.is_dir():
+        raise AnalyzerError(f"output folder {out.parent} does not exist")
+    if out.resolve() == run.path.resolve():
+        raise AnalyzerError("--out names the run file itself; give another file (the run file is never modified)")
+
+    meta = run.meta
+    texts = load_corpus(corpus or meta["corpus"])
+    if len(run.samples) and int(run.samples.max()) >= len(texts.texts):
+        raise AnalyzerError(f"corpus {texts.name!r} has {len(texts.texts)} passages; the run used passage "
+                            f"{int(run.samples.max())} (pass --corpus with the run's corpus)")
+    chosen = [int(k) for k in run.samples]
+    if "corpus_sha256" in meta and texts.sha256(chosen) != meta["corpus_sha256"]:
+        raise AnalyzerError(f"corpus {texts.name!r} does not hold the run's passages (corpus_sha256 differs); "
+                            "pass --corpus with the run's corpus")
+    tok = load_tokenizer(find_tokenizer(Path(meta["model_path"]), tokenizer or meta["tokenizer"]))
+    ids = encode(tok, [texts.texts[k] for k in chosen], meta["bos"], int(meta["max_length"]))
+    n_tokens = sum(len(s) for s in ids)
+    if n_tokens != int(meta["n_tokens"]):
+        raise AnalyzerError(f"the tokenizer gives {n_tokens} tokens, the run had {int(meta['n_tokens'])}: "
+                            "pass --tokenizer with the run's tokenizer")
+    batches = list(length_sorted_batches(ids, chosen, int(meta.get("batch_size", 8))))
+
+    model, model_type = load_checkpoint(ckpt, dtype)
+    family = choose_family(model_type, meta.get("family"))
+    if meta.get("family") not in (None, "structure", family.name):
+        console.print(f"[yellow]warning:[/yellow] the run used the {meta['family']} table, the checkpoint's "
+                      f"model_type {model_type!r} the {family.name} table")
+    points, skipped = hook_points(family, run.sites, (n for n, _ in model.named_modules()))
+    if not points:
+        raise AnalyzerError(f"no site of {run.path} maps to a module of {ckpt} ({next(iter(skipped.values()), '')})")
+    result = torch_site_stats(model, batches, points, progress=progress)
+    sites = compare_sites(run, result.stats, points, rtol)
+    flagged = [c.site_id for c in sites if not c.agree]
+    worst = max(sites, key=lambda c: c.worst)
+    info = {
+        "maxact_version": maxact.__version__,
+        "checkpoint": str(ckpt.resolve()),
+        "model_type": model_type,
+        "family": family.name,
+        "run_file": str(run.path.resolve()),
+        "run_sha256": _sha256(run.path),
+        "model_path": meta.get("model_path", ""),
+        "onnx_dtype": meta.get("dtype", "unknown"),
+        "torch_dtype": dtype,
+        "rtol": float(rtol),
+        "corpus": meta["corpus"],
+        "n_samples": len(chosen),
+        "n_tokens": n_tokens,
+        "max_length": int(meta["max_length"]),
+        "bos": meta["bos"],
+        "batch_size": int(meta.get("batch_size", 8)),
+        "n_compared": len(sites),
+        "n_skipped": len(skipped),
+        "n_flagged": len(flagged),
+        "n_location_differs": sum(not c.location_agree for c in sites),
+        "worst_rel_diff": worst.worst,
+        "worst_site": worst.site_id,
+        "torch_seconds": result.seconds,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_comparison(out, info, sites, skipped)
+    cmp = Comparison(sites, skipped, info, out, flagged)
+    print_comparison(console, cmp)
+    return cmp
