@@ -157,6 +157,8 @@ def reduce_batch(x, mask) -> dict[str, np.ndarray]:
     """
     import torch
 
+    if x.dim() == 2 and x.shape[0] == mask.numel():  # tokens flattened (OPT's MLP): [batch * seq, width]
+        x = x.reshape(*mask.shape, x.shape[1])
     if tuple(x.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"a site tensor of shape {tuple(x.shape)} does not start with [batch, seq] "
                          f"{tuple(mask.shape)}")
