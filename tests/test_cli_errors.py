@@ -40,25 +40,29 @@ def _token_graph_without_residual(path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
-def _bf16_decoder(folder):
+def _bf16_decoder(folder, dtype=TensorProto.BFLOAT16, broken=False):
     """A bfloat16 graph with an embedding and two residual steps: onnxruntime's CPU execution provider
-    has no bfloat16 Gather/MatMul/Add kernels."""
+    has no bfloat16 Gather/MatMul/Add kernels. ``broken``: float32, plus a node whose required input
+    is left empty (an invalid model, as some builders make)."""
     import numpy as np
 
     folder.mkdir()
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])
-    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)
+    y = helper.make_tensor_value_info("y", dtype, None)
     rng = np.random.default_rng(0)
     emb = onnx.numpy_helper.from_array(rng.normal(size=(512, 8)).astype(np.float32), "emb")
     w = onnx.numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")
-    nodes = [helper.make_node("Cast", ["emb"], ["emb16"], to=TensorProto.BFLOAT16),
-             helper.make_node("Cast", ["w"], ["w16"], to=TensorProto.BFLOAT16),
+    nodes = [helper.make_node("Cast", ["emb"], ["emb16"], to=dtype),
+             helper.make_node("Cast", ["w"], ["w16"], to=dtype),
              helper.make_node("Gather", ["emb16", "input_ids"], ["e"]),
              helper.make_node("MatMul", ["e", "w16"], ["h"]),
              helper.make_node("Add", ["e", "h"], ["r"]),  # two residual steps: one layer
              helper.make_node("MatMul", ["r", "w16"], ["h2"]),
              helper.make_node("Add", ["r", "h2"], ["y"])]
+    if broken:  # the second branch also adds Relu of nothing
+        nodes[-1:] = [helper.make_node("Relu", [""], ["dangling"]), helper.make_node("Add", ["h2", "dangling"], ["h3"]),
+                      helper.make_node("Add", ["r", "h3"], ["y"])]
     g = helper.make_graph(nodes, "bf16", [ids, mask], [y], initializer=[emb, w])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -83,6 +87,8 @@ CASES = {
                      "no non-empty passage"),
     "no tokenizer": (lambda d: _model_without_tokenizer(d / "m") or d / "m" / "model.onnx", None, "tokenizer.json"),
     "bf16 on CPU": (lambda d: _bf16_decoder(d / "bf16"), None, "bfloat16 graphs need --provider cuda"),
+    "invalid graph": (lambda d: _bf16_decoder(d / "bad", TensorProto.FLOAT, broken=True), None,
+                      "onnxruntime cannot load the graph"),
     "missing corpus": (lambda d: BUILTIN / "model.onnx", lambda d: d / "nothing.jsonl", "not found"),
 }
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph as OrtInvalidGraph
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from maxact.errors import AnalyzerError
@@ -26,6 +28,11 @@ _NUMPY_OF_ORT = {
 }
 # Protobuf refuses messages over 2 GiB; beyond this many bytes of weights, go through a file.
 _INLINE_LIMIT = 1_500_000_000
+
+
+class ModelLoadError(AnalyzerError):
+    """onnxruntime refuses the instrumented graph (an invalid model, e.g. an operator input left
+    empty by the tool that made it)."""
 
 
 class ProviderError(AnalyzerError):
@@ -129,6 +136,12 @@ class Session:
                 f"onnxruntime's {provider} execution provider has no kernel for part of this graph "
                 f"({str(e).split(':')[-1].strip()}); bfloat16 graphs need --provider cuda, or export "
                 "fp32/fp16 (`analyzer export --dtype fp16`)"
+            ) from e
+        except (OrtInvalidGraph, OrtFail) as e:
+            detail = " ".join(str(e).split("failed:")[-1].split())[:300]
+            raise ModelLoadError(
+                f"onnxruntime cannot load the graph ({detail}); check that MODEL.onnx loads in onnxruntime on "
+                "its own (onnxruntime.InferenceSession('MODEL.onnx')); if it does, report this as a maxact bug"
             ) from e
         self.provider = provider
         self.inputs = {i.name: i for i in self.session.get_inputs()}
