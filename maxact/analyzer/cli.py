@@ -34,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
         shard=args.shard,
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
+        ray=args.ray,
+        ray_workers=args.ray_workers,
     )
     run(opts)
     return 0
@@ -109,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="save the partial state to RUN.checkpoint.h5 this often (60; 0: after every batch); "
                         "also on Ctrl-C and SIGTERM")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the batches on Ray Data actors, one onnxruntime session each (needs .[distributed]): "
+                        "alone, a local Ray; or a cluster address (auto, ray://host:10001)")
+    r.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
     r.set_defaults(func=_run)
 
     m = sub.add_parser("merge", help="merge the shard files of one run (run --shard I/N) into the whole run's file")

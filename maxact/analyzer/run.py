@@ -7,6 +7,7 @@ import hashlib
 import json
 import signal
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,7 @@ from maxact.passes.past import max_positions
 from maxact.passes.sites import discover_sites
 from maxact.passes.weights import weight_statistics
 from maxact.runtime.batching import length_sorted_batches, shard_of
+from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
 from maxact.runtime.session import Session
 
@@ -63,6 +65,10 @@ class RunOptions:
     resume: bool = False
     #: seconds between checkpoints (0: after every batch).
     checkpoint_every: float = 60.0
+    #: run the batches on Ray: ``"local"`` (a local Ray) or a cluster address; None: in this process.
+    ray: str | None = None
+    #: Ray actors (one onnxruntime session each); None: the cluster's CPUs divided by the threads.
+    ray_workers: int | None = None
 
 
 def load_model(path: Path) -> tuple[Path, ir.Model]:
@@ -178,6 +184,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         console.print(f"[yellow]warning:[/yellow] site discovery: {msg}")
     sites = discovery.sites
     site_ids = [s.site_id for s in sites]
+    threads = opts.threads or (1 if opts.ray else 0)  # 0: onnxruntime's default; a Ray actor's: 1
     run_meta = {
         "maxact_version": maxact.__version__,
         "model_path": str(model_path.resolve()),
@@ -195,7 +202,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "samples": -1 if opts.samples is None else opts.samples,
         "seed": opts.seed,
         "batch_size": opts.batch_size,
-        "threads": opts.threads or 0,
+        "threads": threads,
         "n_layers": discovery.n_layers,
         "family": discovery.family or "structure",
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
@@ -214,7 +221,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
     attention = attention if study else []
     InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
-    session = Session(model, provider=opts.provider, threads=opts.threads)
+    session = Session(model, provider=opts.provider, threads=opts.threads) if opts.ray is None else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
@@ -283,9 +290,12 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     def checkpoint(result: RunResult) -> None:
         save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
 
+    remote = nullcontext() if opts.ray is None else ray_outputs(
+        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads)
     try:
-        result = run_batches(session, site_ids, batches, exact_session, progress=opts.progress, start=start,
-                             checkpoint=checkpoint, checkpoint_every=opts.checkpoint_every)
+        with remote as outputs:
+            result = run_batches(session, site_ids, batches, exact_session, progress=opts.progress, start=start,
+                                 checkpoint=checkpoint, checkpoint_every=opts.checkpoint_every, outputs=outputs)
     except Interrupted as e:
         raise RunInterrupted(
             f"interrupted by {signal.Signals(e.signum).name} after {e.result.batches_done} of {len(batches)} "

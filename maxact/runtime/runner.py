@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -80,7 +80,7 @@ def _stop_at_batch_end(enabled: bool) -> Iterator[list[int]]:
 
 
 def run_batches(
-    session: Session,
+    session: Session | None,
     site_ids: Sequence[str],
     batches: Sequence[Batch],
     exact_session: Callable[[], Session] | None = None,
@@ -88,11 +88,13 @@ def run_batches(
     start: RunResult | None = None,
     checkpoint: Callable[[RunResult], None] | None = None,
     checkpoint_every: float = 60.0,
+    outputs: Iterator[Mapping[str, np.ndarray]] | None = None,
 ) -> RunResult:
     """Run every batch and merge the statistics of ``site_ids`` exactly, in batch order.
 
     Args:
-        session: a session of the graph instrumented with the ``fast`` variant.
+        session: a session of the graph instrumented with the ``fast`` variant (None when
+            ``outputs`` is given).
         site_ids: the sites whose outputs the graph carries.
         batches: padded batches (:func:`maxact.runtime.batching.length_sorted_batches`).
         exact_session: makes a session of the ``exact`` variant; called once, the first time a
@@ -105,6 +107,8 @@ def run_batches(
             since the last call, and when SIGINT or SIGTERM arrives. Never after the last batch.
         checkpoint_every: seconds between checkpoints (0: after every batch); longer when a
             checkpoint takes more than 1/20 of it, so that writing them costs at most ~5 %.
+        outputs: the session's outputs of each batch from ``start`` on, in order, computed
+            elsewhere (:func:`maxact.runtime.distributed.ray_outputs`) instead of by ``session``.
 
     Raises:
         Interrupted: SIGINT or SIGTERM arrived while ``checkpoint`` was given; the loop stopped
@@ -134,7 +138,7 @@ def run_batches(
         task = bar.add_task("run", total=total_tokens, completed=done_tokens, rate="")
         for i in range(state.batches_done, len(batches)):
             batch = batches[i]
-            out = session.run(batch)
+            out = session.run(batch) if outputs is None else next(outputs)
             if any(out[output_name(sid, NONFINITE_TOKENS.name)] for sid in site_ids):
                 if exact_session is None:
                     raise FloatingPointError("a site holds NaN or Inf and no exact session was given")
