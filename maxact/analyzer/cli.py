@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "also on Ctrl-C and SIGTERM")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the batches on Ray Data actors, one onnxruntime session each (needs .[distributed]): "
-                        "alone, a local Ray; or a cluster address (auto, ray://host:10001)")
+                        "alone, a local Ray; or a cluster address (auto, ray://host:10001); give it after MODEL.onnx, "
+                        "or the model path is taken for the address")
     r.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
     r.set_defaults(func=_run)

@@ -213,7 +213,8 @@ def read_run(path: Path) -> StoredRun:
                 if "topk_token" in g:
                     run.topk_tokens[sid] = list(g["topk_token"].asstr()[()])
         except KeyError as e:
-            raise AnalyzerError(f"{path} lacks {e.args[0]!r}: it was written by an older maxact; run it again") from e
+            raise AnalyzerError(f"{path} lacks datasets an exact merge needs (absmax_token, sun_ratio_sum, ...): "
+                                "it was written by an older maxact; run it again") from e
         shares = {}
         for name, g in f["attention"].items():
             shares[int(name.split(".")[1])] = {k: g[k][()] for k in g}
