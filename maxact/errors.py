@@ -25,3 +25,12 @@ class TokenizerError(AnalyzerError):
 
 class ExportError(AnalyzerError):
     """A checkpoint could not be exported to ONNX."""
+
+
+class RunInterrupted(AnalyzerError):
+    """A run stopped on SIGINT or SIGTERM after saving its checkpoint; ``exit_code`` is 128 + the
+    signal number, as a shell reports a process that a signal ended."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

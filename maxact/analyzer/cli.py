@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from maxact.errors import AnalyzerError
+from maxact.errors import AnalyzerError, RunInterrupted
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -30,9 +31,32 @@ def _run(args: argparse.Namespace) -> int:
         keep_logits=args.logits,
         stats=args.stats,
         progress=not args.no_progress,
+        shard=args.shard,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        ray=args.ray,
+        ray_workers=args.ray_workers,
     )
     run(opts)
     return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from maxact.analyzer.partial import merge_runs
+
+    merge_runs([Path(p) for p in args.runs], Path(args.out))
+    return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) with 1 <= I <= N."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 2/3)") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be in 1..N")
+    return index, count
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -88,7 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="main (default): extremes, locations, moments and per-channel maxima; full: also "
                         "every statistic of the study (top-k, Sun et al., histogram, attention shares; slower)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="measure only shard I of N (1-based): batches I, I+N, I+2N, ... of the run's "
+                        "length-sorted batch order; `analyzer merge` joins the N files into the whole run's")
+    r.add_argument("--resume", action="store_true",
+                   help="finish the interrupted run whose checkpoint (RUN.checkpoint.h5) is beside --out")
+    r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save the partial state to RUN.checkpoint.h5 this often (60; 0: after every batch); "
+                        "also on Ctrl-C and SIGTERM")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the batches on Ray Data actors, one onnxruntime session each (needs .[distributed]): "
+                        "alone, a local Ray; or a cluster address (auto, ray://host:10001); give it after MODEL.onnx, "
+                        "or the model path is taken for the address")
+    r.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
     r.set_defaults(func=_run)
+
+    m = sub.add_parser("merge", help="merge the shard files of one run (run --shard I/N) into the whole run's file")
+    m.add_argument("runs", nargs="+", metavar="RUN.h5", help="the N shard files, in any order")
+    m.add_argument("--out", required=True, help="the HDF5 file to write")
+    m.set_defaults(func=_merge)
 
     q = sub.add_parser("quant", help="the study's INT8 check on the passages of RUN.h5, written into it")
     q.add_argument("run", help="a run file of `analyzer run`")
@@ -127,9 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``analyzer`` console script. Exit codes: 0 success, 2 user error,
     3 ranges disagree (compare-torch), 1 internal error."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunInterrupted as e:
+        again = shlex.join(["analyzer", *argv, *([] if "--resume" in argv else ["--resume"])])
+        Console(stderr=True).print(f"{e}; finish it with: {again}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
     except AnalyzerError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return e.exit_code

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import signal
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,18 +19,20 @@ from rich.console import Console
 import maxact
 from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import load_corpus, select_samples
-from maxact.analyzer.store import write_run
+from maxact.analyzer.partial import checkpoint_path, first_difference, identity
+from maxact.analyzer.store import read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
-from maxact.errors import AnalyzerError, CorpusError, ModelFileError
+from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted
 from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.past import max_positions
 from maxact.passes.sites import discover_sites
 from maxact.passes.weights import weight_statistics
-from maxact.runtime.batching import length_sorted_batches
-from maxact.runtime.runner import run_batches
+from maxact.runtime.batching import length_sorted_batches, shard_of
+from maxact.runtime.distributed import ray_outputs
+from maxact.runtime.runner import Interrupted, RunResult, run_batches
 from maxact.runtime.session import Session
 
 
@@ -55,6 +59,16 @@ class RunOptions:
     keep_logits: bool = False
     stats: str = "main"
     progress: bool = True
+    #: (index, count): measure only shard ``index`` (1-based) of ``count`` (:func:`shard_of`).
+    shard: tuple[int, int] | None = None
+    #: go on from the checkpoint beside ``out`` (``RUN.checkpoint.h5``) instead of refusing it.
+    resume: bool = False
+    #: seconds between checkpoints (0: after every batch).
+    checkpoint_every: float = 60.0
+    #: run the batches on Ray: ``"local"`` (a local Ray) or a cluster address; None: in this process.
+    ray: str | None = None
+    #: Ray actors (one onnxruntime session each); None: the cluster's CPUs divided by the threads.
+    ray_workers: int | None = None
 
 
 def load_model(path: Path) -> tuple[Path, ir.Model]:
@@ -110,13 +124,19 @@ def _float_dtype(model: ir.Model) -> str:
 def run(opts: RunOptions, console: Console | None = None) -> Path:
     """Measure every site of ``opts.model`` over the corpus and write the run file.
 
-    Every input is checked before the model runs; on any error no output file is written.
+    Every input is checked before the model runs; on any error no output file is written. With
+    ``opts.shard`` only that shard's batches are measured (:func:`shard_of`; the file is a shard
+    file, :mod:`maxact.analyzer.partial`). The merged state is saved to the checkpoint beside
+    ``out`` every ``opts.checkpoint_every`` seconds and on SIGINT/SIGTERM; ``opts.resume`` goes on
+    from it, and the result is bit-identical to an uninterrupted run's (timing attributes aside).
 
     Returns:
         The path of the HDF5 run file.
 
     Raises:
-        AnalyzerError: a user error (bad model, corpus, tokenizer, provider or output path).
+        AnalyzerError: a user error (bad model, corpus, tokenizer, provider, output path or shard;
+            a checkpoint without ``resume``, or one of other options).
+        RunInterrupted: SIGINT or SIGTERM arrived; the checkpoint is written.
     """
     console = console or Console()
     model_path, model = load_model(opts.model)
@@ -127,6 +147,12 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
     if opts.batch_size < 1 or opts.max_length < 1:
         raise AnalyzerError("--batch-size and --max-length must be at least 1")
+    index, count = opts.shard or (1, 1)
+    if not 1 <= index <= count:
+        raise AnalyzerError(f"--shard {index}/{count}: give I/N with 1 <= I <= N")
+    ckpt = checkpoint_path(out)
+    if ckpt.exists() and not opts.resume:
+        raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
 
     model_type = model_type_beside(model_path)
     discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type)
@@ -148,20 +174,54 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     chosen = [chosen[j] for j in keep]
     ids = [ids[j] for j in keep]
 
+    batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
+    if count > len(batches):
+        raise AnalyzerError(f"--shard {index}/{count}: the run has only {len(batches)} batches, so at most "
+                            f"{len(batches)} shards")
+    batches = shard_of(batches, index, count)
+
     for msg in discovery.disagreements + components.disagreements:
         console.print(f"[yellow]warning:[/yellow] site discovery: {msg}")
-    meta_graph = {
+    sites = discovery.sites
+    site_ids = [s.site_id for s in sites]
+    threads = opts.threads or (1 if opts.ray else 0)  # 0: onnxruntime's default; a Ray actor's: 1
+    run_meta = {
+        "maxact_version": maxact.__version__,
+        "model_path": str(model_path.resolve()),
+        "model_sha256": _sha256(model_path),
         "opset": int(model.graph.opset_imports.get("", 0)),
         "dtype": _float_dtype(model),
+        "provider": opts.provider,
+        "corpus": corpus.name,
+        "corpus_sha256": corpus.sha256(chosen),
+        "tokenizer": str(tok_path.resolve()),
+        "n_samples": len(chosen),
+        "max_length": max_length,
+        "bos": opts.bos,
+        "stats": opts.stats,
+        "samples": -1 if opts.samples is None else opts.samples,
+        "seed": opts.seed,
+        "batch_size": opts.batch_size,
+        "threads": threads,
+        "n_layers": discovery.n_layers,
+        "family": discovery.family or "structure",
+        "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
+        **({"shard": f"{index}/{count}"} if count > 1 else {}),
     }
-    sites = discovery.sites
+    start = None
+    if ckpt.exists():
+        start = _load_checkpoint(ckpt, run_meta, site_ids, batches)
+        console.print(f"resuming from {ckpt}: {start.batches_done} of {len(batches)} batches done")
+    elif opts.resume:
+        console.print(f"--resume: no checkpoint at {ckpt}; starting from the first batch")
+
     weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
-    float32 = meta_graph["dtype"] == "float32"
+    float32 = run_meta["dtype"] == "float32"
     study = opts.stats == "full"
     attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
     attention = attention if study else []
     InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
-    session = Session(model, provider=opts.provider, threads=opts.threads)
+    session = Session(model, provider=opts.provider, threads=opts.threads) if opts.ray is None else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
@@ -171,49 +231,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
                        attention=find_attention(found)[0] if study else ())(again)
         return Session(again, provider=opts.provider, threads=opts.threads)
 
-    batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
-    result = run_batches(session, [s.site_id for s in sites], batches, exact_session, progress=opts.progress)
-
     infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
-    peak = global_peak(infos, result.stats)
-    row_of = {sample: j for j, sample in enumerate(chosen)}
-
-    def token_at(sample: int, position: int) -> str:
-        return token_text(tokenizer, int(ids[row_of[int(sample)]][int(position)]))
-
-    peak.token = token_at(*peak.location[:2])
-    topk_tokens = {
-        sid: [token_at(s_, p_) for s_, p_, _ in st.study.topk_location]
-        for sid, st in result.stats.items()
-        if st.study is not None
-    }
-    roles = role_absmax(infos, result.stats)
-    meta = {
-        "maxact_version": maxact.__version__,
-        "model_path": str(model_path.resolve()),
-        "model_sha256": _sha256(model_path),
-        **meta_graph,
-        "provider": opts.provider,
-        "corpus": corpus.name,
-        "corpus_sha256": corpus.sha256(chosen),
-        "tokenizer": str(tok_path.resolve()),
-        "n_samples": len(chosen),
-        "n_tokens": result.n_tokens,
-        "max_length": max_length,
-        "bos": opts.bos,
-        "stats": opts.stats,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "samples": -1 if opts.samples is None else opts.samples,
-        "seed": opts.seed,
-        "batch_size": opts.batch_size,
-        "threads": opts.threads or 0,
-        "n_layers": discovery.n_layers,
-        "family": discovery.family or "structure",
-        "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
-        "wall_seconds": result.seconds,
-        "tokens_per_second": result.tokens_per_second,
-        "exact_batches": result.exact_batches,
-    }
     site_attrs = {
         s.site_id: {
             "role": s.role,
@@ -224,20 +242,66 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         }
         for s in sites
     }
-    write_run(
-        out,
-        meta,
-        infos,
-        site_attrs,
-        result.stats,
-        peak,
-        roles,
-        extra_datasets={"corpus/sample_index": np.array(chosen, dtype=np.int64)},
-        topk_tokens=topk_tokens,
-        weights=weights,
-        attention=attention_shares(result.sums),
-        fused_attention=fused_attention,
-    )
+    row_of = {sample: j for j, sample in enumerate(chosen)}
+
+    def token_at(sample: int, position: int) -> str:
+        return token_text(tokenizer, int(ids[row_of[int(sample)]][int(position)]))
+
+    def save(path: Path, result: RunResult, extra: dict[str, object]):
+        """Write the run file of ``result`` (the first ``result.batches_done`` batches)."""
+        samples = np.sort(np.concatenate([b.sample_index for b in batches[: result.batches_done]]))
+        peak = global_peak(infos, result.stats)
+        peak.token = token_at(*peak.location[:2])
+        topk_tokens = {
+            sid: [token_at(s_, p_) for s_, p_, _ in st.study.topk_location]
+            for sid, st in result.stats.items()
+            if st.study is not None
+        }
+        roles = role_absmax(infos, result.stats)
+        meta = {
+            **run_meta,
+            **extra,
+            "n_tokens": result.n_tokens,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": result.seconds,
+            "tokens_per_second": result.tokens_per_second,
+            "exact_batches": result.exact_batches,
+        }
+        if len(samples) < len(chosen):  # a shard or a checkpoint: its own passages, and the run's
+            meta.update(run_n_samples=len(chosen), run_corpus_sha256=run_meta["corpus_sha256"],
+                        n_samples=len(samples), corpus_sha256=corpus.sha256(samples.tolist()))
+        write_run(
+            path,
+            meta,
+            infos,
+            site_attrs,
+            result.stats,
+            peak,
+            roles,
+            extra_datasets={"corpus/sample_index": samples.astype(np.int64)},
+            topk_tokens=topk_tokens,
+            weights=weights,
+            attention=attention_shares(result.sums),
+            fused_attention=fused_attention,
+            absmax_tokens={sid: token_at(*st.absmax_location[:2]) for sid, st in result.stats.items()},
+        )
+        return meta, peak, roles, topk_tokens
+
+    def checkpoint(result: RunResult) -> None:
+        save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
+
+    remote = nullcontext() if opts.ray is None else ray_outputs(
+        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads)
+    try:
+        with remote as outputs:
+            result = run_batches(session, site_ids, batches, exact_session, progress=opts.progress, start=start,
+                                 checkpoint=checkpoint, checkpoint_every=opts.checkpoint_every, outputs=outputs)
+    except Interrupted as e:
+        raise RunInterrupted(
+            f"interrupted by {signal.Signals(e.signum).name} after {e.result.batches_done} of {len(batches)} "
+            f"batches; their statistics are in {ckpt}", exit_code=128 + e.signum) from None
+    meta, peak, roles, topk_tokens = save(out, result, {})
+    ckpt.unlink(missing_ok=True)
     print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights,
                   attention_shares(result.sums))
     console.print(
@@ -245,3 +309,28 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         f"wrote {out}"
     )
     return out
+
+
+def _load_checkpoint(path: Path, run_meta: dict[str, object], site_ids: list[str], batches: list) -> RunResult:
+    """The state saved in the checkpoint ``path``, after checking that it is this run's.
+
+    Raises:
+        AnalyzerError: the checkpoint belongs to a run with other options, model or corpus.
+    """
+    stored = read_run(path)
+    if "checkpoint_batches_done" not in stored.meta:
+        raise AnalyzerError(f"{path} is not a checkpoint of `analyzer run`: delete or move it")
+    theirs = identity(stored.meta, [s.site_id for s in stored.sites]) | {
+        "shard": stored.meta.get("shard", "1/1"), "n_batches": int(stored.meta["checkpoint_n_batches"])}
+    mine = identity(run_meta, site_ids) | {"shard": run_meta.get("shard", "1/1"), "n_batches": len(batches)}
+    diff = first_difference(theirs, mine)
+    if diff:
+        raise AnalyzerError(f"--resume: {path} was written by a run with other options or inputs ({diff}, "
+                            "checkpoint / now): resume with its options, or delete it")
+    done = int(stored.meta["checkpoint_batches_done"])
+    expected = np.sort(np.concatenate([b.sample_index for b in batches[:done]]))
+    if not np.array_equal(expected, stored.sample_index):
+        raise AnalyzerError(f"{path} holds other passages than this run's first {done} batches: delete it")
+    return RunResult(stats=stored.stats, n_tokens=int(stored.meta["n_tokens"]),
+                     seconds=float(stored.meta["wall_seconds"]), exact_batches=int(stored.meta["exact_batches"]),
+                     sums=stored.sums, batches_done=done)

@@ -1,18 +1,20 @@
-"""Write a run to one HDF5 file, atomically, in the layout of the design's HDF5 contract."""
+"""A run in one HDF5 file, in the layout of the design's HDF5 contract: written atomically, read back exactly."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
-from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, headroom
+from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_outputs, headroom
+from maxact.errors import AnalyzerError
 from maxact.passes.weights import WeightStat
-from maxact.runtime.merge import SiteStats
+from maxact.runtime.merge import SiteStats, StudyStats
 
 
 def _attr(value: object) -> object:
@@ -32,6 +34,7 @@ def write_run(
     weights: Sequence[WeightStat] = (),
     attention: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     fused_attention: Sequence[int] = (),
+    absmax_tokens: Mapping[str, str] | None = None,
 ) -> None:
     """Write the run file.
 
@@ -52,6 +55,10 @@ def write_run(
         attention: layer -> first_token_share, top_key_share, sink_heads, n_queries
             (``/attention/layers.<i>``); ``fused_attention``: layers whose attention is a fused
             operator (not measurable), listed in ``/attention`` attribute ``not_measurable``.
+        absmax_tokens: site id -> the text of the token at its absmax location (``absmax_token``).
+
+    ``/sites`` keeps the sites in model order (HDF5 creation order), so :func:`read_run` returns
+    them in that order.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -59,21 +66,16 @@ def write_run(
         with h5py.File(tmp, "w") as f:
             for k, v in meta.items():
                 f.attrs[k] = _attr(v)
-            g_sites = f.create_group("sites")
+            g_sites = f.create_group("sites", track_order=True)
             g_quant = f.create_group("quant")
             for site in sites:
                 st = stats[site.site_id]
                 g = g_sites.create_group(site.site_id)
                 for k, v in site_attrs[site.site_id].items():
                     g.attrs[k] = _attr(v)
-                for name in ("max", "min", "absmax", "sum", "sum_sq", "abs_sum"):
-                    g.create_dataset(name, data=np.float64(getattr(st, name)))
-                for name in ("count", "nan_count", "inf_count"):
-                    g.create_dataset(name, data=np.int64(getattr(st, name)))
-                for name in ("mean", "std", "rms", "abs_mean"):
-                    g.create_dataset(name, data=np.float64(getattr(st, name)))
-                g.create_dataset("absmax_location", data=st.absmax_location.astype(np.int64))
-                g.create_dataset("per_channel_absmax", data=st.per_channel_absmax.astype(np.float32))
+                _write_site(g, st)
+                if absmax_tokens is not None:
+                    g.create_dataset("absmax_token", data=absmax_tokens[site.site_id], dtype=h5py.string_dtype())
                 if st.study is not None:
                     _write_study(g, st, (topk_tokens or {}).get(site.site_id))
                 q = g_quant.create_group(site.site_id)
@@ -118,6 +120,18 @@ def write_run(
             tmp.unlink()
 
 
+def _write_site(g: h5py.Group, st: SiteStats) -> None:
+    """The main statistics of one site (and the moments derived from them)."""
+    for name in ("max", "min", "absmax", "sum", "sum_sq", "abs_sum"):
+        g.create_dataset(name, data=np.float64(getattr(st, name)))
+    for name in ("count", "nan_count", "inf_count"):
+        g.create_dataset(name, data=np.int64(getattr(st, name)))
+    for name in ("mean", "std", "rms", "abs_mean"):
+        g.create_dataset(name, data=np.float64(getattr(st, name)))
+    g.create_dataset("absmax_location", data=st.absmax_location.astype(np.int64))
+    g.create_dataset("per_channel_absmax", data=st.per_channel_absmax.astype(np.float32))
+
+
 def _write_study(g: h5py.Group, st: SiteStats, tokens: Sequence[str] | None) -> None:
     """The study's datasets of one site: top-k, Sun et al. 2024, histogram and its quantiles."""
     s = st.study
@@ -133,6 +147,8 @@ def _write_study(g: h5py.Group, st: SiteStats, tokens: Sequence[str] | None) -> 
     g.create_dataset("sun_std_ratio", data=np.float64(s.sun_std_ratio))
     g.create_dataset("sun_n_tokens", data=np.int64(s.sun_n_tokens))
     g.create_dataset("sun_n_ratio", data=np.int64(s.sun_n_ratio))
+    g.create_dataset("sun_ratio_sum", data=np.float64(s.sun_ratio_sum))  # kept so that run files merge exactly
+    g.create_dataset("sun_ratio_sum_sq", data=np.float64(s.sun_ratio_sum_sq))
     g.create_dataset("sun_n_pass", data=np.int64(s.sun_n_pass))
     g.create_dataset("hist_log10", data=s.hist[1:].astype(np.int64))
     g.create_dataset("hist_zero", data=np.int64(s.hist[0]))
@@ -140,3 +156,104 @@ def _write_study(g: h5py.Group, st: SiteStats, tokens: Sequence[str] | None) -> 
     g.create_dataset("zero_frac", data=np.float64(s.hist[0] / total if total else np.nan))
     for name, q in QUANTILES.items():
         g.create_dataset(name, data=np.float64(hist_quantile(s.hist, q)))
+
+
+@dataclass
+class StoredRun:
+    """A run file read back: everything :func:`write_run` was given, so that it can be written again.
+
+    Attributes:
+        meta: root attributes (strings as ``str``, numbers as numpy scalars).
+        sites: the sites in model order; ``site_attrs``: site id -> its group's attributes.
+        stats: site id -> :class:`SiteStats`, exactly as merged (every field bit-identical).
+        sums: the merged attention outputs (:func:`maxact.analyzer.summary.attention_outputs`).
+        topk_tokens, absmax_tokens: site id -> token texts at the top-k and absmax locations.
+        weights: ``/static``; ``fused_attention``: layers listed as not measurable.
+        sample_index: int64 ``[n_samples]``, ``/corpus/sample_index``.
+    """
+
+    meta: dict[str, object]
+    sites: list[SiteInfo]
+    site_attrs: dict[str, dict[str, object]]
+    stats: dict[str, SiteStats]
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    topk_tokens: dict[str, list[str]] = field(default_factory=dict)
+    absmax_tokens: dict[str, str] = field(default_factory=dict)
+    weights: list[WeightStat] = field(default_factory=list)
+    fused_attention: list[int] = field(default_factory=list)
+    sample_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def read_run(path: Path) -> StoredRun:
+    """Read a run file written by :func:`write_run` (by this version of maxact).
+
+    Raises:
+        AnalyzerError: the file is missing, not HDF5, or lacks what an exact merge needs (a run
+            file written before maxact kept ``absmax_token`` and ``sun_ratio_sum``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnalyzerError(f"run file {path} not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise AnalyzerError(f"{path} is not an HDF5 run file ({e})") from e
+    with f:
+        if "sites" not in f or "summary" not in f:
+            raise AnalyzerError(f"{path} is not a run file of `analyzer run` (no /sites or /summary)")
+        run = StoredRun(meta={k: _value(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
+        try:
+            for sid, g in f["sites"].items():
+                attrs = {k: _value(v) for k, v in g.attrs.items()}
+                layer = int(attrs["layer"])
+                run.sites.append(SiteInfo(sid, str(attrs["role"]), None if layer < 0 else layer))
+                run.site_attrs[sid] = attrs
+                run.stats[sid] = _read_site(g)
+                run.absmax_tokens[sid] = g["absmax_token"].asstr()[()]
+                if "topk_token" in g:
+                    run.topk_tokens[sid] = list(g["topk_token"].asstr()[()])
+        except KeyError as e:
+            raise AnalyzerError(f"{path} lacks datasets an exact merge needs (absmax_token, sun_ratio_sum, ...): "
+                                "it was written by an older maxact; run it again") from e
+        shares = {}
+        for name, g in f["attention"].items():
+            shares[int(name.split(".")[1])] = {k: g[k][()] for k in g}
+        run.sums = attention_outputs(shares)
+        run.fused_attention = [int(x.split(".")[1]) for x in f["attention"].attrs["not_measurable"]]
+        for key, g in f["static"].items():
+            run.weights.append(WeightStat(
+                key=key, kind=_value(g.attrs["kind"]), tensor=_value(g.attrs["tensor"]),
+                shape=tuple(int(x) for x in g.attrs["shape"]), max_abs=float(g["max_abs"][()]),
+                gamma_argmax=int(g["gamma_argmax"][()]) if "gamma_argmax" in g else -1, layer=int(g.attrs["layer"])))
+        run.sample_index = f["corpus/sample_index"][()]
+    return run
+
+
+def _value(v: object) -> object:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _read_site(g: h5py.Group) -> SiteStats:
+    """The :class:`SiteStats` that :func:`_write_site` and :func:`_write_study` wrote."""
+    study = None
+    if "hist_log10" in g:
+        study = StudyStats(
+            topk_abs=g["topk_abs"][()],
+            topk_signed=g["topk_signed"][()],
+            topk_location=g["topk_location"][()],
+            sun_peak_token_median=float(g["sun_peak_token_median"][()]),
+            sun_max_ratio=float(g["sun_max_ratio"][()]),
+            sun_ratio_sum=float(g["sun_ratio_sum"][()]),
+            sun_ratio_sum_sq=float(g["sun_ratio_sum_sq"][()]),
+            sun_n_ratio=int(g["sun_n_ratio"][()]),
+            sun_n_tokens=int(g["sun_n_tokens"][()]),
+            sun_n_pass=int(g["sun_n_pass"][()]),
+            hist=np.concatenate([[g["hist_zero"][()]], g["hist_log10"][()]]).astype(np.int64),
+        )
+    return SiteStats(
+        **{k: float(g[k][()]) for k in ("max", "min", "absmax", "sum", "sum_sq", "abs_sum")},
+        **{k: int(g[k][()]) for k in ("count", "nan_count", "inf_count")},
+        absmax_location=g["absmax_location"][()],
+        per_channel_absmax=g["per_channel_absmax"][()],
+        study=study,
+    )

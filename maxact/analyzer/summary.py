@@ -172,8 +172,9 @@ def _print_gamma(console, sites, stats, weights) -> None:
 def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
     """layer -> ``first_token_share``, ``top_key_share`` (float64 ``[heads]``, means over valid
     queries), ``sink_heads`` (heads whose first-token share exceeds :data:`SINK_SHARE`),
-    ``n_queries`` and, where the value vectors are visible, ``value_absmax_first_token`` and
-    ``value_absmax_top_key`` (float32 ``[heads]``), from the merged attention outputs of a run."""
+    ``n_queries``, the sums ``first_token_sum`` and ``top_key_sum`` (float64 ``[heads]``) and,
+    where the value vectors are visible, ``value_absmax_first_token`` and ``value_absmax_top_key``
+    (float32 ``[heads]``), from the merged attention outputs of a run."""
     layers: dict[int, dict[str, np.ndarray]] = {}
     for name, value in sums.items():
         prefix = next((x for x in (PREFIX, MAX_PREFIX) if name.startswith(x)), None)
@@ -191,8 +192,22 @@ def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.n
             "top_key_share": d["top_key_sum"] / n,
             "sink_heads": np.flatnonzero(first > SINK_SHARE).astype(np.int64),
             "n_queries": np.int64(n),
+            "first_token_sum": d["first_token_sum"],  # kept so that run files merge exactly
+            "top_key_sum": d["top_key_sum"],
         }
         for k in ("value_absmax_first_token", "value_absmax_top_key"):
             if k in d:
                 out[layer][k] = d[k]
     return out
+
+
+def attention_outputs(shares: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The merged attention outputs (the input of :func:`attention_shares`) back from its result."""
+    sums = {}
+    for layer, d in shares.items():
+        for stat in ("first_token_sum", "top_key_sum", "n_queries"):
+            sums[f"{PREFIX}layers.{layer}/{stat}"] = d[stat]
+        for stat in ("value_absmax_first_token", "value_absmax_top_key"):
+            if stat in d:
+                sums[f"{MAX_PREFIX}layers.{layer}/{stat}"] = d[stat]
+    return sums

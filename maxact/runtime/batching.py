@@ -59,3 +59,19 @@ def length_sorted_batches(
             ids[r, : lengths[k]] = sequences[k]
             mask[r, : lengths[k]] = 1
         yield Batch(np.array([sample_index[k] for k in rows], dtype=np.int64), ids, mask)
+
+
+def shard_of(batches: Sequence[Batch], index: int, count: int) -> list[Batch]:
+    """The batches of shard ``index`` (1-based) of ``count``: every ``count``-th batch of the run,
+    from batch ``index - 1`` on (strided over the length-sorted batch order).
+
+    Striding keeps each shard's batches identical to the whole run's (same rows, same padding), so
+    the shards' statistics merge to the whole run's exactly, and spreads long and short passages
+    evenly over the shards. The shards of ``1..count`` partition ``batches``.
+
+    Raises:
+        ValueError: ``index`` not in ``1..count``.
+    """
+    if not 1 <= index <= count:
+        raise ValueError(f"shard index {index} is not in 1..{count}")
+    return list(batches[index - 1 :: count])

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from maxact.passes.attention import MAX_PREFIX, PREFIX
+
 
 @dataclass
 class StudyStats:
@@ -194,4 +196,19 @@ def merge_all(parts: Mapping[str, SiteStats | None], new: Mapping[str, SiteStats
     for key, stats in new.items():
         prev = merged.get(key)
         merged[key] = stats if prev is None else prev.merge(stats)
+    return merged
+
+
+def merge_outputs(totals: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Merge a batch's attention outputs ``out`` into ``totals`` (output name -> merged value).
+
+    ``maxact_attn/...`` outputs (sums and counts) are added, ``maxact_attn_max/...`` outputs
+    (maxima) are merged element-wise by max; other names in ``out`` are ignored.
+    """
+    merged = dict(totals)
+    for name, value in out.items():
+        if name.startswith(PREFIX):
+            merged[name] = value if name not in merged else merged[name] + value
+        elif name.startswith(MAX_PREFIX):
+            merged[name] = value if name not in merged else np.maximum(merged[name], value)
     return merged

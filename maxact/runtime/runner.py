@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from maxact.passes.attention import MAX_PREFIX, PREFIX
 from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, STUDY_STATISTICS, output_name
 from maxact.runtime.batching import Batch
-from maxact.runtime.merge import SiteStats
+from maxact.runtime.merge import SiteStats, merge_all, merge_outputs
 from maxact.runtime.session import Session
-
-# Attention outputs: per-batch sums (shares) are added up, per-batch maxima (value vectors) maxed.
-SUMMED_PREFIX, MAXED_PREFIX = PREFIX, MAX_PREFIX
 
 
 @dataclass
 class RunResult:
-    """Merged statistics of a corpus run.
+    """Merged statistics of the first ``batches_done`` batches of a corpus run.
 
     Attributes:
         stats: site id -> merged :class:`SiteStats`.
         n_tokens: real (unpadded) tokens processed.
-        seconds: wall time of the batch loop.
+        seconds: wall time of the batch loop (summed over resumed parts).
         exact_batches: batches redone with the exact graph because a site held NaN or Inf.
         sums: other outputs: ``maxact_attn/...`` summed over the batches, ``maxact_attn_max/...``
-            merged by max.
+            merged by max (:func:`maxact.runtime.merge.merge_outputs`).
+        batches_done: how many of the run's batches (in order) the statistics cover.
     """
 
     stats: dict[str, SiteStats]
@@ -37,37 +37,94 @@ class RunResult:
     seconds: float
     exact_batches: int = 0
     sums: dict[str, np.ndarray] = field(default_factory=dict)
+    batches_done: int = 0
 
     @property
     def tokens_per_second(self) -> float:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+class Interrupted(Exception):
+    """The batch loop stopped at a batch boundary on SIGINT or SIGTERM.
+
+    Attributes:
+        signum: the signal received; ``result``: the statistics of the batches finished.
+    """
+
+    def __init__(self, signum: int, result: RunResult):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum, self.result = signum, result
+
+
+@contextmanager
+def _stop_at_batch_end(enabled: bool) -> Iterator[list[int]]:
+    """While active, SIGINT and SIGTERM only record the signal in the yielded list (the loop stops
+    after the current batch); a second signal raises ``KeyboardInterrupt`` at once. Signals can
+    only be caught in the main thread; elsewhere (or when not ``enabled``) nothing changes."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
 def run_batches(
-    session: Session,
+    session: Session | None,
     site_ids: Sequence[str],
     batches: Sequence[Batch],
     exact_session: Callable[[], Session] | None = None,
     progress: bool = True,
+    start: RunResult | None = None,
+    checkpoint: Callable[[RunResult], None] | None = None,
+    checkpoint_every: float = 60.0,
+    outputs: Iterator[Mapping[str, np.ndarray]] | None = None,
 ) -> RunResult:
-    """Run every batch and merge the statistics of ``site_ids`` exactly.
+    """Run every batch and merge the statistics of ``site_ids`` exactly, in batch order.
 
     Args:
-        session: a session of the graph instrumented with the ``fast`` variant.
+        session: a session of the graph instrumented with the ``fast`` variant (None when
+            ``outputs`` is given).
         site_ids: the sites whose outputs the graph carries.
         batches: padded batches (:func:`maxact.runtime.batching.length_sorted_batches`).
         exact_session: makes a session of the ``exact`` variant; called once, the first time a
             batch holds a NaN or Inf at a valid position, and that batch is redone with it.
             Without it such a batch raises ``FloatingPointError``.
         progress: show a progress bar with tokens/s on the terminal.
+        start: the result of the first ``start.batches_done`` batches (from a checkpoint); the
+            loop goes on from there, and the final result is the same as without interruption.
+        checkpoint: called with the result so far when ``checkpoint_every`` seconds have passed
+            since the last call, and when SIGINT or SIGTERM arrives. Never after the last batch.
+        checkpoint_every: seconds between checkpoints (0: after every batch); longer when a
+            checkpoint takes more than 1/20 of it, so that writing them costs at most ~5 %.
+        outputs: the session's outputs of each batch from ``start`` on, in order, computed
+            elsewhere (:func:`maxact.runtime.distributed.ray_outputs`) instead of by ``session``.
+
+    Raises:
+        Interrupted: SIGINT or SIGTERM arrived while ``checkpoint`` was given; the loop stopped
+            after the batch it was running, and ``checkpoint`` has been called.
     """
     exact: Session | None = None
-    n_exact = 0
-    sums: dict[str, np.ndarray] = {}
+    state = start or RunResult(stats={}, n_tokens=0, seconds=0.0)
+    stats, sums, n_exact, done_tokens = dict(state.stats), dict(state.sums), state.exact_batches, state.n_tokens
     total_tokens = sum(b.n_tokens for b in batches)
-    stats: dict[str, SiteStats] = {}
-    done = 0
-    start = time.perf_counter()
+    began = last_checkpoint = time.perf_counter()
+    wait = checkpoint_every
+
+    def result(batches_done: int) -> RunResult:
+        return RunResult(stats=stats, n_tokens=int(done_tokens), seconds=state.seconds + time.perf_counter() - began,
+                         exact_batches=n_exact, sums=sums, batches_done=batches_done)
+
     columns = (
         TextColumn("[bold]measuring"),
         BarColumn(),
@@ -76,33 +133,38 @@ def run_batches(
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("run", total=total_tokens, rate="")
-        for batch in batches:
-            out = session.run(batch)
+    with Progress(*columns, disable=not progress, transient=False) as bar, \
+            _stop_at_batch_end(checkpoint is not None) as received:
+        task = bar.add_task("run", total=total_tokens, completed=done_tokens, rate="")
+        for i in range(state.batches_done, len(batches)):
+            batch = batches[i]
+            out = session.run(batch) if outputs is None else next(outputs)
             if any(out[output_name(sid, NONFINITE_TOKENS.name)] for sid in site_ids):
                 if exact_session is None:
                     raise FloatingPointError("a site holds NaN or Inf and no exact session was given")
                 exact = exact or exact_session()
                 out = exact.run(batch)
                 n_exact += 1
-            for name, value in out.items():
-                if name.startswith(SUMMED_PREFIX):
-                    sums[name] = value if name not in sums else sums[name] + value
-                elif name.startswith(MAXED_PREFIX):
-                    sums[name] = value if name not in sums else np.maximum(sums[name], value)
+            new = {}
             valid = batch.valid
             for sid in site_ids:
                 part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
-                new = SiteStats.from_batch(part, batch.sample_index, valid)
-                stats[sid] = new if sid not in stats else stats[sid].merge(new)
-            done += batch.n_tokens
-            rate = done / max(time.perf_counter() - start, 1e-9)
+                new[sid] = SiteStats.from_batch(part, batch.sample_index, valid)
+            stats, sums = merge_all(stats, new), merge_outputs(sums, out)
+            done_tokens += batch.n_tokens
+            rate = (done_tokens - state.n_tokens) / max(time.perf_counter() - began, 1e-9)
             bar.update(task, advance=batch.n_tokens, rate=f"{rate:,.0f} tok/s")
-    seconds = time.perf_counter() - start
-    return RunResult(stats=stats, n_tokens=int(total_tokens), seconds=seconds, exact_batches=n_exact, sums=sums)
-
-
+            if checkpoint is None or i + 1 == len(batches):
+                continue  # a signal during the last batch lets the run finish
+            if received or time.perf_counter() - last_checkpoint >= wait:
+                began_writing = time.perf_counter()
+                checkpoint(result(i + 1))
+                last_checkpoint = time.perf_counter()
+                if checkpoint_every > 0:  # writing takes at most ~5 % of the run
+                    wait = max(checkpoint_every, 19 * (last_checkpoint - began_writing))
+            if received:
+                raise Interrupted(received[0], result(i + 1))
+    return result(len(batches))
 
 
 def run_sums(session: Session, batches: Sequence[Batch], progress: bool = True) -> dict[str, np.ndarray]:
