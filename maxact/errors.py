@@ -25,3 +25,7 @@ class TokenizerError(AnalyzerError):
 
 class ExportError(AnalyzerError):
     """A checkpoint could not be exported to ONNX."""
+
+
+class RunFileError(AnalyzerError):
+    """A run file is missing, unreadable or not an HDF5 file written by ``analyzer run``."""
