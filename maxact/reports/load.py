@@ -13,12 +13,16 @@ from maxact.errors import RunFileError
 from maxact.passes.patterns import ROLE_ORDER
 
 #: Scalar datasets read from every ``/sites/<site_id>`` group when present.
-SITE_SCALARS = ("absmax", "max", "min", "count", "rms", "sun_max_ratio", "sun_n_pass", "q999")
+SITE_SCALARS = ("absmax", "max", "min", "sun_max_ratio", "sun_n_pass")
 #: Datasets read only for the sites named by :func:`detail_sites` (the global peak's site and the
 #: residual site of the peak layer): top-k with locations and token texts, per-channel maxima.
 DETAIL_DATASETS = ("topk_abs", "topk_signed", "topk_location", "topk_token", "per_channel_absmax")
-#: Largest finite value of each number format drawn in the figures (IEEE fp16, OCP FP8 E4M3 / E5M2).
-FORMAT_LIMITS = {"fp16": 65504.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2), as the
+#: run's ``/quant`` headroom uses them (the same values as ``maxact.analyzer.summary.FORMAT_MAX``).
+FORMAT_MAX = {"fp16": 65504.0, "bf16": float(np.float32(3.3895313892515355e38)), "fp8_e4m3": 448.0,
+              "fp8_e5m2": 57344.0}
+#: The formats whose limits the figures draw.
+FORMAT_LIMITS = {k: FORMAT_MAX[k] for k in ("fp16", "fp8_e4m3", "fp8_e5m2")}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -32,7 +36,7 @@ class Site:
         values: the scalars of :data:`SITE_SCALARS` present in the file (float).
         location: int64 ``[sample, position, channel]`` of the largest |x|.
         detail: the datasets of :data:`DETAIL_DATASETS` present (only for detail sites).
-        quant: the ``/quant/<site_id>`` scalars present (``headroom_*``, ``int8_*``).
+        quant: the ``/quant/<site_id>/int8_*`` scalars of ``analyzer quant``, where present.
     """
 
     site_id: str
@@ -47,6 +51,10 @@ class Site:
     @property
     def absmax(self) -> float:
         return self.values["absmax"]
+
+    def headroom(self, fmt: str) -> float:
+        """max |x| over the format's largest finite value (> 1 overflows), as in ``/quant``."""
+        return self.absmax / FORMAT_MAX[fmt]
 
     @property
     def signed(self) -> float:
@@ -203,7 +211,7 @@ def _read(f: h5py.File, path: Path) -> RunData:
         for s in sites:
             if s.site_id in f["quant"]:
                 q = f["quant"][s.site_id]
-                s.quant = {k: _scalar(q[k]) for k in q if isinstance(q[k], h5py.Dataset)}
+                s.quant = {k: _scalar(q[k]) for k in q if k.startswith("int8_")}
     weights = []
     for key, g in (f["static"].items() if "static" in f else ()):
         layer = int(g.attrs.get("layer", -1))

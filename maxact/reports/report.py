@@ -24,8 +24,9 @@ def _slug(name: str) -> str:
 
 def _unique_names(runs: Sequence[RunData]) -> None:
     """Give runs of the same model distinct names (the file stem in brackets)."""
+    shared = {r.name for r in runs if sum(1 for o in runs if o.name == r.name) > 1}
     for r in runs:
-        if sum(1 for o in runs if o.name == r.name) > 1:
+        if r.name in shared:
             r.name = f"{r.name} ({r.path.stem})"
     seen: dict[str, int] = {}
     for r in runs:  # same model, same file stem in different folders
@@ -70,9 +71,7 @@ def _run_blocks(run: RunData, slug: str, tmp: Path, params: tuple[int, bool] | N
     blocks.append(Figure(f"{slug}-heatmap.png", f"{run.name}: layer by role heatmap of max |x|",
                          "Max |x| of every layer site by role (log colour scale); empty cells: no such site."))
     blocks.append(tables.role_maxima(run))
-    for t in (tables.overflow(run),):
-        if t is not None:
-            blocks.append(t)
+    blocks.append(tables.overflow(run))
     layer = run.peak_layer
     res = run.residual_at(layer)
     if res is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from maxact.passes.patterns import ROLE_ORDER
-from maxact.reports.load import FORMAT_LIMITS, RunData, Site
+from maxact.reports.load import FORMAT_MAX, RunData, Site
 
 #: Roles of the residual stream, for the residual share.
 RESIDUAL_ROLES = ("residual", "residual_post_attn")
@@ -60,7 +60,11 @@ def overview(run: RunData, parameters: tuple[int, bool] | None) -> Table:
     corpus = f"{m.get('corpus')} ({int(m['n_samples']):,} passages"
     corpus += f", a stratified subset of --samples {samples}, seed {m.get('seed', 0)})" if samples >= 0 else ", all)"
     loc = [int(v) for v in np.asarray(s["global_location"]).ravel()]
+    source = run.path.name
+    if m.get("slim_copy_of"):
+        source += f" (a slim copy of {m['slim_copy_of']}: only the datasets this report reads)"
     rows = [
+        ["run file", source],
         ["model", str(m.get("model_path"))],
         ["model sha256", str(m.get("model_sha256", ""))[:16] + "…"],
         ["family", str(m.get("family", ""))],
@@ -95,33 +99,30 @@ def static_parameter_count(run: RunData) -> int:
 
 
 def role_maxima(run: RunData) -> Table:
-    """Per role: max |x|, its site, location, and the formats' headroom (max |x| / largest finite
-    value; > 1 overflows), from ``/quant`` where the run has it."""
+    """Per role: max |x|, its site, location, and the headroom of fp16 and fp8 (max |x| / largest
+    finite value; > 1 overflows; the definition of the run's ``/quant`` headroom)."""
     best: dict[str, Site] = {}
     for s in run.sites:
         if s.role not in best or s.absmax > best[s.role].absmax:
             best[s.role] = s
-    fmts = [f for f in ("fp16", "fp8_e4m3", "fp8_e5m2") if any(f"headroom_{f}" in s.quant for s in best.values())]
+    fmts = ["fp16", "fp8_e4m3", "fp8_e5m2"]
     rows = []
     for role in sorted(best, key=lambda r: ROLE_ORDER.get(r, 999)):
         s = best[role]
-        rows.append([role, s.absmax, s.signed, s.site_id, _loc(s), *[s.quant.get(f"headroom_{f}") for f in fmts]])
+        rows.append([role, s.absmax, s.signed, s.site_id, _loc(s), *[s.headroom(f) for f in fmts]])
     cols = ["role", "max |x|", "signed", "site", "sample, position, channel", *[f"headroom {f}" for f in fmts]]
     note = ("headroom = max |x| / the format's largest finite value (fp16 65504, fp8 e4m3 448, fp8 e5m2 57344; "
-            "bf16's is 3.4e38); above 1 the value overflows." if fmts else "")
+            "bf16's is 3.4e38); above 1 the value overflows.")
     return Table("Max |x| per role", cols, rows, ["", ".6g", "+.6g", "", "", *[".3g"] * len(fmts)], note,
                  align_left={0, 3})
 
 
-def overflow(run: RunData) -> Table | None:
-    """Per number format: how many sites exceed its largest finite value, and which (from
-    ``/quant``'s headroom); None when the run has no headroom."""
-    if not any("headroom_fp16" in s.quant for s in run.sites):
-        return None
+def overflow(run: RunData) -> Table:
+    """Per number format: how many sites exceed its largest finite value, and which."""
     rows = []
     for fmt in ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2"):
-        over = [s.site_id for s in run.sites if s.quant.get(f"headroom_{fmt}", 0.0) > 1.0]
-        top = FORMAT_LIMITS.get(fmt, 3.3895313892515355e38)
+        over = [s.site_id for s in run.sites if s.headroom(fmt) > 1.0]
+        top = FORMAT_MAX[fmt]
         shown = ", ".join(over[:8]) + (f", … ({len(over)} in all)" if len(over) > 8 else "")
         rows.append([fmt, top, len(over), shown or "none"])
     return Table("Sites beyond each format's range", ["format", "largest finite", "sites over it", "sites"], rows,
