@@ -85,12 +85,12 @@ def layerwise(run: RunData, path: Path) -> Path:
     peak = run.peak
     if peak.layer >= 0:
         ax.plot([peak.layer], [peak.absmax], marker="*", markersize=15, color="black", linestyle="none",
-                label=f"global peak {peak.absmax:.4g} ({peak.role})")
+                label=f"global peak {magnitude(peak.absmax)} ({peak.role})")
     ax.set_yscale("log")
     ax.set_xlabel("layer index")
     ax.set_ylabel("max |x| over the corpus (log scale)")
     ax.set_title(f"{run.name}: max |x| per layer and role")
-    ax.set_xticks(layers if run.n_layers <= 32 else layers[:: max(1, run.n_layers // 16)])
+    ax.set_xticks(layers[:: -(-run.n_layers // 16)])  # at most 16 ticks
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.savefig(path)

@@ -151,7 +151,7 @@ def build_report(run_paths: Sequence[Path], out_dir: Path) -> list[Path]:
         params = {id(r): parameters_of(r) for r in runs}
         title = f"maxact report: {runs[0].name}" if len(runs) == 1 else f"maxact report: {len(runs)} models"
         blocks: list[Block] = [Text("Activation magnitudes measured by maxact on the ONNX graph, from the run "
-                                    "file(s) " + ", ".join(p.path.name for p in runs) + ".")]
+                                    "file(s) " + ", ".join(f"{p.path.parent.name}/{p.path.name}" for p in runs) + ".")]
         if len(runs) > 1:
             blocks.append(Heading("Models", 2, "models"))
             blocks.append(tables.cross_model(runs, lambda r: params[id(r)]))
