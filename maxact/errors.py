@@ -34,3 +34,7 @@ class RunInterrupted(AnalyzerError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunFileError(AnalyzerError):
+    """A run file is missing, unreadable or not an HDF5 file written by ``analyzer run``."""

@@ -85,6 +85,14 @@ def _compare_torch(args: argparse.Namespace) -> int:
     return EXIT_DISAGREE if cmp.flagged else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from maxact.reports.report import build_report
+
+    written = build_report([Path(p) for p in args.runs], Path(args.out))
+    print(f"wrote {Path(args.out) / 'index.html'}, report.md and {sum(p.suffix == '.png' for p in written)} figures")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="analyzer",
@@ -154,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", help="the run's tokenizer, if it has moved (default: the one the run recorded)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_compare_torch)
+
+    rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
+    rp.add_argument("runs", nargs="+", help="run files of `analyzer run` (several: a cross-model table too)")
+    rp.add_argument("--out", required=True, help="folder to write index.html, report.md and the PNG figures into")
+    rp.set_defaults(func=_report)
 
     e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
     e.add_argument("checkpoint", help="a Hugging Face model folder, or a .gguf file")

@@ -1,1 +1,1 @@
-"""Report rendering (HTML/Markdown with figures) from run files; see issue 5 (not built yet)."""
+"""Report rendering (HTML/Markdown with PNG figures) from run files: ``analyzer report``."""

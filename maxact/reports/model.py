@@ -1,0 +1,127 @@
+"""The run's ONNX model, read again where it is still present and unchanged (sha256 checked).
+
+The run file holds reductions only. Two things in the report need the model itself: the
+parameter count of the cross-model table and the full ``[tokens, channels]`` tensor of one
+passage at one site (the token x channel picture of Sun et al. 2024). Both fall back to what
+the run file has when the model is gone; the caller says so on the page.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from maxact.errors import AnalyzerError
+from maxact.reports.load import RunData, Site
+
+
+@dataclass
+class PassageTensor:
+    """One passage's full tensor at one site, recomputed by onnxruntime.
+
+    Attributes:
+        site_id, sample: the site and the passage (corpus index).
+        values: float32 ``[tokens, channels]``, the site's tensor for that passage alone.
+        tokens: the text of each token (``[tokens]``).
+    """
+
+    site_id: str
+    sample: int
+    values: np.ndarray
+    tokens: list[str]
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_of(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+def model_file(run: RunData) -> tuple[Path | None, str]:
+    """The run's model file if it is still where the run found it with the same sha256, else
+    ``(None, reason)``."""
+    path = Path(str(run.meta.get("model_path", "")))
+    if not path.is_file():
+        return None, f"the model file {path} is not present"
+    if _sha256(path) != run.meta.get("model_sha256"):
+        return None, f"the model file {path} has changed since the run (sha256 differs)"
+    return path, ""
+
+
+def parameter_count(path: Path) -> int:
+    """Number of parameters of an ONNX model: the elements of its floating-point initializers, plus
+    ``K * N`` per int4/int8 ``MatMulNBits`` weight (their packed bytes are not counted). Weights are
+    not read (external data stays on disk)."""
+    model = ir.load(path)
+    packed: set[str] = set()
+    total = 0
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            total += node.attributes["K"].as_int() * node.attributes["N"].as_int()
+            packed.update(v.name for v in node.inputs[1:] if v is not None)
+    for name, v in model.graph.initializers.items():
+        if name in packed or v.const_value is None or not v.const_value.dtype.is_floating_point():
+            continue
+        total += int(np.prod(v.const_value.shape.numpy()))
+    return total
+
+
+def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str:
+    """Recompute ``site``'s full tensor for the one passage ``sample`` (a corpus index) with the
+    run's model, tokenizer, corpus, BOS policy and max length, on the CPU.
+
+    Returns:
+        The tensor, or a sentence saying why it cannot be recomputed (model, tokenizer or corpus
+        missing or changed).
+    """
+    from maxact.analyzer.corpus import load_corpus
+    from maxact.analyzer.run import load_model
+    from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
+    from maxact.runtime.batching import Batch
+    from maxact.runtime.session import Session
+
+    path, why = model_file(run)
+    if path is None:
+        return why
+    meta = run.meta
+    try:
+        corpus = load_corpus(str(meta["corpus"]))
+        if corpus.sha256([int(k) for k in run.sample_index]) != meta.get("corpus_sha256"):
+            return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
+        tokenizer = load_tokenizer(Path(str(meta["tokenizer"])))
+        ids = encode(tokenizer, [corpus.texts[sample]], str(meta["bos"]), int(meta["max_length"]))[0]
+        _, model = load_model(path)
+    except AnalyzerError as e:
+        return f"the run's inputs cannot be read again ({e})"
+    value = _value_named(model, site.tensor)
+    if value is None:
+        return f"the tensor {site.tensor!r} of {site.site_id} is not in the model"
+    model.graph.outputs.clear()
+    model.graph.outputs.append(value)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    session = Session(model)
+    mask = np.ones((1, len(ids)), dtype=np.int64)
+    out = session.run(Batch(np.array([sample]), ids[None, :], mask))[value.name]
+    values = np.asarray(out, dtype=np.float32).reshape(len(ids), -1)
+    return PassageTensor(site.site_id, sample, values, [token_text(tokenizer, int(t)) for t in ids])
+
+
+def _value_named(model: ir.Model, name: str) -> ir.Value | None:
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name == name:
+                return v
+    return None

@@ -1,0 +1,183 @@
+"""`analyzer report`: numbers on the pages against the run files, the page in headless Chromium,
+the re-run of the peak passage against the file's top-k, bad input."""
+
+import re
+import shutil
+
+import h5py
+import numpy as np
+import onnx
+import pytest
+from browser import check_page, find_chromium
+from onnx import numpy_helper
+
+from maxact.analyzer.cli import main
+from maxact.analyzer.quant import quant_check
+from maxact.analyzer.run import RunOptions, default_model_path, run
+from maxact.reports.load import load_run
+from maxact.reports.model import passage_tensor
+from maxact.reports.report import build_report
+from maxact.reports.slim import slim_copy
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two built-in stories260K runs: 30 passages with --stats full and the INT8 check, and 12
+    other passages (seed 1) with --stats main."""
+    d = tmp_path_factory.mktemp("report-runs")
+    a = run(RunOptions(model=default_model_path(), out=d / "full30.h5", samples=30, stats="full", progress=False))
+    quant_check(a, progress=False)
+    b = run(RunOptions(model=default_model_path(), out=d / "main12.h5", samples=12, seed=1, progress=False))
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    build_report(list(runs), out)
+    return out
+
+
+def md_table(md: str, title_start: str) -> list[list[str]]:
+    """The rows (header first) of the Markdown table whose bold title starts with ``title_start``."""
+    lines = md.splitlines()
+    k = next(i for i, line in enumerate(lines) if line.startswith("**" + title_start))
+    rows = []
+    for line in lines[k + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        rows.append([re.sub(r"\\(.)", r"\1", c.strip()) for c in cells])
+    return [rows[0]] + rows[2:]  # drop the alignment row
+
+
+def test_cross_model_table_equals_the_files(runs, report):
+    rows = md_table((report / "report.md").read_text(), "Cross-model table")
+    assert rows[0] == ["model", "family", "parameters", "global max |x|", "site of the global max",
+                       "role of the global max", "residual share"]
+    assert len(rows) == 3
+    # parameters, counted a second way: onnx's own loader over every float initializer
+    proto = onnx.load(default_model_path())
+    n_params = sum(numpy_helper.to_array(t).size for t in proto.graph.initializer
+                   if numpy_helper.to_array(t).dtype.kind == "f")
+    for path, row in zip(runs, rows[1:]):
+        with h5py.File(path) as f:
+            s = f["summary"].attrs
+            assert row[0] == f"stories260K ({path.stem})"
+            assert row[1] == f.attrs["family"]
+            assert row[2] == f"{n_params:,}"
+            assert float(row[3]) == pytest.approx(float(s["global_absmax"]), rel=1e-5)
+            assert row[4] == s["global_site"] and row[5] == s["global_role"]
+            # residual share: layers whose largest site is a residual-stream one, from the raw groups
+            best = {}
+            for g in f["sites"].values():
+                layer, a = int(g.attrs["layer"]), float(g["absmax"][()])
+                if layer >= 0 and a > best.get(layer, (-1, ""))[0]:
+                    best[layer] = (a, g.attrs["role"])
+            share = np.mean([r in ("residual", "residual_post_attn") for _, r in best.values()])
+            assert float(row[6]) == pytest.approx(share, abs=5e-4)
+    assert n_params == 260032  # stories260K's name
+
+
+def test_role_int8_and_headroom_tables_equal_the_file(runs, report):
+    md = (report / "report.md").read_text()
+    full = runs[0]
+    with h5py.File(full) as f:
+        roles = {r.decode(): (a, sid.decode()) for r, a, sid in f["summary/role_absmax"][()]}
+        table = md_table(md, "Max |x| per role")
+        head = table[0]
+        seen = 0
+        for row in table[1:len(roles) + 1]:
+            value, sid = roles[row[0]]
+            assert row[3] == sid and float(row[1]) == pytest.approx(value, rel=1e-5)
+            for fmt in ("fp16", "fp8_e4m3", "fp8_e5m2"):
+                stored = f[f"quant/{sid}/headroom_{fmt}"][()]
+                assert row[head.index(f"headroom {fmt}")] == f"{stored:.3g}"
+            seen += 1
+        assert seen == len(roles)
+        int8 = md_table(md, "INT8 fake quantisation")
+        assert len(int8) - 1 == 2 * len(f["quant"].attrs["int8_sites"])
+        for row in int8[1:]:
+            g = f[f"quant/{row[0]}"]
+            assert row[4] == f"{g[f'int8_{row[2]}_sqnr_db'][()]:.2f}"
+            assert row[6] == f"{g[f'int8_{row[2]}_clip_rate'][()]:.3g}"
+        top = md_table(md, "Top 20 of the 100 largest")
+        peak = f["summary"].attrs["global_site"]
+        loc, signed, tok = (f[f"sites/{peak}/{k}"][()] for k in ("topk_location", "topk_signed", "topk_token"))
+        for r, row in enumerate(top[1:]):
+            assert [int(x) for x in row[2:5]] == loc[r].tolist()
+            assert float(row[1]) == pytest.approx(signed[r], rel=1e-5)
+            assert row[5] == repr(tok[r].decode())
+
+
+def test_rerun_of_the_peak_passage_reproduces_the_files_topk(runs):
+    data = load_run(runs[0])
+    site = data.residual_at(data.peak_layer)
+    loc, signed = site.detail["topk_location"], site.detail["topk_signed"]
+    sample = int(loc[0, 0])  # the passage holding this site's largest value
+    t = passage_tensor(data, site, sample)
+    here = loc[:, 0] == sample
+    assert here.sum() >= 1
+    np.testing.assert_allclose(t.values[loc[here, 1], loc[here, 2]], signed[here], rtol=1e-5)
+    assert np.abs(t.values).max() == pytest.approx(site.absmax, rel=1e-5)
+    assert len(t.tokens) == t.values.shape[0] and t.values.shape[1] == len(site.detail["per_channel_absmax"])
+
+
+def test_page_loads_in_chromium_and_a_missing_image_is_caught(report, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert len(pngs) == 9  # overlay, and per run: layerwise, heatmap, token x channel and its 3-D view
+    ok = check_page(report / "index.html", chromium)
+    assert ok.broken_images == [] and ok.errors == []
+    assert ok.n_images == len(pngs) and ok.n_tables >= 10
+    broken = tmp_path / "broken"
+    shutil.copytree(report, broken)
+    (broken / pngs[0]).unlink()
+    bad = check_page(broken / "index.html", chromium)
+    assert bad.broken_images == [pngs[0]]
+    assert any("ERR_FILE_NOT_FOUND" in e for e in bad.errors)
+
+
+def test_without_the_model_file_the_page_says_so(runs, tmp_path):
+    moved = tmp_path / "moved.h5"
+    shutil.copyfile(runs[0], moved)
+    with h5py.File(moved, "r+") as f:
+        f.attrs["model_path"] = str(tmp_path / "gone" / "model.onnx")
+    build_report([moved], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "It shows what the run file has, because the model file" in md and "is not present" in md
+    assert "token-channel-3d.png" not in md and (tmp_path / "out" / "gone-token-channel.png").is_file()
+    # parameters from /static only: a lower bound (no embedding), summed a second way from the raw groups
+    with h5py.File(moved) as f:
+        bound = sum(int(np.prod(g.attrs["shape"])) for g in f["static"].values())
+    assert f"| parameters | ≥ {bound:,} |" in md and bound < 260032
+
+
+def test_slim_copy_gives_the_same_report_and_is_small(runs, tmp_path):
+    slim = slim_copy(runs[0], tmp_path / "slim.h5")
+    assert slim.stat().st_size < runs[0].stat().st_size / 4
+    build_report([runs[0]], tmp_path / "a")
+    build_report([slim], tmp_path / "b")
+    a = (tmp_path / "a" / "report.md").read_text().splitlines()
+    b = (tmp_path / "b" / "report.md").read_text().splitlines()
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    assert len(a) == len(b) and len(diff) == 2  # the file names only
+    assert all("slim" in y for _, y in diff)
+
+
+@pytest.mark.parametrize("case", ["missing", "not hdf5", "other hdf5"])
+def test_bad_run_file_exits_2_with_one_line(case, tmp_path, capsys):
+    path = tmp_path / "x.h5"
+    if case == "not hdf5":
+        path.write_text("not a run\n")
+    elif case == "other hdf5":
+        with h5py.File(path, "w") as f:
+            f.create_dataset("data", data=np.arange(3))
+    out = tmp_path / "out"
+    assert main(["report", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {"missing": "not found", "not hdf5": "not an HDF5 file", "other hdf5": "not a run file"}[case] in err
+    assert not out.exists()
