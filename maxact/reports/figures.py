@@ -93,7 +93,7 @@ def layerwise(run: RunData, path: Path) -> Path:
     ax.set_xticks(layers[:: -(-run.n_layers // 16)])  # at most 16 ticks
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -128,7 +128,7 @@ def heatmap(run: RunData, path: Path) -> Path:
         ax.add_patch(plt.Rectangle((j - 0.5, peak.layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     bar = fig.colorbar(im, ax=ax, pad=0.01)
     bar.set_label("max |x| (log scale; red box: global peak)")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -222,7 +222,7 @@ def token_channel(run: RunData, site_id: str, sample: int, tensor: PassageTensor
     else:
         low.text(0.5, 0.5, "per-channel maxima not in the run file", transform=low.transAxes, ha="center")
     low.set_xlabel("channel (hidden dimension index); red: the labelled channels")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -263,7 +263,7 @@ def overlay(runs: Sequence[RunData], path: Path) -> Path:
     ax.set_xlim(-0.02, 1.02)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -308,6 +308,6 @@ def token_channel_3d(run: RunData, tensor: PassageTensor, path: Path) -> Path:
     ax.view_init(elev=22, azim=-60)
     ax.set_box_aspect((2.0, 1.3, 1.0), zoom=0.95)
     ax.set_title(f"{run.name}, {tensor.site_id}, passage {tensor.sample}: |x| (linear) for {len(rows)} tokens")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
