@@ -123,3 +123,27 @@ def test_no_large_reduction_output_is_left_unread(variant):
               if not v.uses() and id(v) not in graph_outputs]
     assert len(unread) == len(found.sites)
     assert set(unread) == {("TopK", 0)}
+
+
+def test_io_binding_gives_the_same_outputs():
+    """The IO-binding path (used with the CUDA execution provider: inputs on the device, the small
+    reduction outputs bound to host memory) returns exactly what a plain run returns; checked on
+    the CPU device, where both paths exist."""
+    from maxact.analyzer.run import default_model_path, load_model
+    from maxact.passes.sites import discover_sites
+    from maxact.runtime.batching import Batch
+    from maxact.runtime.session import Session
+
+    def instrumented():
+        _, model = load_model(default_model_path())
+        InstrumentPass(discover_sites(model).sites, variant="fast", study=True)(model)
+        return model
+    rng = np.random.default_rng(0)
+    mask = np.ones((3, 20), np.int64)
+    mask[1, 14:] = 0
+    batch = Batch(np.arange(3), rng.integers(3, 512, size=(3, 20)), mask)
+    plain = Session(instrumented(), io_binding=False).run(batch)
+    bound = Session(instrumented(), io_binding=True).run(batch)
+    assert plain.keys() == bound.keys() and len(plain) > 100
+    for name in plain:
+        np.testing.assert_array_equal(bound[name], plain[name], err_msg=name)
