@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="a,b,c,d,e")
     p.add_argument("--work", type=Path, help="folder for the run files and logs (default: a temporary one)")
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="execution provider of variants a, b and c (cuda: onnxruntime-gpu; see benchmarks/gpu.sh)")
     args = p.parse_args(argv)
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variant_list if v not in VARIANTS]
@@ -118,7 +120,8 @@ def run_child(variant: str, threads: int, spec: dict, work: Path, tag: str) -> d
         cmd = [sys.executable, "-m", "maxact.analyzer.cli", "run", spec["model"], "--samples", str(spec["samples"]),
                "--seed", str(spec["seed"]), "--max-length", str(spec["max_length"]),
                "--batch-size", str(spec["batch_size"]), "--bos", spec["bos"],
-               "--stats", "main" if variant == "b" else "full", "--out", str(out_h5), "--no-progress"]
+               "--stats", "main" if variant == "b" else "full", "--out", str(out_h5), "--no-progress",
+               "--provider", spec.get("provider", "cpu")]
         cmd += ["--threads", str(threads)] if threads else []
     else:
         spec_path = work / f"spec-{threads}.json"
@@ -333,6 +336,7 @@ def main(argv=None) -> int:
     began = time.time()
     load_start = os.getloadavg()
     spec = prepare(args, work)
+    spec["provider"] = args.provider
     variants, skipped = [], {}
     for v in args.variant_list:
         why = spec["missing"].get(v)

@@ -60,7 +60,9 @@ def variant_a(spec: dict) -> dict:
     opts = ort.SessionOptions()
     if spec["threads"]:
         opts.intra_op_num_threads = spec["threads"]
-    session = ort.InferenceSession(spec["floor"], opts, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if spec.get("provider") == "cuda" \
+        else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(spec["floor"], opts, providers=providers)
     names = [i.name for i in session.get_inputs()]
     start = time.perf_counter()
     for batch in batches:
