@@ -11,7 +11,6 @@ new HDF5 file (``/compare_torch/<site_id>``, the design's contract); the run fil
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from rich.table import Table
 
 import maxact
 from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.store import file_sha256
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
@@ -229,13 +229,6 @@ def compare_sites(run: _Run, torch_stats: dict, points, rtol: float) -> list[Sit
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def write_comparison(path: Path, meta: dict, sites: list[SiteComparison], skipped: dict[str, str]) -> None:
     """Write ``/compare_torch/<site_id>`` and the root attributes to a new file, atomically.
@@ -413,7 +406,7 @@ def compare_torch(
         "model_type": model_type,
         "family": family.name,
         "run_file": str(run.path.resolve()),
-        "run_sha256": _sha256(run.path),
+        "run_sha256": file_sha256(run.path),
         "model_path": meta.get("model_path", ""),
         "onnx_dtype": meta.get("dtype", "unknown"),
         "torch_dtype": dtype,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import signal
 from collections import Counter
@@ -20,7 +19,7 @@ import maxact
 from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import load_corpus, select_samples
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
-from maxact.analyzer.store import read_run, write_run
+from maxact.analyzer.store import file_sha256, read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted
@@ -104,13 +103,6 @@ def model_type_beside(model_path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _float_dtype(model: ir.Model) -> str:
     counts = Counter(
@@ -188,7 +180,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     run_meta = {
         "maxact_version": maxact.__version__,
         "model_path": str(model_path.resolve()),
-        "model_sha256": _sha256(model_path),
+        "model_sha256": file_sha256(model_path),
         "opset": int(model.graph.opset_imports.get("", 0)),
         "dtype": _float_dtype(model),
         "provider": opts.provider,

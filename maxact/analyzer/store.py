@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -257,3 +259,23 @@ def _read_site(g: h5py.Group) -> SiteStats:
         per_channel_absmax=g["per_channel_absmax"][()],
         study=study,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (``model_sha256`` of the run file); cached per path, size and
+    modification time, so a large model is read once per process.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    st = Path(path).stat()
+    return _sha256_of(Path(path).resolve(), st.st_mtime_ns, st.st_size)

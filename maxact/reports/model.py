@@ -8,14 +8,13 @@ the run file has when the model is gone; the caller says so on the page.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from maxact.analyzer.store import file_sha256
 from maxact.errors import AnalyzerError
 from maxact.reports.load import RunData, Site
 
@@ -36,27 +35,13 @@ class PassageTensor:
     tokens: list[str]
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256_of(path.resolve(), st.st_mtime_ns, st.st_size)
-
-
 def model_file(run: RunData) -> tuple[Path | None, str]:
     """The run's model file if it is still where the run found it with the same sha256, else
     ``(None, reason)``."""
     path = Path(str(run.meta.get("model_path", "")))
     if not path.is_file():
         return None, f"the model file {path} is not present"
-    if _sha256(path) != run.meta.get("model_sha256"):
+    if file_sha256(path) != run.meta.get("model_sha256"):
         return None, f"the model file {path} has changed since the run (sha256 differs)"
     return path, ""
 
