@@ -145,6 +145,11 @@ def test_without_the_model_file_the_page_says_so(runs, tmp_path):
     shutil.copyfile(runs[0], moved)
     with h5py.File(moved, "r+") as f:
         f.attrs["model_path"] = str(tmp_path / "gone" / "model.onnx")
+    # The built-in model is found wherever this installation keeps it (a reinstall moves it).
+    build_report([moved], tmp_path / "builtin")
+    assert "because the model file" not in (tmp_path / "builtin" / "report.md").read_text()
+    with h5py.File(moved, "r+") as f:
+        f.attrs["model_sha256"] = "0" * 64  # another model, now gone
     build_report([moved], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "It shows what the run file has, because the model file" in md and "is not present" in md

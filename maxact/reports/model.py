@@ -36,9 +36,15 @@ class PassageTensor:
 
 
 def model_file(run: RunData) -> tuple[Path | None, str]:
-    """The run's model file if it is still where the run found it with the same sha256, else
+    """The run's model file if it is still where the run found it with the same sha256 (or, for
+    the built-in model, wherever this installation keeps it: reinstalling maxact moves it), else
     ``(None, reason)``."""
+    from maxact.analyzer.run import default_model_path
+
     path = Path(str(run.meta.get("model_path", "")))
+    builtin = default_model_path()
+    if not path.is_file() and builtin.is_file() and file_sha256(builtin) == run.meta.get("model_sha256"):
+        path = builtin
     if not path.is_file():
         return None, f"the model file {path} is not present"
     if file_sha256(path) != run.meta.get("model_sha256"):
