@@ -23,7 +23,7 @@ from rich.table import Table
 
 import maxact
 from maxact.analyzer.corpus import load_corpus
-from maxact.analyzer.store import file_sha256
+from maxact.analyzer.store import file_sha256, open_run_file
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
@@ -121,10 +121,8 @@ def read_run(path: Path) -> _Run:
         AnalyzerError: missing file, or not a run file of ``analyzer run``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AnalyzerError(f"run file {path} not found: give a .h5 file written by `analyzer run`")
     try:
-        with h5py.File(path, "r") as f:
+        with open_run_file(path) as f:
             meta = {k: (_text(v) if isinstance(v, (bytes, str)) else v) for k, v in f.attrs.items()}
             samples = f["corpus/sample_index"][()]
             sites, onnx = [], {}
@@ -136,7 +134,7 @@ def read_run(path: Path) -> _Run:
                     **{k: int(g[k][()]) for k in ("nan_count", "inf_count")},
                     "location": g["absmax_location"][()].astype(np.int64),
                 }
-    except (OSError, KeyError) as e:
+    except KeyError as e:
         raise AnalyzerError(f"{path} is not a run file of `analyzer run` ({e})") from e
     missing = [k for k in ("corpus", "tokenizer", "bos", "max_length", "n_tokens", "model_path") if k not in meta]
     if missing:

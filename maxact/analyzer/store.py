@@ -14,7 +14,7 @@ import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
 from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_outputs, headroom
-from maxact.errors import AnalyzerError
+from maxact.errors import AnalyzerError, RunFileError
 from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
 
@@ -186,6 +186,29 @@ class StoredRun:
     sample_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+def open_run_file(path: str | Path) -> h5py.File:
+    """Open a run file of ``analyzer run`` for reading (the caller closes it).
+
+    Raises:
+        RunFileError: the file is missing, not HDF5, or lacks the contract's ``/sites``,
+            ``/summary`` or ``maxact_version``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"run file {path} not found: give the .h5 file written by `analyzer run`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise RunFileError(f"{path} is not an HDF5 file, so not a run file of `analyzer run` "
+                           f"({str(e)[:100]})") from e
+    missing = [n for n in ("sites", "summary") if n not in f] + (
+        [] if "maxact_version" in f.attrs else ["attribute maxact_version"])
+    if missing:
+        f.close()
+        raise RunFileError(f"{path} is not a run file of `analyzer run` (no {', '.join(missing)})")
+    return f
+
+
 def read_run(path: Path) -> StoredRun:
     """Read a run file written by :func:`write_run` (by this version of maxact).
 
@@ -194,15 +217,7 @@ def read_run(path: Path) -> StoredRun:
             file written before maxact kept ``absmax_token`` and ``sun_ratio_sum``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AnalyzerError(f"run file {path} not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise AnalyzerError(f"{path} is not an HDF5 run file ({e})") from e
-    with f:
-        if "sites" not in f or "summary" not in f:
-            raise AnalyzerError(f"{path} is not a run file of `analyzer run` (no /sites or /summary)")
+    with open_run_file(path) as f:
         run = StoredRun(meta={k: _value(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
         try:
             for sid, g in f["sites"].items():

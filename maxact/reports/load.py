@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from maxact.analyzer.store import open_run_file
 from maxact.errors import RunFileError
 from maxact.passes.patterns import ROLE_ORDER
 
@@ -173,17 +174,7 @@ def load_run(path: Path) -> RunData:
             ``/sites`` or ``/summary``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RunFileError(f"run file {path} not found: give the .h5 file written by `analyzer run`")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise RunFileError(f"{path} is not an HDF5 file ({str(e)[:100]}); give a run file of `analyzer run`") from e
-    with f:
-        missing = [n for n in ("sites", "summary") if n not in f] + (
-            [] if "maxact_version" in f.attrs else ["attribute maxact_version"])
-        if missing:
-            raise RunFileError(f"{path} is not a run file of `analyzer run` (no {', '.join(missing)})")
+    with open_run_file(path) as f:
         try:
             return _read(f, path)
         except (KeyError, ValueError, TypeError) as e:
