@@ -122,6 +122,18 @@ class ReductionBuilder:
         """Sum of a per-token partial ``[n]`` in dtype ``to`` (float64 for sums, int64 for counts)."""
         return self.reduce("ReduceSum", self.op("Cast", [per_token], to=to), None)
 
+    def column_max(self, ax: ir.Value) -> ir.Value:
+        """Max over the rows of ``ax [n, width]`` (float32, n >= 1): ``[width]``.
+
+        onnxruntime's CPU ReduceMax over the first axis walks the tensor column by column (about
+        10x the time of a reduction over the last axis, measured in benchmarks/README.md); two
+        MaxPools with an 8x1 window (``ceil_mode``: the last window may be partial, and a max
+        ignores the rows it lacks) read it row by row and leave n/64 rows for the ReduceMax."""
+        img = self.op("Unsqueeze", [ax, self.const(np.array([0, 1], np.int64), "image_axes")])  # [1, 1, n, w]
+        for _ in range(2):
+            img = self.op("MaxPool", [img], kernel_shape=[8, 1], strides=[8, 1], ceil_mode=1)
+        return self.reduce("ReduceMax", img, [0, 1, 2])
+
     def peak(self, ax: ir.Value, token_absmax: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(token, channel) of the first largest |x| in row-major order, from ``|x| [n, width]``."""
         token = self.op("ArgMax", [token_absmax], axis=0, keepdims=0)
@@ -150,10 +162,11 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     out["min"] = b.reduce("ReduceMin", b.reduce("ReduceMin", xv, [-1]), None)
     out["absmax"] = b.reduce("ReduceMax", tok_absmax, None)
     out["absmax_token"], out["absmax_channel"] = b.peak(ax, tok_absmax)
-    out["per_channel_absmax"] = b.reduce("ReduceMax", ax, [0])
+    out["per_channel_absmax"] = b.column_max(ax)
     out["count"] = b.op("Size", [xv])
     out["sum"] = b.total(tok_sum, f64)
-    out["sum_sq"] = b.total(b.reduce("ReduceSumSquare", xv, [-1]), f64)
+    # Mul + ReduceSum: onnxruntime's CPU ReduceSumSquare is slower than the two together.
+    out["sum_sq"] = b.total(b.reduce("ReduceSum", b.op("Mul", [ax, ax]), [-1]), f64)
     out["abs_sum"] = b.total(b.reduce("ReduceSum", ax, [-1]), f64)
     zero = b.const(np.array(0, np.int64), "zero_count")
     out["nan_count"] = b.op("Identity", [zero])
@@ -255,7 +268,7 @@ def _exact_reductions(b: ReductionBuilder, xv: ir.Value):
     tok_absmax = b.reduce("ReduceMax", ax, [-1])
     out["absmax"] = b.reduce("ReduceMax", tok_absmax, None)
     out["absmax_token"], out["absmax_channel"] = b.peak(ax, tok_absmax)
-    out["per_channel_absmax"] = b.reduce("ReduceMax", ax, [0])
+    out["per_channel_absmax"] = b.column_max(ax)
     xz = b.op("Where", [finite, xv, zero])
 
     def count(mask: ir.Value) -> ir.Value:
