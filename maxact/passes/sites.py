@@ -124,12 +124,13 @@ def scoped_names(node: ir.Node) -> list[str]:
     return ["/" + "/".join(m.replace("@", ".") for m in modules[k:]) + "/" + parts[-1] for k in range(len(modules))]
 
 
-def _scope_nodes(graph: ir.Graph, pattern: SitePattern) -> dict[int | None, list[ir.Node]]:
-    """Nodes inside the pattern's module scope, grouped by layer (None for model-level)."""
+def _scope_nodes(named: list[tuple[ir.Node, list[str]]], pattern: SitePattern) -> dict[int | None, list[ir.Node]]:
+    """Nodes inside the pattern's module scope, grouped by layer (None for model-level), from
+    ``named``: every node of the graph in order with its :func:`scoped_names`."""
     rx = pattern.scope_regex()
     found: dict[int | None, list[ir.Node]] = {}
-    for node in graph:
-        m = next((m for n in scoped_names(node) if (m := rx.match(n))), None)
+    for node, names in named:
+        m = rx.match(names[0]) if len(names) == 1 else next((m for n in names if (m := rx.match(n))), None)
         if m:
             layer = int(m.group("layer")) if pattern.per_layer else None
             found.setdefault(layer, []).append(node)
@@ -162,12 +163,12 @@ def _module_input(nodes: list[ir.Node]) -> ir.Value | None:
     return None
 
 
-def _named_sites(graph: ir.Graph, family: Family, want_logits: bool) -> list[Site]:
+def _named_sites(named: list[tuple[ir.Node, list[str]]], family: Family, want_logits: bool) -> list[Site]:
     sites = []
     for pattern in family.patterns:
         if pattern.role == "logits" and not want_logits:
             continue
-        for layer, nodes in _scope_nodes(graph, pattern).items():
+        for layer, nodes in _scope_nodes(named, pattern).items():
             value = _module_output(nodes) if pattern.tap == "output" else _module_input(nodes)
             if value is None:
                 continue
@@ -233,8 +234,9 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
     # most sites (ties: the earlier table).
     best: tuple[int, Family | None, list[Site]] = (0, None, [])
     chosen = family_for_model_type(model_type) if model_type else None
+    scoped = [(node, scoped_names(node)) for node in graph]  # once, not once per table and pattern
     for fam in [chosen] if chosen else FAMILIES:
-        named = _named_sites(graph, fam, want_logits)
+        named = _named_sites(scoped, fam, want_logits)
         if len(named) > best[0]:
             best = (len(named), fam, named)
     _, family, named = best
