@@ -157,9 +157,10 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     out: dict[str, ir.Value] = {}
     ax = b.op("Abs", [xv])
     tok_sum = b.reduce("ReduceSum", xv, [-1])
-    tok_absmax = b.reduce("ReduceMax", ax, [-1])
-    out["max"] = b.reduce("ReduceMax", b.reduce("ReduceMax", xv, [-1]), None)
-    out["min"] = b.reduce("ReduceMin", b.reduce("ReduceMin", xv, [-1]), None)
+    tok_max, tok_min = b.reduce("ReduceMax", xv, [-1]), b.reduce("ReduceMin", xv, [-1])
+    tok_absmax = b.op("Max", [tok_max, b.op("Neg", [tok_min])])  # exact, and one pass fewer than |x|'s
+    out["max"] = b.reduce("ReduceMax", tok_max, None)
+    out["min"] = b.reduce("ReduceMin", tok_min, None)
     out["absmax"] = b.reduce("ReduceMax", tok_absmax, None)
     out["absmax_token"], out["absmax_channel"] = b.peak(ax, tok_absmax)
     out["per_channel_absmax"] = b.column_max(ax)
