@@ -147,3 +147,63 @@ def test_io_binding_gives_the_same_outputs():
     assert plain.keys() == bound.keys() and len(plain) > 100
     for name in plain:
         np.testing.assert_array_equal(bound[name], plain[name], err_msg=name)
+
+
+def _width_model(width: int):
+    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["b", "t", width]))
+    node = ir.node("Identity", [x])
+    y = node.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(["b", "t", width])
+    return ir.Model(ir.Graph([x], [y], nodes=[node], opset_imports={"": 18}), ir_version=9), y
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 8, 576])
+@pytest.mark.parametrize("variant", ["fast", "exact"])
+def test_sun_median_and_histogram_match_numpy(width, variant):
+    """The per-token lower median (found through the token's histogram, not a sort) and the
+    histogram against numpy, on rows built to hit the edge cases: ties across the median, a
+    median of 0 (no ratio), values below 1e-8 and above 1e8 (the clipped end bins), +-Inf (exact
+    variant: an infinite ratio), many values in the median's bin, and padding."""
+    rng = np.random.default_rng(width)
+    b, t = 3, 9
+    x = (rng.standard_normal((b, t, width)) * 10.0 ** rng.integers(-3, 4, size=(b, t, 1))).astype(np.float32)
+    x[0, 0] = 0.0  # median 0
+    x[0, 1] = np.float32(3.25)  # every value tied
+    x[0, 2, ::2] = 1e-9  # below the first bin
+    x[0, 3] = rng.choice(np.float32([-2.0, 2.0, 5e8, 1e-12]), size=width)
+    x[1, 0] = (1.0 + rng.random(width) * 1e-3).astype(np.float32)  # all in one bin
+    x[1, 1, 0] = 3e5  # a massive activation (ratio > 1000)
+    if variant == "exact" and width > 2:
+        x[1, 2, :2] = np.inf  # ratio +Inf
+        x[1, 3, 0] = -np.inf
+    mask = np.ones((b, t), dtype=bool)
+    mask[2, 5:] = False
+    model, y = _width_model(width)
+    InstrumentPass([Site("residual", 0, y)], variant=variant)(model)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = {k.rsplit("/", 1)[1]: v for k, v in zip(names, sess.run(names, {"x": x, TOKEN_MASK: mask}))}
+
+    rows = np.abs(x[mask])  # [n, width], row-major valid tokens
+    med = np.sort(rows, axis=1)[:, (width - 1) // 2]  # lower median, as torch.median
+    tok_max = rows.max(axis=1)
+    has = med > 0
+    ratio = np.where(has, tok_max / np.where(has, med, 1), 0).astype(np.float32)
+    peak_token = int(np.argmax(tok_max))
+    assert got["sun_n_tokens"] == len(rows)
+    assert got["sun_n_ratio"] == has.sum()
+    assert got["sun_peak_token_median"] == med[peak_token]
+    np.testing.assert_array_equal(got["sun_max_ratio"], ratio.max())
+    finite = np.isfinite(ratio)
+    assert np.isfinite(got["sun_ratio_sum"]) == finite.all()
+    if finite.all():
+        np.testing.assert_allclose(got["sun_ratio_sum"], ratio.astype(np.float64).sum(), rtol=1e-12)
+        np.testing.assert_allclose(got["sun_ratio_sum_sq"], (ratio.astype(np.float64) ** 2).sum(), rtol=1e-12)
+    assert got["sun_n_pass"] == ((tok_max > 100) & (ratio > 1000)).sum()
+    # The histogram: every valid value counted once, in the bin numpy's float32 arithmetic gives.
+    with np.errstate(divide="ignore"):
+        t_bin = np.log(rows) * np.float32(32 / np.log(10.0)) + np.float32(8 * 32 + 1)
+    bins = np.clip(t_bin, 0, 512).astype(np.int32)
+    want = np.bincount(bins.ravel(), minlength=513)
+    assert got["hist"].sum() == rows.size
+    assert np.abs(got["hist"] - want).sum() <= 2  # at most one value a bin apart (float32 Log vs numpy's)

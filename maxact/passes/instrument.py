@@ -221,14 +221,60 @@ def _study_reductions(
     out["topk_token"] = b.op("Gather", [top_tokens, b.op("Div", [flat_idx, width_scalar])], axis=0)
     out["topk_channel"] = b.op("Mod", [flat_idx, width_scalar])
 
-    # Sun et al.: the lower median of |x| over the width is the largest of its smallest
-    # (width - 1) // 2 + 1 values.
+    # Histogram bin of every |x|: trunc(log10|x| * 32 + 8 * 32 + 1), clipped to [0, 512]; log(0)
+    # = -inf -> 0. The bin is a non-decreasing function of |x| (Log, a positive scale and shift,
+    # Clip and truncation all are), which the median below relies on.
+    scale = b.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
+    offset = b.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
+    t = b.op("Add", [b.op("Mul", [b.op("Log", [ax]), scale]), offset])
+    # Float clip first (+Inf -> last bin, -Inf -> 0); NaN (only in batches the caller redoes)
+    # survives it and becomes int32 min in the cast, so the fast variant clips the ints again.
+    t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
+                      b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
+    bins = b.op("Cast", [t], to=ir.DataType.INT32)  # [n, width]
+    if not exact:
+        bins = b.op("Max", [bins, b.const(np.array(0, np.int32), "zero_i32")])
+    # One histogram per token, [n, 513], by one ScatterElements into n * 513 counters (token i's
+    # bins at i * 513 + bin); the batch's histogram is their sum.
+    n_bins = HIST_BINS + 1
+    n32 = b.op("Cast", [n], to=ir.DataType.INT32)
+    row_start = b.op("Mul", [b.op("Range", [b.const(np.array(0, np.int32), "zero_i32"), b.op("Squeeze", [n32]),
+                                             b.const(np.array(1, np.int32), "one_i32")]),
+                             b.const(np.array(n_bins, np.int32), "hist_bins")])
+    slots = b.op("Add", [bins, b.op("Unsqueeze", [row_start, b.const(np.array([1], np.int64), "second")])])
+    slots = b.op("Reshape", [slots, b.const(np.array([-1], np.int64), "flat")])
+    ones = b.op("ConstantOfShape", [b.op("Shape", [slots])], value=ir.tensor(np.array([1], np.int32)))
+    counters = b.op("ConstantOfShape", [b.op("Mul", [n, b.const(np.array([n_bins], np.int64), "hist_bins_i64")])],
+                    value=ir.tensor(np.array([0], np.int32)))
+    token_hist = b.op("ScatterElements", [counters, slots, ones], axis=0, reduction="add")
+    token_hist = b.op("Reshape", [token_hist, b.const(np.array([-1, n_bins], np.int64), "hist_rows")])
+    # Summed in int32 (a batch's count per bin is below 2**31 up to 2**31 values per site).
+    out["hist"] = b.op("Cast", [b.reduce("ReduceSum", token_hist, [0])], to=i64)
+
+    # Sun et al.: ratio = max|x| / (lower) median |x| per token, the median being the m-th
+    # smallest |x| with m = (width - 1) // 2 + 1. Exactly, without sorting the row: the median
+    # lies in the first bin whose cumulative count reaches m (bins are ordered as |x| is), as
+    # the r-th smallest of that bin's values, r = m - (count in the bins before). So every other
+    # value is set to +inf and a TopK of the r_max smallest (r_max = the batch's largest r, a
+    # few dozen in practice: a bin is 1/32 decade wide) finds it. TopK of the whole half row
+    # cost more than all the model's MatMuls (benchmarks/README.md).
     one = b.const(np.array([1], np.int64), "one")
     two = b.const(np.array([2], np.int64), "two")
-    k_med = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), two]), one])
-    smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, k_med], num_outputs=2,
-                                                 attributes={"axis": -1, "largest": 0, "sorted": 0})
-    median = b.reduce("ReduceMax", smallest, [-1])  # [n]
+    m = b.op("Cast", [b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), two]), one])], to=ir.DataType.INT32)
+    through = b.op("CumSum", [token_hist, b.const(np.array(1, np.int32), "axis_one")])  # [n, 513], inclusive
+    median_bin = b.op("ArgMax", [b.op("Cast", [b.op("GreaterOrEqual", [through, m]), ], to=ir.DataType.INT32)],
+                      axis=1, keepdims=1)  # [n, 1] int64: the first bin reaching m
+    before = b.op("Sub", [b.op("GatherElements", [through, median_bin], axis=1),
+                          b.op("GatherElements", [token_hist, median_bin], axis=1)])  # [n, 1]
+    rank = b.op("Sub", [m, before])  # [n, 1] int32, >= 1
+    in_bin = b.op("Equal", [bins, b.op("Cast", [median_bin], to=ir.DataType.INT32)])
+    candidates = b.op("Where", [in_bin, ax, b.const(np.array(np.inf, np.float32), "pos_inf")])
+    r_max = b.op("Reshape", [b.op("Cast", [b.reduce("ReduceMax", rank, None)], to=i64), one])
+    smallest, smallest_idx = b.tape.op_multi_out("TopK", [candidates, r_max], num_outputs=2,
+                                                 attributes={"axis": -1, "largest": 0, "sorted": 1})
+    at_rank = b.op("Cast", [b.op("Sub", [rank, b.const(np.array(1, np.int32), "one_i32")])], to=i64)
+    median = b.op("Squeeze", [b.op("GatherElements", [smallest, at_rank], axis=1),
+                              b.const(np.array([1], np.int64), "second")])  # [n]
     has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
     safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
     ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
@@ -239,7 +285,7 @@ def _study_reductions(
     out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
     out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
     # The token count is read off TopK's index output: an output nothing reads is kept by
-    # onnxruntime until the run ends ([n, width/2] int64 per site, GBs over a model).
+    # onnxruntime until the run ends.
     rows_seen = b.op("Gather", [b.op("Shape", [smallest_idx]), b.const(np.array([0], np.int64), "first")], axis=0)
     out["sun_n_tokens"] = b.reduce("ReduceSum", rows_seen, None)
     passes = b.op("And", [
@@ -247,22 +293,6 @@ def _study_reductions(
         b.op("Greater", [ratio, b.const(np.array(SUN_MIN_RATIO, np.float32), "sun_ratio")]),
     ])
     out["sun_n_pass"] = b.total(b.op("Cast", [passes], to=f32), i64)
-
-    # Histogram: bin = trunc(log10|x| * 32 + 8 * 32 + 1), clipped to [0, 512]; log(0) = -inf -> 0.
-    scale = b.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
-    offset = b.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
-    t = b.op("Add", [b.op("Mul", [b.op("Log", [ax]), scale]), offset])
-    # Float clip first (+Inf -> last bin, -Inf -> 0); NaN (only in batches the caller redoes)
-    # survives it and becomes int32 min in the cast, so the fast variant clips the ints again.
-    t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
-                      b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
-    idx = b.op("Cast", [t], to=ir.DataType.INT32)
-    if not exact:
-        idx = b.op("Max", [idx, b.const(np.array(0, np.int32), "zero_i32")])
-    idx = b.op("Reshape", [idx, b.const(np.array([-1], np.int64), "flat")])
-    ones = b.op("ConstantOfShape", [b.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int32)))
-    empty = b.const(np.zeros(HIST_BINS + 1, np.int32), "hist_empty")
-    out["hist"] = b.op("Cast", [b.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")], to=i64)
     return out
 
 
