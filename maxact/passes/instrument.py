@@ -142,26 +142,12 @@ class ReductionBuilder:
 
 
 def valid_rows(b: ReductionBuilder, x: ir.Value, valid_index: ir.Value, cast: bool,
-               token_rows: ir.Value | None = None, unpadded: ir.Value | None = None,
-               name: str = "rows") -> ir.Value:
+               token_rows: ir.Value | None = None) -> ir.Value:
     """The site's valid tokens as rows ``[n_valid, width]`` (float32). ``x`` is ``[batch, seq,
     width]``, or ``[batch * seq, width]`` where ``token_rows`` (the int64 shape ``[batch * seq, -1]``)
-    is given (graphs that flatten the tokens around the MLP, like OPT).
-
-    With ``unpadded`` (a bool scalar, True when the batch has no padding) the rows are gathered
-    only in padded batches: an ``If`` hands the tensor itself through otherwise, which
-    onnxruntime does without a copy (a Gather of every row is a full copy of the site). ``name``
-    prefixes the names of the values inside the ``If``'s branches (unique per site)."""
+    is given (graphs that flatten the tokens around the MLP, like OPT)."""
     flat = b.op("Flatten", [x], axis=2) if token_rows is None else b.op("Reshape", [x, token_rows])
-    if unpadded is None:
-        rows = b.op("Gather", [flat, valid_index], axis=0)
-    else:
-        same = ir.node("Identity", [flat], outputs=[ir.Value(name=f"{name}/all")])
-        gathered = ir.node("Gather", [flat, valid_index], attributes={"axis": 0},
-                           outputs=[ir.Value(name=f"{name}/valid")])
-        rows = b.op("If", [unpadded],
-                    then_branch=ir.Graph([], same.outputs, nodes=[same], name=f"{name}/unpadded"),
-                    else_branch=ir.Graph([], gathered.outputs, nodes=[gathered], name=f"{name}/padded"))
+    rows = b.op("Gather", [flat, valid_index], axis=0)
     return b.op("Cast", [rows], to=ir.DataType.FLOAT) if cast else rows
 
 
@@ -374,7 +360,6 @@ class InstrumentPass(ir.passes.InPlacePass):
         valid_index = b.op("Reshape", [b.op("NonZero", [flat_mask]), b.const(np.array([-1], np.int64), "flat")])
         n_tokens = b.op("Reshape", [b.op("Size", [mask]), b.const(np.array([1], np.int64), "one_dim")])
         token_rows = b.op("Concat", [n_tokens, b.const(np.array([-1], np.int64), "flat")], axis=0)
-        unpadded = b.op("Equal", [b.op("Size", [valid_index]), b.op("Size", [mask])])
 
         reductions = _fast_reductions if self.variant == "fast" else _exact_reductions
         specs = STATISTICS + ((NONFINITE_TOKENS,) if self.variant == "fast" else ())
@@ -387,8 +372,7 @@ class InstrumentPass(ir.passes.InPlacePass):
             # A site of unknown dtype in a graph said to be float32 is cast all the same (a float32
             # Cast is removed by onnxruntime; a bfloat16 one is needed).
             cast = not (self.float32 and site.value.dtype == ir.DataType.FLOAT)
-            rows = valid_rows(b, site.value, valid_index, cast=cast, token_rows=token_rows,
-                              unpadded=unpadded, name=f"maxact_rows/{site.site_id}")
+            rows = valid_rows(b, site.value, valid_index, cast=cast, token_rows=token_rows)
             if self.reducer is not None:
                 made = self.reducer(b, site, rows)
                 stats = {k: v for k, (v, _) in made.items()}
