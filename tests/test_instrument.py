@@ -5,6 +5,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from maxact.passes import instrument
 from maxact.passes.instrument import STATISTICS, TOKEN_MASK, InstrumentPass, output_name
 from maxact.passes.sites import Site
 from maxact.runtime.merge import SiteStats
@@ -159,9 +160,10 @@ def _width_model(width: int):
 
 @pytest.mark.parametrize("width", [1, 2, 7, 8, 576])
 @pytest.mark.parametrize("variant", ["fast", "exact"])
-def test_sun_median_and_histogram_match_numpy(width, variant):
-    """The per-token lower median (found through the token's histogram, not a sort) and the
-    histogram against numpy, on rows built to hit the edge cases: ties across the median, a
+@pytest.mark.parametrize("method", ["bins", "sort"])
+def test_sun_median_and_histogram_match_numpy(width, variant, method, monkeypatch):
+    """The per-token lower median, both ways (through the token's histogram, and by a TopK of
+    half the row), and the histogram against numpy, on rows built to hit the edge cases: ties across the median, a
     median of 0 (no ratio), values below 1e-8 and above 1e8 (the clipped end bins), +-Inf (exact
     variant: an infinite ratio), many values in the median's bin, and padding."""
     rng = np.random.default_rng(width)
@@ -178,6 +180,7 @@ def test_sun_median_and_histogram_match_numpy(width, variant):
         x[1, 3, 0] = -np.inf
     mask = np.ones((b, t), dtype=bool)
     mask[2, 5:] = False
+    monkeypatch.setattr(instrument, "MEDIAN_BY_BINS_MIN_WIDTH", 0 if method == "bins" else 10**9)
     model, y = _width_model(width)
     InstrumentPass([Site("residual", 0, y)], variant=variant)(model)
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])

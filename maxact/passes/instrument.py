@@ -178,13 +178,20 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     return out, xv, ax, tok_absmax
 
 
+#: Below this width the median is taken by a TopK of half of each row (cheaper there than the
+#: per-token histograms of :func:`_median_by_bins`, which cost [n, 513] whatever the width).
+MEDIAN_BY_BINS_MIN_WIDTH = 256
+
+
 def _study_reductions(
-    b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool
+    b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool,
+    width_hint: int | None = None,
 ) -> dict[str, ir.Value]:
     """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``).
 
     With ``exact`` False the values may hold NaN only in batches the caller redoes; the graph must
-    merely not fail on them."""
+    merely not fail on them. ``width_hint``: the site's static width, if known, which chooses how
+    the median is found (:data:`MEDIAN_BY_BINS_MIN_WIDTH`); both ways give the same values."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
     shape = b.op("Shape", [xs])
@@ -207,9 +214,36 @@ def _study_reductions(
     out["topk_token"] = b.op("Gather", [top_tokens, b.op("Div", [flat_idx, width_scalar])], axis=0)
     out["topk_channel"] = b.op("Mod", [flat_idx, width_scalar])
 
-    # Histogram bin of every |x|: trunc(log10|x| * 32 + 8 * 32 + 1), clipped to [0, 512]; log(0)
-    # = -inf -> 0. The bin is a non-decreasing function of |x| (Log, a positive scale and shift,
-    # Clip and truncation all are), which the median below relies on.
+    bins = _hist_bins(b, ax, exact)
+    if width_hint is not None and width_hint < MEDIAN_BY_BINS_MIN_WIDTH:
+        median, out["hist"], rows_of = _median_by_sort(b, ax, bins, width)
+    else:
+        median, out["hist"], rows_of = _median_by_bins(b, ax, bins, n, width)
+    has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
+    safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
+    ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
+    ratio64 = b.op("Cast", [ratio], to=f64)
+    out["sun_peak_token_median"] = b.op("Gather", [median, absmax_token], axis=0)
+    out["sun_max_ratio"] = b.reduce("ReduceMax", ratio, None)
+    out["sun_ratio_sum"] = b.reduce("ReduceSum", ratio64, None)
+    out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
+    out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
+    # The token count is read off TopK's index output: an output nothing reads is kept by
+    # onnxruntime until the run ends.
+    rows_seen = b.op("Gather", [b.op("Shape", [rows_of]), b.const(np.array([0], np.int64), "first")], axis=0)
+    out["sun_n_tokens"] = b.reduce("ReduceSum", rows_seen, None)
+    passes = b.op("And", [
+        b.op("Greater", [tok_absmax, b.const(np.array(SUN_MIN_ABS, np.float32), "sun_abs")]),
+        b.op("Greater", [ratio, b.const(np.array(SUN_MIN_RATIO, np.float32), "sun_ratio")]),
+    ])
+    out["sun_n_pass"] = b.total(b.op("Cast", [passes], to=f32), i64)
+    return out
+
+
+def _hist_bins(b: ReductionBuilder, ax: ir.Value, exact: bool) -> ir.Value:
+    """The histogram bin of every |x|, int32 ``[n, width]``: trunc(log10|x| * 32 + 8 * 32 + 1),
+    clipped to [0, 512]; log(0) = -inf -> 0. The bin is a non-decreasing function of |x| (Log, a
+    positive scale and shift, Clip and truncation all are), which :func:`_median_by_bins` relies on."""
     scale = b.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
     offset = b.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
     t = b.op("Add", [b.op("Mul", [b.op("Log", [ax]), scale]), offset])
@@ -217,9 +251,31 @@ def _study_reductions(
     # survives it and becomes int32 min in the cast, so the fast variant clips the ints again.
     t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
                       b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
-    bins = b.op("Cast", [t], to=ir.DataType.INT32)  # [n, width]
+    bins = b.op("Cast", [t], to=ir.DataType.INT32)
     if not exact:
         bins = b.op("Max", [bins, b.const(np.array(0, np.int32), "zero_i32")])
+    return bins
+
+
+def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, width: ir.Value):
+    """(lower median |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
+    dimension is n) by a TopK of the (width - 1) // 2 + 1 smallest |x| of every row."""
+    one = b.const(np.array([1], np.int64), "one")
+    k_med = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), b.const(np.array([2], np.int64), "two")]), one])
+    smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, k_med], num_outputs=2,
+                                                 attributes={"axis": -1, "largest": 0, "sorted": 0})
+    median = b.reduce("ReduceMax", smallest, [-1])  # the largest of the k smallest
+    idx = b.op("Reshape", [bins, b.const(np.array([-1], np.int64), "flat")])
+    ones = b.op("ConstantOfShape", [b.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int32)))
+    empty = b.const(np.zeros(HIST_BINS + 1, np.int32), "hist_empty")
+    hist = b.op("Cast", [b.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")], to=ir.DataType.INT64)
+    return median, hist, smallest_idx
+
+
+def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, width: ir.Value):
+    """(lower median |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
+    dimension is n) from per-token histograms, without sorting the rows."""
+    i64 = ir.DataType.INT64
     # One histogram per token, [n, 513], by one ScatterElements into n * 513 counters (token i's
     # bins at i * 513 + bin); the batch's histogram is their sum.
     n_bins = HIST_BINS + 1
@@ -235,51 +291,44 @@ def _study_reductions(
     token_hist = b.op("ScatterElements", [counters, slots, ones], axis=0, reduction="add")
     token_hist = b.op("Reshape", [token_hist, b.const(np.array([-1, n_bins], np.int64), "hist_rows")])
     # Summed in int32 (a batch's count per bin is below 2**31 up to 2**31 values per site).
-    out["hist"] = b.op("Cast", [b.reduce("ReduceSum", token_hist, [0])], to=i64)
+    hist = b.op("Cast", [b.reduce("ReduceSum", token_hist, [0])], to=i64)
 
     # Sun et al.: ratio = max|x| / (lower) median |x| per token, the median being the m-th
     # smallest |x| with m = (width - 1) // 2 + 1. Exactly, without sorting the row: the median
     # lies in the first bin whose cumulative count reaches m (bins are ordered as |x| is), as
-    # the r-th smallest of that bin's values, r = m - (count in the bins before). So every other
-    # value is set to +inf and a TopK of the r_max smallest (r_max = the batch's largest r, a
-    # few dozen in practice: a bin is 1/32 decade wide) finds it. TopK of the whole half row
+    # the r-th smallest of that bin's c values, r = m - (count in the bins before). NonZero
+    # lists those values row by row (row-major), they are laid out as a [n, c_max] matrix
+    # (+inf past each row's c), and a TopK of the r_max smallest picks them. c_max is a few
+    # dozen to a few hundred in practice (a bin is 1/32 decade wide); TopK of half of every row
     # cost more than all the model's MatMuls (benchmarks/README.md).
-    one = b.const(np.array([1], np.int64), "one")
-    two = b.const(np.array([2], np.int64), "two")
-    m = b.op("Cast", [b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), two]), one])], to=ir.DataType.INT32)
+    i64_one = b.const(np.array([1], np.int64), "one")
+    flat = b.const(np.array([-1], np.int64), "flat")
+    half = b.op("Div", [b.op("Sub", [width, i64_one]), b.const(np.array([2], np.int64), "two")])
+    m = b.op("Cast", [b.op("Add", [half, i64_one])], to=ir.DataType.INT32)
     through = b.op("CumSum", [token_hist, b.const(np.array(1, np.int32), "axis_one")])  # [n, 513], inclusive
-    median_bin = b.op("ArgMax", [b.op("Cast", [b.op("GreaterOrEqual", [through, m]), ], to=ir.DataType.INT32)],
+    median_bin = b.op("ArgMax", [b.op("Cast", [b.op("GreaterOrEqual", [through, m])], to=ir.DataType.INT32)],
                       axis=1, keepdims=1)  # [n, 1] int64: the first bin reaching m
-    before = b.op("Sub", [b.op("GatherElements", [through, median_bin], axis=1),
-                          b.op("GatherElements", [token_hist, median_bin], axis=1)])  # [n, 1]
-    rank = b.op("Sub", [m, before])  # [n, 1] int32, >= 1
-    in_bin = b.op("Equal", [bins, b.op("Cast", [median_bin], to=ir.DataType.INT32)])
-    candidates = b.op("Where", [in_bin, ax, b.const(np.array(np.inf, np.float32), "pos_inf")])
-    r_max = b.op("Reshape", [b.op("Cast", [b.reduce("ReduceMax", rank, None)], to=i64), one])
+    in_median_bin = b.op("GatherElements", [token_hist, median_bin], axis=1)  # c: [n, 1] int32, >= 1
+    rank = b.op("Sub", [m, b.op("Sub", [b.op("GatherElements", [through, median_bin], axis=1), in_median_bin])])
+    in_bin = b.op("Equal", [bins, b.op("Cast", [median_bin], to=ir.DataType.INT32)])  # [n, width]
+    where = b.op("Reshape", [b.op("NonZero", [b.op("Reshape", [in_bin, flat])]), flat])  # int64 [sum c]
+    values = b.op("Gather", [b.op("Reshape", [ax, flat]), where], axis=0)
+    count = b.op("Cast", [in_median_bin], to=i64)
+    first = b.op("CumSum", [count, b.const(np.array(0, np.int32), "axis_zero")], exclusive=1)  # [n, 1]
+    c_max = b.reduce("ReduceMax", count, None)
+    column = b.op("Range", [b.const(np.array(0, np.int64), "zero_i64"), c_max,
+                            b.const(np.array(1, np.int64), "one_i64")])  # [c_max]
+    last = b.op("Sub", [b.op("Size", [values]), b.const(np.array(1, np.int64), "one_i64")])
+    slot = b.op("Min", [b.op("Add", [first, column]), last])  # [n, c_max]
+    candidates = b.op("Where", [b.op("Less", [column, count]), b.op("Gather", [values, slot], axis=0),
+                                b.const(np.array(np.inf, np.float32), "pos_inf")])
+    r_max = b.op("Reshape", [b.op("Cast", [b.reduce("ReduceMax", rank, None)], to=i64), i64_one])
     smallest, smallest_idx = b.tape.op_multi_out("TopK", [candidates, r_max], num_outputs=2,
                                                  attributes={"axis": -1, "largest": 0, "sorted": 1})
     at_rank = b.op("Cast", [b.op("Sub", [rank, b.const(np.array(1, np.int32), "one_i32")])], to=i64)
     median = b.op("Squeeze", [b.op("GatherElements", [smallest, at_rank], axis=1),
                               b.const(np.array([1], np.int64), "second")])  # [n]
-    has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
-    safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
-    ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
-    ratio64 = b.op("Cast", [ratio], to=f64)
-    out["sun_peak_token_median"] = b.op("Gather", [median, absmax_token], axis=0)
-    out["sun_max_ratio"] = b.reduce("ReduceMax", ratio, None)
-    out["sun_ratio_sum"] = b.reduce("ReduceSum", ratio64, None)
-    out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
-    out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
-    # The token count is read off TopK's index output: an output nothing reads is kept by
-    # onnxruntime until the run ends.
-    rows_seen = b.op("Gather", [b.op("Shape", [smallest_idx]), b.const(np.array([0], np.int64), "first")], axis=0)
-    out["sun_n_tokens"] = b.reduce("ReduceSum", rows_seen, None)
-    passes = b.op("And", [
-        b.op("Greater", [tok_absmax, b.const(np.array(SUN_MIN_ABS, np.float32), "sun_abs")]),
-        b.op("Greater", [ratio, b.const(np.array(SUN_MIN_RATIO, np.float32), "sun_ratio")]),
-    ])
-    out["sun_n_pass"] = b.total(b.op("Cast", [passes], to=f32), i64)
-    return out
+    return median, hist, smallest_idx
 
 
 def _exact_reductions(b: ReductionBuilder, xv: ir.Value):
@@ -380,8 +429,10 @@ class InstrumentPass(ir.passes.InPlacePass):
             else:
                 stats, xs, ax, tok_absmax = reductions(b, rows)
                 if self.study:
+                    dims = site.value.shape.dims if site.value.shape is not None else ()
+                    width = dims[-1] if dims and isinstance(dims[-1], int) else None
                     stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
-                                                   exact=self.variant == "exact"))
+                                                   exact=self.variant == "exact", width_hint=width))
                 site_specs = specs
             placed.append((site.value.producer(), b.tape.nodes))
             for spec in site_specs:
