@@ -150,7 +150,7 @@ def test_io_binding_gives_the_same_outputs():
         np.testing.assert_array_equal(bound[name], plain[name], err_msg=name)
 
 
-def _width_model(width: int):
+def _width_model(width: int | str):
     x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["b", "t", width]))
     node = ir.node("Identity", [x])
     y = node.outputs[0]
@@ -161,9 +161,11 @@ def _width_model(width: int):
 @pytest.mark.parametrize("width", [1, 2, 7, 8, 576])
 @pytest.mark.parametrize("variant", ["fast", "exact"])
 @pytest.mark.parametrize("method", ["bins", "sort"])
-def test_sun_median_and_histogram_match_numpy(width, variant, method, monkeypatch):
+@pytest.mark.parametrize("static", [True, False])
+def test_sun_median_and_histogram_match_numpy(width, variant, method, static, monkeypatch):
     """The per-token lower median, both ways (through the token's histogram, and by a TopK of
-    half the row), and the histogram against numpy, on rows built to hit the edge cases: ties across the median, a
+    half the row; chosen when the graph is made where the site's width is known, else by an If
+    when it runs), and the histogram against numpy, on rows built to hit the edge cases: ties across the median, a
     median of 0 (no ratio), values below 1e-8 and above 1e8 (the clipped end bins), +-Inf (exact
     variant: an infinite ratio), many values in the median's bin, and padding."""
     rng = np.random.default_rng(width)
@@ -181,8 +183,9 @@ def test_sun_median_and_histogram_match_numpy(width, variant, method, monkeypatc
     mask = np.ones((b, t), dtype=bool)
     mask[2, 5:] = False
     monkeypatch.setattr(instrument, "MEDIAN_BY_BINS_MIN_WIDTH", 0 if method == "bins" else 10**9)
-    model, y = _width_model(width)
+    model, y = _width_model(width if static else "width")
     InstrumentPass([Site("residual", 0, y)], variant=variant)(model)
+    assert any(n.op_type == "If" for n in model.graph) != static
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     got = {k.rsplit("/", 1)[1]: v for k, v in zip(names, sess.run(names, {"x": x, TOKEN_MASK: mask}))}

@@ -185,13 +185,14 @@ MEDIAN_BY_BINS_MIN_WIDTH = 256
 
 def _study_reductions(
     b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool,
-    width_hint: int | None = None,
+    width_hint: int | None = None, name: str = "study",
 ) -> dict[str, ir.Value]:
     """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``).
 
     With ``exact`` False the values may hold NaN only in batches the caller redoes; the graph must
     merely not fail on them. ``width_hint``: the site's static width, if known, which chooses how
-    the median is found (:data:`MEDIAN_BY_BINS_MIN_WIDTH`); both ways give the same values."""
+    the median is found (:data:`MEDIAN_BY_BINS_MIN_WIDTH`); both ways give the same values.
+    Without it an ``If`` chooses at run time; ``name`` prefixes the names of its branches' values."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
     shape = b.op("Shape", [xs])
@@ -215,10 +216,12 @@ def _study_reductions(
     out["topk_channel"] = b.op("Mod", [flat_idx, width_scalar])
 
     bins = _hist_bins(b, ax, exact)
-    if width_hint is not None and width_hint < MEDIAN_BY_BINS_MIN_WIDTH:
-        median, out["hist"], rows_of = _median_by_sort(b, ax, bins, width)
-    else:
-        median, out["hist"], rows_of = _median_by_bins(b, ax, bins, n, width)
+    if width_hint is not None:
+        how = _median_by_sort if width_hint < MEDIAN_BY_BINS_MIN_WIDTH else _median_by_bins
+        median, out["hist"], rows_of = how(b, ax, bins, n, width)
+    else:  # a width onnx-ir does not know: chosen when the graph runs
+        median, out["hist"] = _median_by_width(b, ax, bins, n, width, name)
+        rows_of = ax
     has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
     safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
     ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
@@ -257,7 +260,7 @@ def _hist_bins(b: ReductionBuilder, ax: ir.Value, exact: bool) -> ir.Value:
     return bins
 
 
-def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, width: ir.Value):
+def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, width: ir.Value):
     """(lower median |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
     dimension is n) by a TopK of the (width - 1) // 2 + 1 smallest |x| of every row."""
     one = b.const(np.array([1], np.int64), "one")
@@ -329,6 +332,26 @@ def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Val
     median = b.op("Squeeze", [b.op("GatherElements", [smallest, at_rank], axis=1),
                               b.const(np.array([1], np.int64), "second")])  # [n]
     return median, hist, smallest_idx
+
+
+def _median_by_width(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, width: ir.Value,
+                     name: str) -> tuple[ir.Value, ir.Value]:
+    """(median ``[n]``, histogram ``[513]``) by :func:`_median_by_sort` or :func:`_median_by_bins`,
+    chosen by an ``If`` on the width when the graph runs (for sites of unknown static width)."""
+    branches = {}
+    for way, how in (("sort", _median_by_sort), ("bins", _median_by_bins)):
+        outer, b.tape = b.tape, ir.tape.Tape()
+        median, hist, _ = how(b, ax, bins, n, width)
+        nodes, b.tape = b.tape.nodes, outer
+        for i, node in enumerate(nodes):  # unique names: a branch's values must not shadow others
+            for j, out in enumerate(node.outputs):
+                out.name = f"{name}/median_by_{way}/{i}_{j}"
+        branches[way] = ir.Graph([], [median, hist], nodes=nodes, name=f"{name}/median_by_{way}")
+    small = b.op("Less", [b.op("Squeeze", [width]),
+                          b.const(np.array(MEDIAN_BY_BINS_MIN_WIDTH, np.int64), "median_by_bins_width")])
+    median, hist = b.tape.op_multi_out("If", [small], num_outputs=2,
+                                       attributes={"then_branch": branches["sort"], "else_branch": branches["bins"]})
+    return median, hist
 
 
 def _exact_reductions(b: ReductionBuilder, xv: ir.Value):
@@ -432,7 +455,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                     dims = site.value.shape.dims if site.value.shape is not None else ()
                     width = dims[-1] if dims and isinstance(dims[-1], int) else None
                     stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
-                                                   exact=self.variant == "exact", width_hint=width))
+                                                   exact=self.variant == "exact", width_hint=width,
+                                                   name=f"maxact_study/{site.site_id}"))
                 site_specs = specs
             placed.append((site.value.producer(), b.tape.nodes))
             for spec in site_specs:
