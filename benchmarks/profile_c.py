@@ -20,6 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+_FUSED_MODEL_OPS = {"FusedMatMul", "QuickGelu", "Gelu", "FastGelu", "BiasGelu", "SimplifiedLayerNormalization",
+                    "SkipSimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization",
+                    "FusedConv", "FusedGemm", "MatMulNBits", "GroupQueryAttention", "MultiHeadAttention"}
+
+
 def main(argv=None) -> None:
     import onnx_ir as ir
     import onnxruntime as ort
@@ -42,6 +47,7 @@ def main(argv=None) -> None:
 
     model_path, model = load_model(args.model or default_model_path())
     before = {id(n) for n in model.graph}
+    model_nodes = {n.name for n in model.graph}
     discovery = discover_sites(model, model_type=model_type_beside(model_path))
     study = args.stats == "full"
     attention = find_attention(discovery)[0] if study else []
@@ -77,8 +83,12 @@ def main(argv=None) -> None:
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             node = e["name"][: -len("_kernel_time")]
-            who = "maxact" if "maxact_" in node else "model"
             op = e["args"].get("op_name", "?")
+            # maxact's nodes: every node not in the model (incl. those inside its If branches), but
+            # for the nodes onnxruntime's fusions make out of the model's (never used by maxact).
+            who = "model" if node in model_nodes or op in _FUSED_MODEL_OPS else "maxact"
+            if op == "If":  # a container: the nodes of the branch it ran are counted themselves
+                continue
             if op == "TopK" and who == "maxact":  # rank-2 input: the lower median over the width
                 shapes = e["args"].get("input_type_shape") or [{}]
                 rank = len(next(iter(shapes[0].values()), []))
