@@ -321,9 +321,9 @@ def cross_checks(best: dict, spec: dict) -> list[str]:
                     wider += 1
                 else:
                     worst = max(worst, abs(hi - mx) / scale, abs(lo - mn) / scale)
-        out.append(f"(d) vs (b): {d['n_calibrated']} of {len(spec['sites'])} site tensors calibrated; the range of "
-                   f"{wider} is wider than maxact's (padding positions count in (d)); the others agree within "
-                   f"{worst:.1e} of max |x|")
+        out.append(f"(d) vs (b): {d['n_calibrated']} of {len(spec['sites'])} site tensors calibrated; at {wider} "
+                   f"of them (d)'s range is wider than maxact's (padding positions count in (d)); the others agree "
+                   f"within {worst:.1e} of max |x|")
     return out
 
 
