@@ -11,11 +11,12 @@ from maxact.passes.sites import Site
 from maxact.runtime.merge import SiteStats
 
 
-def _identity_model(opset: int):
-    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["b", "t", 6]))
+def _identity_model(opset: int, width: int | str = 6):
+    """A graph whose output ``y [b, t, width]`` is its input (``width`` a name: not known statically)."""
+    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["b", "t", width]))
     node = ir.node("Identity", [x])
     y = node.outputs[0]
-    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(["b", "t", 6])
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(["b", "t", width])
     graph = ir.Graph([x], [y], nodes=[node], opset_imports={"": opset})
     return ir.Model(graph, ir_version=9), y
 
@@ -150,14 +151,6 @@ def test_io_binding_gives_the_same_outputs():
         np.testing.assert_array_equal(bound[name], plain[name], err_msg=name)
 
 
-def _width_model(width: int | str):
-    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape(["b", "t", width]))
-    node = ir.node("Identity", [x])
-    y = node.outputs[0]
-    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(["b", "t", width])
-    return ir.Model(ir.Graph([x], [y], nodes=[node], opset_imports={"": 18}), ir_version=9), y
-
-
 @pytest.mark.parametrize("width", [1, 2, 7, 8, 576])
 @pytest.mark.parametrize("variant", ["fast", "exact"])
 @pytest.mark.parametrize("method", ["bins", "sort"])
@@ -183,7 +176,7 @@ def test_sun_median_and_histogram_match_numpy(width, variant, method, static, mo
     mask = np.ones((b, t), dtype=bool)
     mask[2, 5:] = False
     monkeypatch.setattr(instrument, "MEDIAN_BY_BINS_MIN_WIDTH", 0 if method == "bins" else 10**9)
-    model, y = _width_model(width if static else "width")
+    model, y = _identity_model(18, width if static else "width")
     InstrumentPass([Site("residual", 0, y)], variant=variant)(model)
     assert any(n.op_type == "If" for n in model.graph) != static
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])

@@ -227,7 +227,6 @@ def compare_sites(run: _Run, torch_stats: dict, points, rtol: float) -> list[Sit
     return out
 
 
-
 def write_comparison(path: Path, meta: dict, sites: list[SiteComparison], skipped: dict[str, str]) -> None:
     """Write ``/compare_torch/<site_id>`` and the root attributes to a new file, atomically.
 

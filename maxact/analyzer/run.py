@@ -103,7 +103,6 @@ def model_type_beside(model_path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-
 def _float_dtype(model: ir.Model) -> str:
     counts = Counter(
         v.dtype for v in model.graph.initializers.values() if v.dtype is not None and v.dtype.is_floating_point()

@@ -215,13 +215,16 @@ def _study_reductions(
     out["topk_token"] = b.op("Gather", [top_tokens, b.op("Div", [flat_idx, width_scalar])], axis=0)
     out["topk_channel"] = b.op("Mod", [flat_idx, width_scalar])
 
+    # Sun et al.'s median is the lower one (torch.median): the m-th smallest |x| of the row.
+    one = b.const(np.array([1], np.int64), "one")
+    m = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), b.const(np.array([2], np.int64), "two")]), one])
     bins = _hist_bins(b, ax, exact)
     if width_hint is not None:
         how = _median_by_sort if width_hint < MEDIAN_BY_BINS_MIN_WIDTH else _median_by_bins
-        median, out["hist"], rows_of = how(b, ax, bins, n, width)
+        median, out["hist"], rows_of = how(b, ax, bins, n, m)
     else:  # a width onnx-ir does not know: chosen when the graph runs
-        median, out["hist"] = _median_by_width(b, ax, bins, n, width, name)
-        rows_of = ax
+        median, out["hist"] = _median_by_width(b, ax, bins, n, m, width, name)
+        rows_of = ax  # the branches' TopK outputs are freed with the branch
     has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
     safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
     ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
@@ -231,8 +234,8 @@ def _study_reductions(
     out["sun_ratio_sum"] = b.reduce("ReduceSum", ratio64, None)
     out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
     out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
-    # The token count is read off TopK's index output: an output nothing reads is kept by
-    # onnxruntime until the run ends.
+    # The token count is read off the median TopK's index output where there is one outside an
+    # If: an output nothing reads is kept by onnxruntime until the run ends.
     rows_seen = b.op("Gather", [b.op("Shape", [rows_of]), b.const(np.array([0], np.int64), "first")], axis=0)
     out["sun_n_tokens"] = b.reduce("ReduceSum", rows_seen, None)
     passes = b.op("And", [
@@ -260,12 +263,10 @@ def _hist_bins(b: ReductionBuilder, ax: ir.Value, exact: bool) -> ir.Value:
     return bins
 
 
-def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, width: ir.Value):
-    """(lower median |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
-    dimension is n) by a TopK of the (width - 1) // 2 + 1 smallest |x| of every row."""
-    one = b.const(np.array([1], np.int64), "one")
-    k_med = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), b.const(np.array([2], np.int64), "two")]), one])
-    smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, k_med], num_outputs=2,
+def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value):
+    """(m-th smallest |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
+    dimension is n) by a TopK of the m smallest |x| of every row (``m``: int64 ``[1]``)."""
+    smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, m], num_outputs=2,
                                                  attributes={"axis": -1, "largest": 0, "sorted": 0})
     median = b.reduce("ReduceMax", smallest, [-1])  # the largest of the k smallest
     idx = b.op("Reshape", [bins, b.const(np.array([-1], np.int64), "flat")])
@@ -275,9 +276,9 @@ def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Val
     return median, hist, smallest_idx
 
 
-def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, width: ir.Value):
-    """(lower median |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
-    dimension is n) from per-token histograms, without sorting the rows."""
+def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value):
+    """(m-th smallest |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
+    dimension is n) from per-token histograms, without sorting the rows (``m``: int64 ``[1]``)."""
     i64 = ir.DataType.INT64
     # One histogram per token, [n, 513], by one ScatterElements into n * 513 counters (token i's
     # bins at i * 513 + bin); the batch's histogram is their sum.
@@ -296,18 +297,16 @@ def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Val
     # Summed in int32 (a batch's count per bin is below 2**31 up to 2**31 values per site).
     hist = b.op("Cast", [b.reduce("ReduceSum", token_hist, [0])], to=i64)
 
-    # Sun et al.: ratio = max|x| / (lower) median |x| per token, the median being the m-th
-    # smallest |x| with m = (width - 1) // 2 + 1. Exactly, without sorting the row: the median
-    # lies in the first bin whose cumulative count reaches m (bins are ordered as |x| is), as
-    # the r-th smallest of that bin's c values, r = m - (count in the bins before). NonZero
-    # lists those values row by row (row-major), they are laid out as a [n, c_max] matrix
-    # (+inf past each row's c), and a TopK of the r_max smallest picks them. c_max is a few
-    # dozen to a few hundred in practice (a bin is 1/32 decade wide); TopK of half of every row
-    # cost more than all the model's MatMuls (benchmarks/README.md).
+    # The m-th smallest |x| of every row, exactly, without sorting the row: it lies in the first
+    # bin whose cumulative count reaches m (bins are ordered as |x| is), as the r-th smallest of
+    # that bin's c values, r = m - (count in the bins before). NonZero lists those values row by
+    # row (row-major), they are laid out as a [n, c_max] matrix (+inf past each row's c), and a
+    # TopK of the r_max smallest picks them. c_max is a few dozen to a few hundred in practice (a
+    # bin is 1/32 decade wide); TopK of half of every row cost more than all the model's MatMuls
+    # (benchmarks/README.md).
     i64_one = b.const(np.array([1], np.int64), "one")
     flat = b.const(np.array([-1], np.int64), "flat")
-    half = b.op("Div", [b.op("Sub", [width, i64_one]), b.const(np.array([2], np.int64), "two")])
-    m = b.op("Cast", [b.op("Add", [half, i64_one])], to=ir.DataType.INT32)
+    m = b.op("Cast", [m], to=ir.DataType.INT32)
     through = b.op("CumSum", [token_hist, b.const(np.array(1, np.int32), "axis_one")])  # [n, 513], inclusive
     median_bin = b.op("ArgMax", [b.op("Cast", [b.op("GreaterOrEqual", [through, m])], to=ir.DataType.INT32)],
                       axis=1, keepdims=1)  # [n, 1] int64: the first bin reaching m
@@ -334,14 +333,14 @@ def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Val
     return median, hist, smallest_idx
 
 
-def _median_by_width(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, width: ir.Value,
-                     name: str) -> tuple[ir.Value, ir.Value]:
+def _median_by_width(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value,
+                     width: ir.Value, name: str) -> tuple[ir.Value, ir.Value]:
     """(median ``[n]``, histogram ``[513]``) by :func:`_median_by_sort` or :func:`_median_by_bins`,
     chosen by an ``If`` on the width when the graph runs (for sites of unknown static width)."""
     branches = {}
     for way, how in (("sort", _median_by_sort), ("bins", _median_by_bins)):
         outer, b.tape = b.tape, ir.tape.Tape()
-        median, hist, _ = how(b, ax, bins, n, width)
+        median, hist, _ = how(b, ax, bins, n, m)
         nodes, b.tape = b.tape.nodes, outer
         for i, node in enumerate(nodes):  # unique names: a branch's values must not shadow others
             for j, out in enumerate(node.outputs):
