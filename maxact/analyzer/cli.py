@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+import maxact
 from maxact.errors import AnalyzerError, RunInterrupted
 
 
@@ -93,12 +94,43 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """\
+examples:
+  analyzer run --samples 200                       the built-in stories260K on 200 passages of the built-in corpus
+  analyzer run model.onnx --stats full --out m.h5  every statistic of the study, on the whole built-in corpus
+  analyzer quant m.h5                              the study's INT8 check, written into m.h5
+  analyzer report m.h5 --out report/               report/index.html, report/report.md and figures
+  analyzer export ./hf-folder onnx/ && analyzer run onnx/model.onnx
+
+Exit codes: 0 success, 2 a user error (one line on stderr, nothing written), 3 a site disagrees
+(compare-torch), 130/143 interrupted (checkpoint written), 1 an internal error."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default (unless its text already gives it), epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose help (and every sub-command's) uses :class:`_HelpFormatter`."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="analyzer",
         description="Measure how large activations get inside a decoder-only LLM's ONNX graph.",
+        epilog=EXAMPLES,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"maxact {maxact.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")  # sub-parsers are _Parser too
 
     r = sub.add_parser("run", help="measure every site of MODEL.onnx over a corpus, write RUN.h5")
     r.add_argument("model", nargs="?", default=None,
@@ -107,17 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (built-in multi-domain corpus), or a .txt/.jsonl/.parquet file or datasets folder")
     r.add_argument("--out", help="the HDF5 file to write (default: ./<model folder>.h5)")
     r.add_argument("--samples", type=int, help="measure only N passages, stratified over domains")
-    r.add_argument("--max-length", type=int, default=512, help="truncate passages to N tokens (512)")
-    r.add_argument("--batch-size", type=int, default=8, help="passages per batch (8)")
+    r.add_argument("--max-length", type=int, default=512, help="truncate passages to N tokens")
+    r.add_argument("--batch-size", type=int, default=8, help="passages per batch")
     r.add_argument("--bos", choices=("none", "auto"), default="none",
-                   help="none: no special tokens, as in the study (default); auto: the tokenizer's default")
+                   help="none: no special tokens, as in the study; auto: the tokenizer's default")
     r.add_argument("--tokenizer", help="folder or tokenizer.json (default: beside the model)")
     r.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
     r.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the --samples choice (0)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the --samples choice")
     r.add_argument("--logits", action="store_true", help="also measure the logits (runs the LM head)")
     r.add_argument("--stats", choices=("main", "full"), default="main",
-                   help="main (default): extremes, locations, moments and per-channel maxima; full: also "
+                   help="main: extremes, locations, moments and per-channel maxima; full: also "
                         "every statistic of the study (top-k, Sun et al., histogram, attention shares; slower)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--shard", type=_shard, metavar="I/N",
@@ -126,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="finish the interrupted run whose checkpoint (RUN.checkpoint.h5) is beside --out")
     r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
-                   help="save the partial state to RUN.checkpoint.h5 this often (60; 0: after every batch); "
+                   help="save the partial state to RUN.checkpoint.h5 this often (0: after every batch); "
                         "also on Ctrl-C and SIGTERM")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the batches on Ray Data actors, one onnxruntime session each (needs .[distributed]): "
@@ -145,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run", help="a run file of `analyzer run`")
     q.add_argument("model", nargs="?", help="the .onnx file (default: the run's model_path)")
     q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual)")
-    q.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    q.add_argument("--threads", type=int)
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
+    q.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_quant)
 
     c = sub.add_parser("compare-torch", help="the run's passages through the PyTorch checkpoint; per-site ranges "
@@ -156,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="a run file of `analyzer run` (only read)")
     c.add_argument("--out", help="the comparison file to write (default: <run>.compare_torch.<dtype>.h5 beside it)")
     c.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="PyTorch's dtype (fp32); fp16/bf16 show how half precision moves the peaks")
-    c.add_argument("--rtol", type=float, default=1e-4, help="relative difference that flags a site (1e-4)")
+                   help="PyTorch's dtype; fp16/bf16 show how half precision moves the peaks")
+    c.add_argument("--rtol", type=float, default=1e-4, help="relative difference that flags a site")
     c.add_argument("--corpus", help="the run's corpus, if it has moved (default: the path the run recorded)")
     c.add_argument("--tokenizer", help="the run's tokenizer, if it has moved (default: the one the run recorded)")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_compare_torch)
 
     rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
@@ -171,11 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
     e.add_argument("checkpoint", help="a Hugging Face model folder, or a .gguf file")
     e.add_argument("out_dir", help="folder to write model.onnx and the tokenizer files into")
-    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="weights and activations of the exported graph")
     e.add_argument("--gguf-file", help="the .gguf file name inside CHECKPOINT, when CHECKPOINT is a folder")
     e.add_argument("--exporter", choices=("auto", "optimum", "dynamo"), default="auto",
                    help="auto: torch.onnx.export(dynamo=True) for MoE models (their experts made dense), "
-                        "else Optimum (default)")
+                        "else Optimum")
     e.set_defaults(func=_export)
     return p
 
