@@ -187,6 +187,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "corpus": corpus.name,
         "corpus_sha256": corpus.sha256(chosen),
         "tokenizer": str(tok_path.resolve()),
+        "tokenizer_sha256": file_sha256(tok_path),
         "n_samples": len(chosen),
         "max_length": max_length,
         "bos": opts.bos,
