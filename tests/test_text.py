@@ -19,6 +19,7 @@ from maxact.analyzer.store import TEXT_ESCAPE_ATTR, escape_text, read_run, unesc
 from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
 from maxact.reports.load import load_run
 from maxact.reports.report import build_report
+from maxact.reports.slim import slim_copy
 
 CONTRACT = SHARED / "tools" / "check_h5_contract.py"
 #: Passages with NUL, other control characters, and backslashes that look like the escape.
@@ -64,6 +65,9 @@ def test_passages_with_nul_run_to_the_end_and_texts_read_back_exactly(tmp_path, 
     page = load_run(out)  # the report's reader decodes too
     assert page.summary["global_token"] == text(*where[:2])
     assert list(page.site[peak].detail["topk_token"]) == topk[peak]
+    slim = load_run(slim_copy(out, tmp_path / "slim.h5"))  # the committed reports' copies keep them
+    assert slim.summary["global_token"] == page.summary["global_token"]
+    assert list(slim.site[peak].detail["topk_token"]) == topk[peak]
     if CONTRACT.is_file():
         check = subprocess.run([sys.executable, str(CONTRACT), str(out), "--full"], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout

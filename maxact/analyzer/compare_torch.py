@@ -274,7 +274,7 @@ def _loc(v) -> str:
 def print_comparison(console: Console, cmp: Comparison) -> None:
     """The per-site table, then the verdict (and, for a half-precision PyTorch side, how the peaks moved)."""
     m = cmp.meta
-    table = Table(title=f"max |x| per site, ONNX ({m['onnx_dtype']}) vs PyTorch ({m['torch_dtype']}); ratio = "
+    table = Table(title=f"max |x| per site, ONNX ({literal(m['onnx_dtype'])}) vs PyTorch ({m['torch_dtype']}); ratio = "
                         "PyTorch / ONNX; rel. diff = worst of max, min, max |x|; location = sample,position,channel "
                         "of max |x|", box=box.SIMPLE_HEAD)
     table.add_column("site", no_wrap=True)

@@ -97,7 +97,7 @@ def print_summary(
     values, and a warning for every site beyond fp16's range or holding NaN/Inf."""
     console.print(
         f"[bold]{literal(meta['model_path'])}[/bold]: {meta['n_samples']} passages, {meta['n_tokens']:,} tokens, "
-        f"{len(sites)} sites, {meta['n_layers']} layers, provider {meta['provider']}"
+        f"{len(sites)} sites, {meta['n_layers']} layers, provider {literal(meta['provider'])}"
     )
     s, p, c = (int(v) for v in peak.location)
     layer = "model" if peak.layer is None else f"layer {peak.layer}"
