@@ -1,6 +1,7 @@
 """`analyzer report`: numbers on the pages against the run files, the page in headless Chromium,
 the re-run of the peak passage against the file's top-k, bad input."""
 
+import html
 import re
 import shutil
 
@@ -47,7 +48,7 @@ def md_table(md: str, title_start: str) -> list[list[str]]:
         if not line.startswith("|"):
             break
         cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-        rows.append([re.sub(r"\\(.)", r"\1", c.strip()) for c in cells])
+        rows.append([html.unescape(re.sub(r"\\(.)", r"\1", c.strip())) for c in cells])
     return [rows[0]] + rows[2:]  # drop the alignment row
 
 
@@ -152,7 +153,7 @@ def test_without_the_model_file_the_page_says_so(runs, tmp_path):
         f.attrs["model_sha256"] = "0" * 64  # another model, now gone
     build_report([moved], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "It shows what the run file has, because the model file" in md and "is not present" in md
+    assert "It shows what the run file has, because the model file" in md and "is missing" in md
     assert "token-channel-3d.png" not in md and (tmp_path / "out" / "gone-token-channel.png").is_file()
     # parameters from /static only: a lower bound (no embedding), summed a second way from the raw groups
     with h5py.File(moved) as f:

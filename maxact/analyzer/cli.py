@@ -7,10 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
 import maxact
 from maxact.errors import AnalyzerError, RunInterrupted
+from maxact.text import literal, plain_console, visible
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, gguf_file=args.gguf_file,
                             exporter=args.exporter)
-    print(f"exported {out}")
+    print(visible(f"exported {out}"))
     return 0
 
 
@@ -90,7 +89,8 @@ def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
     written = build_report([Path(p) for p in args.runs], Path(args.out))
-    print(f"wrote {Path(args.out) / 'index.html'}, report.md and {sum(p.suffix == '.png' for p in written)} figures")
+    print(visible(f"wrote {Path(args.out) / 'index.html'}, report.md and "
+                  f"{sum(p.suffix == '.png' for p in written)} figures"))
     return 0
 
 
@@ -222,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RunInterrupted as e:
         again = shlex.join(["analyzer", *argv, *([] if "--resume" in argv else ["--resume"])])
-        Console(stderr=True).print(f"{e}; finish it with: {again}", markup=False, highlight=False, soft_wrap=True)
+        plain_console(stderr=True).print(visible(f"{e}; finish it with: {again}"), markup=False, highlight=False,
+                                         soft_wrap=True)
         return e.exit_code
     except AnalyzerError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        plain_console(stderr=True).print(f"[red]error:[/red] {literal(e)}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; no run file was written", file=sys.stderr)

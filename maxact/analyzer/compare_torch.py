@@ -29,6 +29,7 @@ from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, family_for_model_type
 from maxact.runtime.batching import length_sorted_batches
+from maxact.text import literal, plain_console
 
 DTYPES = ("fp32", "fp16", "bf16")
 #: Exit status of ``compare-torch`` when a site disagrees (the design's command-line contract).
@@ -273,7 +274,7 @@ def _loc(v) -> str:
 def print_comparison(console: Console, cmp: Comparison) -> None:
     """The per-site table, then the verdict (and, for a half-precision PyTorch side, how the peaks moved)."""
     m = cmp.meta
-    table = Table(title=f"max |x| per site, ONNX ({m['onnx_dtype']}) vs PyTorch ({m['torch_dtype']}); ratio = "
+    table = Table(title=f"max |x| per site, ONNX ({literal(m['onnx_dtype'])}) vs PyTorch ({m['torch_dtype']}); ratio = "
                         "PyTorch / ONNX; rel. diff = worst of max, min, max |x|; location = sample,position,channel "
                         "of max |x|", box=box.SIMPLE_HEAD)
     table.add_column("site", no_wrap=True)
@@ -284,17 +285,18 @@ def print_comparison(console: Console, cmp: Comparison) -> None:
     table.add_column("location", overflow="fold")
     for c in cmp.sites:
         loc = "same" if c.location_agree else f"{_loc(c.onnx['location'])} vs {_loc(c.torch['location'])}"
-        table.add_row(c.site_id, c.role, "" if c.layer is None else str(c.layer), f"{c.onnx['absmax']:.6g}",
-                      f"{c.torch['absmax']:.6g}", f"{c.ratio:.6f}", f"{c.worst:.2e}", loc,
+        table.add_row(literal(c.site_id), literal(c.role), "" if c.layer is None else str(c.layer),
+                      f"{c.onnx['absmax']:.6g}", f"{c.torch['absmax']:.6g}", f"{c.ratio:.6f}", f"{c.worst:.2e}", loc,
                       style=None if c.agree else "red")
     console.print(table)
     for sid, why in cmp.skipped.items():
-        console.print(f"[yellow]not compared:[/yellow] {sid}: {why}")
+        console.print(f"[yellow]not compared:[/yellow] {literal(sid)}: {literal(why)}")
     worst = max(cmp.sites, key=lambda c: c.worst)
     moved = sum(not c.location_agree for c in cmp.sites)
     console.print(
         f"{len(cmp.sites)} sites compared over {m['n_samples']} passages, {m['n_tokens']:,} tokens "
-        f"(PyTorch {m['torch_seconds']:.1f} s); worst relative difference {worst.worst:.3g} at {worst.site_id}; "
+        f"(PyTorch {m['torch_seconds']:.1f} s); worst relative difference {worst.worst:.3g} at "
+        f"{literal(worst.site_id)}; "
         f"{moved} locations differ"
     )
     if m["torch_dtype"] != "fp32":
@@ -305,16 +307,17 @@ def print_comparison(console: Console, cmp: Comparison) -> None:
             f"[yellow]note:[/yellow] PyTorch ran in {m['torch_dtype']} against a {m['onnx_dtype']} graph: "
             f"flags beyond --rtol {m['rtol']:g} are expected; they show how {m['torch_dtype']} moves the peaks. "
             f"PyTorch/ONNX max |x| over sites: median {np.median(ratios):.4f}, range {ratios.min():.4f} .. "
-            f"{ratios.max():.4f}; global peak {o_peak.onnx['absmax']:.6g} at {o_peak.site_id} (ONNX) vs "
-            f"{t_peak.torch['absmax']:.6g} at {t_peak.site_id} (PyTorch, ratio "
+            f"{ratios.max():.4f}; global peak {o_peak.onnx['absmax']:.6g} at {literal(o_peak.site_id)} (ONNX) vs "
+            f"{t_peak.torch['absmax']:.6g} at {literal(t_peak.site_id)} (PyTorch, ratio "
             f"{t_peak.torch['absmax'] / o_peak.onnx['absmax']:.4f})",
             highlight=False,
         )
     if cmp.flagged:
         console.print(f"[red]{len(cmp.flagged)} sites disagree beyond rtol {m['rtol']:g}[/red] (first in model "
-                      f"order: {cmp.flagged[0]}); wrote {cmp.out}", highlight=False)
+                      f"order: {literal(cmp.flagged[0])}); wrote {literal(cmp.out)}", highlight=False)
     else:
-        console.print(f"[green]every site agrees within rtol {m['rtol']:g}[/green]; wrote {cmp.out}", highlight=False)
+        console.print(f"[green]every site agrees within rtol {m['rtol']:g}[/green]; wrote {literal(cmp.out)}",
+                      highlight=False)
 
 
 def compare_torch(
@@ -351,9 +354,9 @@ def compare_torch(
             passages that no longer tokenise as in the run. TorchMissingError: no torch.
     """
     if console is None:
-        console = Console()
+        console = plain_console()
         if not console.is_terminal:  # piped or redirected: room for the table rather than 80 columns
-            console = Console(width=max(console.width, 132))
+            console = plain_console(width=max(console.width, 132))
     run = read_run(Path(run_path))
     if dtype not in DTYPES:
         raise AnalyzerError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -388,8 +391,8 @@ def compare_torch(
     model, model_type = load_checkpoint(ckpt, dtype)
     family = choose_family(model_type, meta.get("family"))
     if meta.get("family") not in (None, "structure", family.name):
-        console.print(f"[yellow]warning:[/yellow] the run used the {meta['family']} table, the checkpoint's "
-                      f"model_type {model_type!r} the {family.name} table")
+        console.print(f"[yellow]warning:[/yellow] the run used the {literal(meta['family'])} table, the "
+                      f"checkpoint's model_type {literal(repr(model_type))} the {family.name} table")
     points, skipped = hook_points(family, run.sites, (n for n, _ in model.named_modules()))
     if not points:
         raise AnalyzerError(f"no site of {run.path} maps to a module of {ckpt} ({next(iter(skipped.values()), '')})")

@@ -32,11 +32,18 @@ class Corpus:
     domains: list[str]
 
     def sha256(self, indices: list[int] | None = None) -> str:
-        """sha256 over the selected passages (all by default), each followed by a NUL byte."""
+        """sha256 over the selected passages (all by default), in UTF-8: each passage followed by a
+        NUL byte when no passage holds NUL (the scheme of every earlier run file); otherwise each
+        passage preceded by its byte length (8 bytes, little-endian) and the whole ended by one
+        0xFF byte, which no stream of the first scheme ends with, so no two selections collide."""
+        chosen = range(len(self.texts)) if indices is None else indices
+        nul = any("\0" in self.texts[k] for k in chosen)
         h = hashlib.sha256()
-        for k in range(len(self.texts)) if indices is None else indices:
-            h.update(self.texts[k].encode("utf-8"))
-            h.update(b"\0")
+        for k in chosen:
+            t = self.texts[k].encode("utf-8")
+            h.update(len(t).to_bytes(8, "little") + t if nul else t + b"\0")
+        if nul:
+            h.update(b"\xff")
         return h.hexdigest()
 
 

@@ -23,6 +23,7 @@ from maxact.analyzer.store import StoredRun, read_run, write_run
 from maxact.analyzer.summary import attention_shares, global_peak, print_summary, role_absmax
 from maxact.errors import AnalyzerError
 from maxact.runtime.merge import merge_all, merge_outputs
+from maxact.text import literal, plain_console
 
 #: Root attributes that must be equal in every part of one run: the options first (a difference is
 #: named by the first one), then the model and the corpus selection they lead to. ``model_path``
@@ -82,7 +83,7 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None)
         AnalyzerError: a file is missing or not a run file, files of different runs (model,
             corpus selection, statistics or options), a shard given twice or missing, a checkpoint.
     """
-    console = console or Console()
+    console = console or plain_console()
     out = Path(out)
     if not out.parent.is_dir():
         raise AnalyzerError(f"output folder {out.parent} does not exist")
@@ -150,5 +151,5 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None)
               weights=first.weights, attention=attention, fused_attention=first.fused_attention,
               absmax_tokens=absmax_tokens)
     print_summary(console, peak, roles, sites, stats, meta, topk_tokens.get(peak.site_id), first.weights, attention)
-    console.print(f"merged {count} shards ({n_run} passages, {n_tokens:,} tokens); wrote {out}")
+    console.print(f"merged {count} shards ({n_run} passages, {n_tokens:,} tokens); wrote {literal(out)}")
     return out

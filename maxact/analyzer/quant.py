@@ -22,6 +22,7 @@ from maxact.passes.sites import discover_sites
 from maxact.runtime.batching import length_sorted_batches
 from maxact.runtime.runner import run_batches, run_sums
 from maxact.runtime.session import Session
+from maxact.text import literal, plain_console
 
 SCALES = ("maxabs", "p999")
 
@@ -75,7 +76,7 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     Raises:
         AnalyzerError: unreadable run file, unknown sites, too few passages to split.
     """
-    console = console or Console()
+    console = console or plain_console()
     run_path = Path(run_path)
     try:
         with h5py.File(run_path, "r") as f:
@@ -175,7 +176,7 @@ def _print(console: Console, results, corr, absmax) -> None:
         table.add_column(col, no_wrap=True, min_width=len(col))
     for sid, by_scale in results.items():
         for m, r in by_scale.items():
-            table.add_row(sid, f"{absmax[sid]:.5g}", m, f"{r['sqnr_db']:.2f}", f"{r['rel_rmse']:.3g}",
+            table.add_row(literal(sid), f"{absmax[sid]:.5g}", m, f"{r['sqnr_db']:.2f}", f"{r['rel_rmse']:.3g}",
                           f"{r['clip_rate']:.3g}", f"{r['zero_frac']:.3g}")
     console.print(table)
     if all(np.isfinite(v) for v in corr.values()):

@@ -33,6 +33,7 @@ from maxact.runtime.batching import length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
 from maxact.runtime.session import Session
+from maxact.text import literal, plain_console
 
 
 def default_model_path() -> Path:
@@ -129,7 +130,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
             a checkpoint without ``resume``, or one of other options).
         RunInterrupted: SIGINT or SIGTERM arrived; the checkpoint is written.
     """
-    console = console or Console()
+    console = console or plain_console()
     model_path, model = load_model(opts.model)
     out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
     if not out.parent.is_dir():
@@ -172,7 +173,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     batches = shard_of(batches, index, count)
 
     for msg in discovery.disagreements + components.disagreements:
-        console.print(f"[yellow]warning:[/yellow] site discovery: {msg}")
+        console.print(f"[yellow]warning:[/yellow] site discovery: {literal(msg)}")
     sites = discovery.sites
     site_ids = [s.site_id for s in sites]
     threads = opts.threads or (1 if opts.ray else 0)  # 0: onnxruntime's default; a Ray actor's: 1
@@ -186,6 +187,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "corpus": corpus.name,
         "corpus_sha256": corpus.sha256(chosen),
         "tokenizer": str(tok_path.resolve()),
+        "tokenizer_sha256": file_sha256(tok_path),
         "n_samples": len(chosen),
         "max_length": max_length,
         "bos": opts.bos,
@@ -202,9 +204,9 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     start = None
     if ckpt.exists():
         start = _load_checkpoint(ckpt, run_meta, site_ids, batches)
-        console.print(f"resuming from {ckpt}: {start.batches_done} of {len(batches)} batches done")
+        console.print(f"resuming from {literal(ckpt)}: {start.batches_done} of {len(batches)} batches done")
     elif opts.resume:
-        console.print(f"--resume: no checkpoint at {ckpt}; starting from the first batch")
+        console.print(f"--resume: no checkpoint at {literal(ckpt)}; starting from the first batch")
 
     weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
     float32 = run_meta["dtype"] == "float32"
@@ -297,7 +299,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
                   attention_shares(result.sums))
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
-        f"wrote {out}"
+        f"wrote {literal(out)}"
     )
     return out
 

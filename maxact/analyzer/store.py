@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,31 @@ from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_output
 from maxact.errors import AnalyzerError, RunFileError
 from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
+
+#: Root attribute present (value :data:`TEXT_ESCAPE`) when the token texts (``absmax_token``,
+#: ``topk_token``, ``/summary`` ``global_token``) are stored backslash-escaped: ``\\`` for a
+#: backslash, ``\0`` for NUL, which HDF5 strings cannot hold. Written only when a text holds NUL,
+#: so other files keep their texts as they are; read by :func:`text_decoder`.
+TEXT_ESCAPE_ATTR = "token_text_escape"
+TEXT_ESCAPE = "backslash"
+_UNESCAPE = re.compile(r"\\([\\0])")
+
+
+def escape_text(text: str) -> str:
+    """``text`` with each backslash doubled and each NUL written ``\\0`` (undone by :func:`unescape_text`)."""
+    return text.replace("\\", "\\\\").replace("\0", "\\0")
+
+
+def unescape_text(text: str) -> str:
+    """The text that :func:`escape_text` escaped."""
+    return _UNESCAPE.sub(lambda m: "\0" if m.group(1) == "0" else "\\", text)
+
+
+def text_decoder(f: h5py.File):
+    """The function that turns a token text stored in the run file ``f`` back into the token's text:
+    :func:`unescape_text` where the file's :data:`TEXT_ESCAPE_ATTR` says so, else the identity."""
+    escaped = _value(f.attrs.get(TEXT_ESCAPE_ATTR)) == TEXT_ESCAPE
+    return unescape_text if escaped else (lambda text: text)
 
 
 def _attr(value: object) -> object:
@@ -59,15 +85,26 @@ def write_run(
             operator (not measurable), listed in ``/attention`` attribute ``not_measurable``.
         absmax_tokens: site id -> the text of the token at its absmax location (``absmax_token``).
 
+    Token texts are stored as given, or all escaped (:func:`escape_text`, root attribute
+    :data:`TEXT_ESCAPE_ATTR`) when one of them holds a NUL.
+
     ``/sites`` keeps the sites in model order (HDF5 creation order), so :func:`read_run` returns
     them in that order.
     """
     path = Path(path)
+    topk_tokens = topk_tokens or {}
+    texts = [peak.token, *(absmax_tokens or {}).values(), *(t for ts in topk_tokens.values() for t in ts)]
+    escape = any("\0" in t for t in texts)
+    stored = escape_text if escape else str
+    topk_tokens = {sid: [stored(t) for t in ts] for sid, ts in topk_tokens.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
             for k, v in meta.items():
-                f.attrs[k] = _attr(v)
+                if k != TEXT_ESCAPE_ATTR:  # a property of this file's texts (below), not of the run
+                    f.attrs[k] = _attr(v)
+            if escape:
+                f.attrs[TEXT_ESCAPE_ATTR] = TEXT_ESCAPE
             g_sites = f.create_group("sites", track_order=True)
             g_quant = f.create_group("quant")
             for site in sites:
@@ -77,9 +114,10 @@ def write_run(
                     g.attrs[k] = _attr(v)
                 _write_site(g, st)
                 if absmax_tokens is not None:
-                    g.create_dataset("absmax_token", data=absmax_tokens[site.site_id], dtype=h5py.string_dtype())
+                    g.create_dataset("absmax_token", data=stored(absmax_tokens[site.site_id]),
+                                     dtype=h5py.string_dtype())
                 if st.study is not None:
-                    _write_study(g, st, (topk_tokens or {}).get(site.site_id))
+                    _write_study(g, st, topk_tokens.get(site.site_id))
                 q = g_quant.create_group(site.site_id)
                 for fmt, ratio in headroom(st.absmax).items():
                     q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
@@ -111,7 +149,7 @@ def write_run(
             s.attrs["global_role"] = peak.role
             s.attrs["global_layer"] = -1 if peak.layer is None else peak.layer
             s.attrs["global_location"] = peak.location.astype(np.int64)
-            s.attrs["global_token"] = peak.token
+            s.attrs["global_token"] = stored(peak.token)
             dt = np.dtype([("role", h5py.string_dtype()), ("absmax", np.float64), ("site", h5py.string_dtype())])
             s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
             for name, data in (extra_datasets or {}).items():
@@ -218,6 +256,7 @@ def read_run(path: Path) -> StoredRun:
     """
     path = Path(path)
     with open_run_file(path) as f:
+        text = text_decoder(f)
         run = StoredRun(meta={k: _value(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
         try:
             for sid, g in f["sites"].items():
@@ -226,9 +265,9 @@ def read_run(path: Path) -> StoredRun:
                 run.sites.append(SiteInfo(sid, str(attrs["role"]), None if layer < 0 else layer))
                 run.site_attrs[sid] = attrs
                 run.stats[sid] = _read_site(g)
-                run.absmax_tokens[sid] = g["absmax_token"].asstr()[()]
+                run.absmax_tokens[sid] = text(g["absmax_token"].asstr()[()])
                 if "topk_token" in g:
-                    run.topk_tokens[sid] = list(g["topk_token"].asstr()[()])
+                    run.topk_tokens[sid] = [text(t) for t in g["topk_token"].asstr()[()]]
         except KeyError as e:
             raise AnalyzerError(f"{path} lacks datasets an exact merge needs (absmax_token, sun_ratio_sum, ...): "
                                 "it was written by an older maxact; run it again") from e

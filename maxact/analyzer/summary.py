@@ -12,6 +12,7 @@ from rich.table import Table
 from maxact.passes.attention import MAX_PREFIX, PREFIX
 from maxact.passes.patterns import ROLE_ORDER
 from maxact.runtime.merge import SiteStats
+from maxact.text import literal
 
 #: A head whose mean attention on the first token exceeds this is a sink ("no-op") head.
 SINK_SHARE = 0.9
@@ -95,21 +96,21 @@ def print_summary(
     """Print the global peak, a per-role table, the massive-activation test, the peak site's top
     values, and a warning for every site beyond fp16's range or holding NaN/Inf."""
     console.print(
-        f"[bold]{meta['model_path']}[/bold]: {meta['n_samples']} passages, {meta['n_tokens']:,} tokens, "
-        f"{len(sites)} sites, {meta['n_layers']} layers, provider {meta['provider']}"
+        f"[bold]{literal(meta['model_path'])}[/bold]: {meta['n_samples']} passages, {meta['n_tokens']:,} tokens, "
+        f"{len(sites)} sites, {meta['n_layers']} layers, provider {literal(meta['provider'])}"
     )
     s, p, c = (int(v) for v in peak.location)
     layer = "model" if peak.layer is None else f"layer {peak.layer}"
     console.print(
         f"[bold]global max |x| = {peak.absmax:.6g}[/bold] (signed {peak.signed:+.6g}) at "
-        f"[bold]{peak.site_id}[/bold] ({layer}, role {peak.role}), sample {s}, token position {p} "
-        f"{peak.token!r}, channel {c}"
+        f"[bold]{literal(peak.site_id)}[/bold] ({layer}, role {literal(peak.role)}), sample {s}, token position {p} "
+        f"{literal(repr(peak.token))}, channel {c}"
     )
     table = Table(title="max |x| per role")
     for col in ("role", "max |x|", "site", "fp16 headroom"):
         table.add_column(col, justify="right" if col in ("max |x|", "fp16 headroom") else "left", no_wrap=True)
     for role, value, sid in roles:
-        table.add_row(role, f"{value:.6g}", sid, f"{value / FORMAT_MAX['fp16']:.3g}")
+        table.add_row(literal(role), f"{value:.6g}", literal(sid), f"{value / FORMAT_MAX['fp16']:.3g}")
     console.print(table)
     _print_study(console, peak, sites, stats, peak_topk_tokens)
     _print_gamma(console, sites, stats, weights)
@@ -127,11 +128,12 @@ def print_summary(
         over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
         if over:
             shown = ", ".join(over[:12]) + (f", ... ({len(over)} in all)" if len(over) > 12 else "")
-            console.print(f"[yellow]warning:[/yellow] {len(over)} sites overflow {fmt} (max {top:.6g}): {shown}")
+            console.print(f"[yellow]warning:[/yellow] {len(over)} sites overflow {fmt} (max {top:.6g}): "
+                          f"{literal(shown)}")
     bad = [x for x in sites if stats[x.site_id].nan_count or stats[x.site_id].inf_count]
     for x in bad:
         st = stats[x.site_id]
-        console.print(f"[red]warning:[/red] {x.site_id} has {st.nan_count} NaN and {st.inf_count} Inf values")
+        console.print(f"[red]warning:[/red] {literal(x.site_id)} has {st.nan_count} NaN and {st.inf_count} Inf values")
 
 
 def _print_study(console, peak: Peak, sites, stats, tokens) -> None:
@@ -144,15 +146,15 @@ def _print_study(console, peak: Peak, sites, stats, tokens) -> None:
     console.print(
         f"massive activations (Sun et al. 2024: |x| > 100 and > 1000x the token's median |x|): "
         f"{sum(stats[x.site_id].study.sun_n_pass for x in passing):,} token-sites at {len(passing)} sites; "
-        f"largest ratio {st.sun_max_ratio:.4g} at {best.site_id}"
+        f"largest ratio {st.sun_max_ratio:.4g} at {literal(best.site_id)}"
     )
     top = stats[peak.site_id].study
-    table = Table(title=f"top values at {peak.site_id}")
+    table = Table(title=f"top values at {literal(peak.site_id)}")
     for col in ("rank", "value", "sample", "position", "channel", "token"):
         table.add_column(col)
     for r in range(min(10, len(top.topk_abs))):
         s, p, c = (int(v) for v in top.topk_location[r])
-        tok = repr(tokens[r]) if tokens is not None else ""
+        tok = literal(repr(tokens[r])) if tokens is not None else ""
         table.add_row(str(r + 1), f"{top.topk_signed[r]:+.6g}", str(s), str(p), str(c), tok)
     console.print(table)
 
@@ -166,7 +168,7 @@ def _print_gamma(console, sites, stats, weights) -> None:
         if w is not None and int(np.argmax(stats[x.site_id].per_channel_absmax)) == w.gamma_argmax:
             same.append(f"{x.site_id} (channel {w.gamma_argmax}, gamma {w.max_abs:.4g})")
     if same:
-        console.print("peak channel = largest-gamma channel of the norm: " + ", ".join(same))
+        console.print("peak channel = largest-gamma channel of the norm: " + literal(", ".join(same)))
 
 
 def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from maxact.passes.patterns import ROLE_ORDER  # noqa: E402
-from maxact.reports.load import FORMAT_LIMITS, RunData  # noqa: E402
+from maxact.reports.load import FORMAT_LIMITS, RunData, Site  # noqa: E402
 from maxact.reports.model import PassageTensor  # noqa: E402
 
 #: Roles drawn as curves in the layerwise figure (the heatmap shows every role).
@@ -138,17 +138,36 @@ def top_indices(values: np.ndarray, n: int) -> list[int]:
     return [int(i) for i in np.argsort(-values, kind="stable")[:n]]
 
 
+def fallback_points(site: Site) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str] | None:
+    """What the token x channel figure draws without the full tensor: ``(locations [n, 3], |x| [n],
+    token texts or None, what they are)`` for the site's top-k over all passages, or, in a run
+    without top-k, its largest value alone; finite nonzero values only; None when none is left."""
+    loc, vals, texts = (site.detail.get(k) for k in ("topk_location", "topk_abs", "topk_token"))
+    if loc is None or vals is None:  # a main-stats run: the site's largest value is all there is
+        loc, vals, texts = site.location[None, :], np.array([site.absmax]), None
+        what = "only its largest |x|"
+    else:
+        what = f"the run file's top-{len(vals)} |x| over all passages"
+    keep = np.isfinite(vals) & (vals > 0)
+    if not keep.any():
+        return None
+    return loc[keep], vals[keep], None if texts is None else np.asarray(texts, dtype=object)[keep], what
+
+
 def token_channel(run: RunData, site_id: str, sample: int, tensor: PassageTensor | None, path: Path,
-                  n_label: int = 3) -> Path:
+                  n_label: int = 3) -> Path | None:
     """The token x channel picture of one passage at one site (as in Sun et al. 2024, Fig. 1, drawn
     flat): |x| with a log colour scale, the ``n_label`` largest channels and tokens labelled; below
     it, the site's per-channel max |x| over the whole run (from the run file).
 
     With ``tensor`` None (model file not present) the upper panel shows what the run file has:
-    the site's top-k values of all passages by (token position, channel), or, in a run without
-    top-k, its largest value alone. Writes ``path`` (PNG).
+    :func:`fallback_points` by (token position, channel). Writes ``path`` (PNG); draws nothing and
+    returns None when there is no tensor and no fallback point.
     """
     site = run.site[site_id]
+    points = fallback_points(site) if tensor is None else None
+    if tensor is None and points is None:
+        return None
     per_channel = site.detail.get("per_channel_absmax")
     fig = plt.figure(figsize=(9.5, 7.2), layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=(3.2, 1.0), width_ratios=(40, 1))
@@ -174,14 +193,7 @@ def token_channel(run: RunData, site_id: str, sample: int, tensor: PassageTensor
                  f"largest |x| {magnitude(a.max())} at position {rows[0]}, channel {cols[0]}; "
                  "circled: the 5 largest cells")
     else:
-        loc = site.detail.get("topk_location")
-        vals = site.detail.get("topk_abs")
-        texts = site.detail.get("topk_token")
-        if loc is None or vals is None:  # a main-stats run: the site's largest value is all there is
-            loc, vals, texts = site.location[None, :], np.array([site.absmax]), None
-            what = "only its largest |x|"
-        else:
-            what = f"the run file's top-{len(vals)} |x| over all passages"
+        loc, vals, texts, what = points
         width = len(per_channel) if per_channel is not None else int(loc[:, 2].max()) + 1
         n_tok = max(8, int(loc[:, 1].max()) + 2)
         norm = LogNorm(vmin=min(vals.min(), vals.max() * 0.999), vmax=vals.max())
@@ -199,7 +211,7 @@ def token_channel(run: RunData, site_id: str, sample: int, tensor: PassageTensor
                 toks.append(p)
             if texts is not None:
                 token_text.setdefault(p, str(texts[i]))
-        title = f"{run.name}, {site_id}: {what}\n(model file not present: no full tensor of passage {sample})"
+        title = f"{run.name}, {site_id}: {what}\n(the full tensor of passage {sample} could not be recomputed)"
     fig.colorbar(im, cax=cax).set_label("|x| (log scale)")
     ax.set_title(title, fontsize=10)
     ax.set_ylabel("token position")

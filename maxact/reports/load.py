@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from maxact.analyzer.store import open_run_file
+from maxact.analyzer.store import open_run_file, text_decoder
 from maxact.errors import RunFileError
 from maxact.passes.patterns import ROLE_ORDER
 
@@ -184,6 +184,9 @@ def load_run(path: Path) -> RunData:
 def _read(f: h5py.File, path: Path) -> RunData:
     meta = {k: _text(v) for k, v in f.attrs.items()}
     summary = {k: _text(v) for k, v in f["summary"].attrs.items()}
+    token = text_decoder(f)
+    if "global_token" in summary:
+        summary["global_token"] = token(str(summary["global_token"]))
     sites = []
     for sid, g in f["sites"].items():
         values = {k: _scalar(g[k]) for k in SITE_SCALARS if k in g}
@@ -197,7 +200,9 @@ def _read(f: h5py.File, path: Path) -> RunData:
         g, site = f["sites"][sid], next(s for s in sites if s.site_id == sid)
         for k in DETAIL_DATASETS:
             if k in g:
-                site.detail[k] = np.asarray(_text(g[k][()]) if k == "topk_token" else g[k][()])
+                texts = k == "topk_token"  # object array: numpy's str arrays drop trailing NULs
+                site.detail[k] = np.asarray([token(t) for t in _text(g[k][()])] if texts else g[k][()],
+                                            dtype=object if texts else None)
     if "quant" in f:
         for s in sites:
             if s.site_id in f["quant"]:

@@ -46,10 +46,25 @@ def model_file(run: RunData) -> tuple[Path | None, str]:
     if not path.is_file() and builtin.is_file() and file_sha256(builtin) == run.meta.get("model_sha256"):
         path = builtin
     if not path.is_file():
-        return None, f"the model file {path} is not present"
+        return None, f"the model file {path} is missing"
     if file_sha256(path) != run.meta.get("model_sha256"):
         return None, f"the model file {path} has changed since the run (sha256 differs)"
     return path, ""
+
+
+def tokenizer_file(run: RunData, model: Path) -> tuple[Path | None, str]:
+    """The run's ``tokenizer.json``: where the run found it, else the one beside ``model`` (the run's
+    model file as :func:`model_file` found it: a reinstall moves the built-in one), each taken only
+    with the run's ``tokenizer_sha256`` where the run recorded one (older run files do not); else
+    ``(None, reason)``."""
+    recorded = Path(str(run.meta.get("tokenizer", "")))
+    want = run.meta.get("tokenizer_sha256")
+    for path in (recorded, model.parent / "tokenizer.json"):
+        if path.is_file() and (want is None or file_sha256(path) == want):
+            return path, ""
+    if recorded.is_file():
+        return None, f"the tokenizer file {recorded} has changed since the run (sha256 differs)"
+    return None, f"the tokenizer file {recorded} is missing"
 
 
 def parameter_count(path: Path) -> int:
@@ -76,9 +91,10 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
 
     Returns:
         The tensor, or a sentence saying why it cannot be recomputed (model, tokenizer or corpus
-        missing or changed).
+        missing or changed; the model and tokenizer are looked for as :func:`model_file` and
+        :func:`tokenizer_file` say).
     """
-    from maxact.analyzer.corpus import load_corpus
+    from maxact.analyzer.corpus import DEFAULT, load_corpus
     from maxact.analyzer.run import load_model
     from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
     from maxact.runtime.batching import Batch
@@ -87,12 +103,17 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     path, why = model_file(run)
     if path is None:
         return why
+    tok_path, why = tokenizer_file(run, path)
+    if tok_path is None:
+        return why
     meta = run.meta
+    if meta["corpus"] != DEFAULT and not Path(str(meta["corpus"])).exists():
+        return f"the corpus {meta['corpus']} is missing"
     try:
         corpus = load_corpus(str(meta["corpus"]))
         if corpus.sha256([int(k) for k in run.sample_index]) != meta.get("corpus_sha256"):
             return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
-        tokenizer = load_tokenizer(Path(str(meta["tokenizer"])))
+        tokenizer = load_tokenizer(tok_path)
         ids = encode(tokenizer, [corpus.texts[sample]], str(meta["bos"]), int(meta["max_length"]))[0]
         _, model = load_model(path)
     except AnalyzerError as e:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from maxact.reports.tables import Table
+from maxact.text import visible
 
 
 @dataclass
@@ -50,28 +51,39 @@ figcaption { font-size: 0.88em; color: #444; }
 """
 
 
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|<>*`["})
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\*`["} | {"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def _md(text: str) -> str:
+    """Text shown literally in Markdown, on one line: backslash escapes for ``\\ * ` [``, ``& < >`` as
+    HTML entities (so no HTML of the text is ever raw in the page), bidirectional controls made visible."""
+    return visible(text).translate(_MD_SPECIAL).replace("\n", " ")
 
 
 def _md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: backslash escapes for ``\\ | < > * ` [``, no newline."""
-    return text.translate(_MD_SPECIAL).replace("\n", " ")
+    """:func:`_md` inside a Markdown table cell: ``|`` escaped too."""
+    return _md(text).replace("|", "\\|")
+
+
+def _esc(text: str) -> str:
+    """Text shown literally in HTML: escaped, bidirectional controls made visible."""
+    return html.escape(visible(text))
 
 
 def markdown(title: str, blocks: Sequence[Block]) -> str:
     """The blocks as GitHub-flavoured Markdown; figures as ``![alt](src)`` with their caption below."""
-    out = [f"# {title}", ""]
+    out = [f"# {_md(title)}", ""]
     for b in blocks:
         if isinstance(b, Heading):
-            out += ["#" * b.level + " " + b.text, ""]
+            out += ["#" * b.level + " " + _md(b.text), ""]
         elif isinstance(b, Text):
-            out += [b.text, ""]
+            out += [_md(b.text), ""]
         elif isinstance(b, Figure):
             out += [f"![{_md_cell(b.alt)}]({b.src})", ""]
             if b.caption:
-                out += [f"*{b.caption}*", ""]
+                out += [f"*{_md(b.caption)}*", ""]
         elif isinstance(b, Table):
-            out += [f"**{b.title}**", ""]
+            out += [f"**{_md(b.title)}**", ""]
             header = [c or " " for c in b.columns]
             out.append("| " + " | ".join(_md_cell(c) for c in header) + " |")
             out.append("|" + "|".join(":---" if j in b.align_left else "---:" for j in range(len(header))) + "|")
@@ -79,12 +91,12 @@ def markdown(title: str, blocks: Sequence[Block]) -> str:
                 out.append("| " + " | ".join(_md_cell(b.cell(r, c)) for c in range(len(header))) + " |")
             out.append("")
             if b.note:
-                out += [b.note, ""]
+                out += [_md(b.note), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
 def _html_table(t: Table) -> str:
-    esc = html.escape
+    esc = _esc
     cls = lambda j: ' class="l"' if j in t.align_left else ""  # noqa: E731
     head = "".join(f"<th{cls(j)}>{esc(c)}</th>" for j, c in enumerate(t.columns))
     body = "\n".join(
@@ -100,7 +112,7 @@ def _html_table(t: Table) -> str:
 def html_page(title: str, blocks: Sequence[Block]) -> str:
     """The blocks as one HTML5 page: inline CSS, no script, no external resource except the PNG
     files named by the figures (relative paths beside the page)."""
-    esc = html.escape
+    esc = _esc
     parts = []
     for b in blocks:
         if isinstance(b, Heading):

@@ -42,6 +42,9 @@ def _token_channel_text(run: RunData, site_id: str, sample: int, tensor: Passage
             f"The figure is drawn for {site_id}, the residual stream (layer output) of the global peak's layer, "
             f"in passage {sample}, the passage holding the global peak. ")
     if isinstance(tensor, str):
+        if figures.fallback_points(run.site[site_id]) is None:
+            return head + (f"No figure: {tensor}, and the run file holds no finite nonzero |x| of this site to "
+                           "draw instead.")
         return head + (f"It shows what the run file has, because {tensor}; the full tensor would be recomputed "
                        "by running the model on that passage alone.")
     site = run.site[site_id]
@@ -79,13 +82,13 @@ def _run_blocks(run: RunData, slug: str, tmp: Path, params: tuple[int, bool] | N
         tensor = passage_tensor(run, res, sample)
         blocks.append(Heading(f"Token x channel picture of layer {layer}", 3))
         blocks.append(Text(_token_channel_text(run, res.site_id, sample, tensor)))
-        figures.token_channel(run, res.site_id, sample, tensor if not isinstance(tensor, str) else None,
-                              tmp / f"{slug}-token-channel.png")
-        blocks.append(Figure(f"{slug}-token-channel.png",
-                             f"{run.name}: |x| by token and channel at {res.site_id}",
-                             "Upper: |x| by token position and channel (log colour scale; as in Sun et al. 2024, "
-                             "Fig. 1, drawn flat), the largest channels and tokens labelled. Lower: the site's "
-                             "per-channel max |x| over all passages of the run."))
+        if figures.token_channel(run, res.site_id, sample, tensor if not isinstance(tensor, str) else None,
+                                 tmp / f"{slug}-token-channel.png") is not None:
+            blocks.append(Figure(f"{slug}-token-channel.png",
+                                 f"{run.name}: |x| by token and channel at {res.site_id}",
+                                 "Upper: |x| by token position and channel (log colour scale; as in Sun et al. "
+                                 "2024, Fig. 1, drawn flat), the largest channels and tokens labelled. Lower: the "
+                                 "site's per-channel max |x| over all passages of the run."))
         if not isinstance(tensor, str):
             figures.token_channel_3d(run, tensor, tmp / f"{slug}-token-channel-3d.png")
             blocks.append(Figure(f"{slug}-token-channel-3d.png", f"{run.name}: |x| by channel for a few tokens, 3-D",
