@@ -18,6 +18,7 @@ from rich.console import Console
 import maxact
 from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import load_corpus, select_samples
+from maxact.analyzer.model_file import read_model
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.store import file_sha256, read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
@@ -77,16 +78,15 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
 
     Raises:
         ModelFileError: missing path, or a file that is not an ONNX model.
+        ExternalDataError: external data outside the model's folder, missing or too short
+            (:func:`maxact.analyzer.model_file.check_external_data`).
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.onnx"
     if not path.is_file():
         raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
-    try:
-        model = ir.load(path)
-    except Exception as e:
-        raise ModelFileError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:120]})") from e
+    model = read_model(path)  # external data checked to lie inside the model's folder
     if model.graph.num_nodes() == 0:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
     ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step

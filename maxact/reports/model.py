@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from maxact.analyzer.model_file import read_model
 from maxact.analyzer.store import file_sha256
 from maxact.errors import AnalyzerError
 from maxact.reports.load import RunData, Site
@@ -55,8 +56,12 @@ def model_file(run: RunData) -> tuple[Path | None, str]:
 def parameter_count(path: Path) -> int:
     """Number of parameters of an ONNX model: the elements of its floating-point initializers, plus
     ``K * N`` per int4/int8 ``MatMulNBits`` weight (their packed bytes are not counted). Weights are
-    not read (external data stays on disk)."""
-    model = ir.load(path)
+    not read (external data stays on disk; its locations are checked).
+
+    Raises:
+        ModelFileError: not an ONNX model, or external data outside its folder (:func:`read_model`).
+    """
+    model = read_model(path)
     packed: set[str] = set()
     total = 0
     for node in model.graph:
