@@ -26,6 +26,7 @@ from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, tok
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted
 from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
+from maxact.passes.inputs import graph_inputs
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.past import max_positions
 from maxact.passes.sites import discover_sites
@@ -69,6 +70,8 @@ class RunOptions:
     ray: str | None = None
     #: Ray actors (one onnxruntime session each); None: the cluster's CPUs divided by the threads.
     ray_workers: int | None = None
+    #: ``--inputs``: the graph's inputs by role, ``ids=NAME,mask=NAME,...`` (:func:`graph_inputs`).
+    inputs: str | None = None
 
 
 def load_model(path: Path) -> tuple[Path, ir.Model]:
@@ -146,7 +149,10 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
 
     model_type = model_type_beside(model_path)
-    discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type)
+    roles = graph_inputs(model.graph, opts.inputs)
+    if not roles.standard:
+        console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
+    discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type, inputs=roles)
     components = build_component_map(discovery)
     tok_path = find_tokenizer(model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
@@ -198,6 +204,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "family": discovery.family or "structure",
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
+        **({} if roles.standard else {"inputs": roles.spec()}),  # quant and report feed the same inputs
     }
     start = None
     if ckpt.exists():
@@ -212,15 +219,15 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
     attention = attention if study else []
     InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
-    session = Session(model, provider=opts.provider, threads=opts.threads) if opts.ray is None else None
+    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=roles) if opts.ray is None else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
         _, again = load_model(model_path)
-        found = discover_sites(again, want_logits=opts.keep_logits, model_type=model_type)
+        found = discover_sites(again, want_logits=opts.keep_logits, model_type=model_type, inputs=roles)
         InstrumentPass(found.sites, variant="exact", float32=float32, study=study,
                        attention=find_attention(found)[0] if study else ())(again)
-        return Session(again, provider=opts.provider, threads=opts.threads)
+        return Session(again, provider=opts.provider, threads=opts.threads, inputs=roles)
 
     infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
     site_attrs = {
@@ -282,7 +289,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
 
     remote = nullcontext() if opts.ray is None else ray_outputs(
-        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads)
+        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads,
+        roles)
     try:
         with remote as outputs:
             result = run_batches(session, site_ids, batches, exact_session, progress=opts.progress, start=start,

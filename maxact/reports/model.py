@@ -86,6 +86,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     from maxact.analyzer.corpus import load_corpus
     from maxact.analyzer.run import load_model
     from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
+    from maxact.passes.inputs import graph_inputs
     from maxact.runtime.batching import Batch
     from maxact.runtime.session import Session
 
@@ -100,6 +101,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
         tokenizer = load_tokenizer(Path(str(meta["tokenizer"])))
         ids = encode(tokenizer, [corpus.texts[sample]], str(meta["bos"]), int(meta["max_length"]))[0]
         _, model = load_model(path)
+        roles = graph_inputs(model.graph, meta.get("inputs"))  # before the graph is cut down to the site
     except AnalyzerError as e:
         return f"the run's inputs cannot be read again ({e})"
     value = _value_named(model, site.tensor)
@@ -108,7 +110,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     model.graph.outputs.clear()
     model.graph.outputs.append(value)
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    session = Session(model)
+    session = Session(model, inputs=roles)
     mask = np.ones((1, len(ids)), dtype=np.int64)
     out = session.run(Batch(np.array([sample]), ids[None, :], mask))[value.name]
     values = np.asarray(out, dtype=np.float32).reshape(len(ids), -1)
