@@ -73,6 +73,12 @@ def _hardlink(folder, outside):
     return "hard.bin", None
 
 
+def _symlink_loop(folder, outside):
+    (folder / "a.bin").symlink_to("b.bin")
+    (folder / "b.bin").symlink_to("a.bin")
+    return "a.bin", None
+
+
 def _missing(folder, outside):
     return "gone.bin", None
 
@@ -98,6 +104,7 @@ CASES = {
     "symlink": (_symlink_outside, "outside the model's folder"),
     "hardlink": (_hardlink, "hard links"),
     "missing": (_missing, "which is missing"),
+    "loop": (_symlink_loop, "which cannot be resolved"),
     "length": (_length_beyond_end, "beyond the end of the"),
     "offset": (_offset_beyond_end_no_length, "beyond the end of the"),
     "shape": (_shape_beyond_end_no_length, "beyond the end of the"),
@@ -187,3 +194,12 @@ def _constant_in_if_branch(tmp_path, location):
 def test_tensor_attribute_inside_a_subgraph_is_checked(tmp_path):
     with pytest.raises(ExternalDataError, match=r"tensor 'c' has its external data in '\.\./data\.bin'.*outside"):
         read_model(_constant_in_if_branch(tmp_path, "../data.bin"))
+
+
+def test_report_reader_refuses_outside_data(tmp_path):
+    """The report's parameter count reads the graph through the same check."""
+    from maxact.reports.model import parameter_count
+
+    model, outside, tensor, _ = _bad_model(tmp_path, "symlink")
+    with pytest.raises(ExternalDataError, match=f"tensor '{tensor}'.*outside the model's folder"):
+        parameter_count(model)

@@ -166,3 +166,28 @@ def test_past_inputs_and_positions_by_structure():
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "mf", "kk")]
     graph = ir.from_proto(helper.make_graph(nodes, "g", inputs, outputs, initializer=[emb, pos]))
     assert graph_inputs(graph) == InputRoles(ids="t", mask="m", positions="p", past=("k0",))
+
+
+def test_quant_of_another_model_without_the_recorded_inputs_exits_2(runs, tmp_path, capsys):
+    _, _, renamed, _ = runs
+    run = tmp_path / "run.h5"
+    shutil.copyfile(renamed, run)
+    before = _sha(run)
+    assert main(["quant", str(run), str(BUILTIN / "model.onnx"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lacks the inputs the run recorded" in err and "'x0'" in err, err
+    assert _sha(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+
+
+def test_report_rerun_of_the_renamed_graph_equals_the_original(runs):
+    from maxact.reports.load import load_run
+    from maxact.reports.model import passage_tensor
+
+    _, original, renamed, _ = runs
+    got = []
+    for path in (original, renamed):
+        run = load_run(path)
+        site = next(s for s in run.sites if s.site_id == "layers.1.residual")
+        got.append(passage_tensor(run, site, int(run.sample_index[0])))
+    assert not isinstance(got[1], str), got[1]
+    assert got[0].values.shape[0] > 1 and np.array_equal(got[0].values, got[1].values)

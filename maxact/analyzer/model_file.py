@@ -39,9 +39,10 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
         if attr.HasField("t"):
             yield attr.t
         yield from attr.tensors
-        for sparse in [attr.sparse_tensor] * attr.HasField("sparse_tensor") + list(attr.sparse_tensors):
-            yield from (sparse.values, sparse.indices)
-        for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+        sparse = list(attr.sparse_tensors) + ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else [])
+        for s in sparse:
+            yield from (s.values, s.indices)
+        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
             yield from _graph_tensors(sub)
 
 
@@ -74,10 +75,13 @@ def _check_tensor(tensor: onnx.TensorProto, folder: Path, model_path: Path) -> N
 
     if not location:
         raise refuse("no file named: the model is damaged; export it again")
-    if os.path.isabs(location) or Path(location).is_absolute():
+    if os.path.isabs(location):
         raise refuse("an absolute path: maxact reads only files inside the model's folder; put the data "
                      "file beside the model and give its name relative to it")
-    target = (folder / location).resolve()
+    try:
+        target = (folder / location).resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symbolic-link loop (RuntimeError before 3.13), a NUL
+        raise refuse(f"which cannot be resolved ({e}): the model is damaged; export it again") from None
     if not target.is_relative_to(folder):
         raise refuse(f"which resolves to {target}, outside the model's folder {folder}: maxact reads only "
                      "files inside it; put the data file there (a copy, not a link)")

@@ -16,7 +16,7 @@ from maxact.analyzer.distribution import hist_quantile
 from maxact.analyzer.run import load_model, model_type_beside
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.errors import AnalyzerError
-from maxact.passes.inputs import graph_inputs
+from maxact.passes.inputs import InputRolesError, graph_inputs
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
 from maxact.passes.sites import discover_sites
@@ -106,7 +106,13 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
 
     def session_for(**kw):
         model_file, model = load_model(path)
-        roles = graph_inputs(model.graph, inputs or meta.get("inputs"))
+        try:
+            roles = graph_inputs(model.graph, inputs or meta.get("inputs"))
+        except InputRolesError as e:
+            if inputs:
+                raise
+            raise InputRolesError(f"{model_file} lacks the inputs the run recorded ({e}): give them with "
+                                  "--inputs") from None
         found = discover_sites(model, model_type=model_type_beside(model_file), inputs=roles)
         sites = [s for s in found.sites if s.site_id in site_ids]
         InstrumentPass(sites, float32=meta["dtype"] == "float32", **kw)(model)
