@@ -36,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         ray=args.ray,
         ray_workers=args.ray_workers,
+        inputs=args.inputs,
     )
     run(opts)
     return 0
@@ -73,7 +74,7 @@ def _quant(args: argparse.Namespace) -> int:
 
     quant_check(Path(args.run), Path(args.model) if args.model else None,
                 args.sites.split(",") if args.sites else None, provider=args.provider, threads=args.threads,
-                progress=not args.no_progress)
+                progress=not args.no_progress, inputs=args.inputs)
     return 0
 
 
@@ -123,6 +124,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
+INPUTS_HELP = ("the graph's inputs by role, e.g. ids=tokens,mask=attn,positions=pos (roles ids, mask, positions, "
+               "past; past may repeat); default: the standard names, else found by the graph's structure")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="analyzer",
@@ -166,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the model path is taken for the address")
     r.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
+    r.add_argument("--inputs", metavar="ROLE=NAME,...", help=INPUTS_HELP)
     r.set_defaults(func=_run)
 
     m = sub.add_parser("merge", help="merge the shard files of one run (run --shard I/N) into the whole run's file")
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
     q.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--inputs", metavar="ROLE=NAME,...", help=INPUTS_HELP + "; default: the run's")
     q.set_defaults(func=_quant)
 
     c = sub.add_parser("compare-torch", help="the run's passages through the PyTorch checkpoint; per-site ranges "

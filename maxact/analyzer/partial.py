@@ -29,7 +29,7 @@ from maxact.text import literal, plain_console
 #: named by the first one), then the model and the corpus selection they lead to. ``model_path``
 #: may differ (the model is compared by its sha256), and so may the timing attributes.
 IDENTITY = ("corpus", "samples", "seed", "max_length", "batch_size", "bos", "stats", "provider", "threads",
-            "tokenizer", "maxact_version", "model_sha256", "opset", "dtype", "n_layers", "family",
+            "tokenizer", "maxact_version", "model_sha256", "opset", "dtype", "n_layers", "family", "inputs",
             "run_n_samples", "run_corpus_sha256")
 
 #: Root attributes that only partial files carry.

@@ -16,6 +16,7 @@ from maxact.analyzer.distribution import hist_quantile
 from maxact.analyzer.run import load_model, model_type_beside
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.errors import AnalyzerError
+from maxact.passes.inputs import InputRolesError, graph_inputs
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
 from maxact.passes.sites import discover_sites
@@ -55,7 +56,7 @@ def _attr(f, name):
 
 def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[str] | None = None,
                 provider: str = "cpu", threads: int | None = None, progress: bool = True,
-                console: Console | None = None) -> dict[str, dict[str, dict[str, float]]]:
+                console: Console | None = None, inputs: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """INT8 check of the study on the passages of a run, written into the run file's ``/quant``.
 
     The run's passages are split by position into a calibration half (even) and a disjoint
@@ -68,6 +69,8 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
         run_path: a run file of ``analyzer run``.
         model_path: the model (default: the run's ``model_path``).
         site_ids: the sites to check (default: the global peak's site and every layer's residual).
+        inputs: ``--inputs``, the graph's inputs by role (default: the run's, where it recorded them;
+            else :func:`~maxact.passes.inputs.graph_inputs` finds them).
 
     Returns:
         site id -> scale name -> metrics (mae, rmse, rel_mae, rel_rmse, sqnr_db, clip_rate,
@@ -104,12 +107,21 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
 
     def session_for(**kw):
         model_file, model = load_model(path)
-        found = discover_sites(model, model_type=model_type_beside(model_file))
+        try:
+            roles = graph_inputs(model.graph, inputs or meta.get("inputs"))
+        except InputRolesError as e:
+            if inputs:
+                raise
+            raise InputRolesError(f"{model_file} lacks the inputs the run recorded ({e}): give them with "
+                                  "--inputs") from None
+        found = discover_sites(model, model_type=model_type_beside(model_file), inputs=roles)
         sites = [s for s in found.sites if s.site_id in site_ids]
         InstrumentPass(sites, float32=meta["dtype"] == "float32", **kw)(model)
-        return Session(model, provider=provider, threads=threads), [s.site_id for s in sites]
+        return Session(model, provider=provider, threads=threads, inputs=roles), [s.site_id for s in sites], roles
 
-    session, sids = session_for(variant="fast", study=True)
+    session, sids, roles = session_for(variant="fast", study=True)
+    if not roles.standard:
+        console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
     exact = lambda: session_for(variant="exact", study=True)[0]  # noqa: E731
     cal = run_batches(session, sids, list(length_sorted_batches([ids[j] for j in calib],
                       [int(samples[j]) for j in calib], batch)), exact, progress=progress)
@@ -120,7 +132,7 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     for sid in sids:
         if not all(np.isfinite(v) and v > 0 for v in scales[sid].values()):
             raise AnalyzerError(f"{sid}: calibration gave no usable scale ({scales[sid]})")
-    session, _ = session_for(reducer=fake_quant_reducer(scales))
+    session, _, _ = session_for(reducer=fake_quant_reducer(scales))
     sums = run_sums(session, list(length_sorted_batches([ids[j] for j in evalu], [int(samples[j]) for j in evalu],
                                                          batch)), progress=progress)
 

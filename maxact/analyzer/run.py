@@ -18,6 +18,7 @@ from rich.console import Console
 import maxact
 from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import load_corpus, select_samples
+from maxact.analyzer.model_file import read_model
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.store import file_sha256, read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
@@ -25,6 +26,7 @@ from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, tok
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted
 from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
+from maxact.passes.inputs import graph_inputs
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.past import max_positions
 from maxact.passes.sites import discover_sites
@@ -69,6 +71,8 @@ class RunOptions:
     ray: str | None = None
     #: Ray actors (one onnxruntime session each); None: the cluster's CPUs divided by the threads.
     ray_workers: int | None = None
+    #: ``--inputs``: the graph's inputs by role, ``ids=NAME,mask=NAME,...`` (:func:`graph_inputs`).
+    inputs: str | None = None
 
 
 def load_model(path: Path) -> tuple[Path, ir.Model]:
@@ -78,16 +82,15 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
 
     Raises:
         ModelFileError: missing path, or a file that is not an ONNX model.
+        ExternalDataError: external data outside the model's folder, missing or too short
+            (:func:`maxact.analyzer.model_file.check_external_data`).
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.onnx"
     if not path.is_file():
         raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
-    try:
-        model = ir.load(path)
-    except Exception as e:
-        raise ModelFileError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:120]})") from e
+    model = read_model(path)  # external data checked to lie inside the model's folder
     if model.graph.num_nodes() == 0:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
     ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
@@ -147,7 +150,10 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
 
     model_type = model_type_beside(model_path)
-    discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type)
+    roles = graph_inputs(model.graph, opts.inputs)
+    if not roles.standard:
+        console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
+    discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type, inputs=roles)
     components = build_component_map(discovery)
     tok_path = find_tokenizer(model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
@@ -200,6 +206,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         "family": discovery.family or "structure",
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
+        **({} if roles.standard else {"inputs": roles.spec()}),  # quant and report feed the same inputs
     }
     start = None
     if ckpt.exists():
@@ -214,15 +221,15 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
     attention = attention if study else []
     InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
-    session = Session(model, provider=opts.provider, threads=opts.threads) if opts.ray is None else None
+    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=roles) if opts.ray is None else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
         _, again = load_model(model_path)
-        found = discover_sites(again, want_logits=opts.keep_logits, model_type=model_type)
+        found = discover_sites(again, want_logits=opts.keep_logits, model_type=model_type, inputs=roles)
         InstrumentPass(found.sites, variant="exact", float32=float32, study=study,
                        attention=find_attention(found)[0] if study else ())(again)
-        return Session(again, provider=opts.provider, threads=opts.threads)
+        return Session(again, provider=opts.provider, threads=opts.threads, inputs=roles)
 
     infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
     site_attrs = {
@@ -284,7 +291,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
 
     remote = nullcontext() if opts.ray is None else ray_outputs(
-        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads)
+        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads,
+        roles)
     try:
         with remote as outputs:
             result = run_batches(session, site_ids, batches, exact_session, progress=opts.progress, start=start,

@@ -13,6 +13,7 @@ MatMulNBits' ``N``). Source: onnxruntime's contrib operator documentation (Group
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import onnx_ir as ir
 
@@ -57,15 +58,19 @@ def _from_attention(value: ir.Value) -> tuple[int | None, int | None]:
     return None, None
 
 
-def past_shapes(graph: ir.Graph) -> dict[str, tuple[int, int]]:
+def past_shapes(graph: ir.Graph, names: Collection[str] | None = None) -> dict[str, tuple[int, int]]:
     """Input name -> ``(kv_heads, head_dim)`` for every past key/value input of ``graph``.
+
+    Args:
+        names: the past inputs (:attr:`maxact.passes.inputs.InputRoles.past`); None: those named
+            as :data:`PAST_INPUT` says.
 
     Raises:
         PastShapeError: a past input whose dimensions are symbolic and not recoverable.
     """
     out: dict[str, tuple[int, int]] = {}
     for v in graph.inputs:
-        if not v.name or not PAST_INPUT.match(v.name):
+        if not v.name or not (v.name in names if names is not None else PAST_INPUT.match(v.name)):
             continue
         dims = list(v.shape) if v.shape is not None else []
         kv_heads = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None

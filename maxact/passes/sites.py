@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import onnx_ir as ir
 
-from maxact.errors import NotALanguageModelError
 from maxact.passes.branches import branch_sites, final_norm_site
 from maxact.passes.dataflow import aliases, dataflow_graph, is_constant
 from maxact.passes.fused import is_skip_norm
+from maxact.passes.inputs import InputRoles, graph_inputs
 from maxact.passes.operators import NORM_OPS
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type
 from maxact.passes.residual import ResidualChain, find_residual_chain, residual_depth, step_output
@@ -196,7 +196,8 @@ def _same_tensor(a: ir.Value, b: ir.Value) -> bool:
     return any(x is b for x in aliases(a)) or any(x is a for x in aliases(b))
 
 
-def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str | None = None) -> Discovery:
+def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str | None = None,
+                   inputs: InputRoles | None = None) -> Discovery:
     """Find every site of a decoder-only LLM graph.
 
     Args:
@@ -204,21 +205,18 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
         want_logits: also return the ``logits`` site (the LM head output).
         model_type: Hugging Face ``config.model_type`` (from ``config.json`` beside the model),
             which picks the family table; None: the table that matches the most scope names.
+        inputs: the graph's inputs by role; None: :func:`maxact.passes.inputs.graph_inputs`.
 
     Returns:
         A :class:`Discovery`; ``sites`` all have shape ``[batch, seq, width]``.
 
     Raises:
-        NotALanguageModelError: no ``input_ids`` input, no embedding, or no residual stream.
+        NotALanguageModelError: no token-id input, no embedding, or no residual stream.
+        InputRolesError: see :func:`maxact.passes.inputs.graph_inputs`.
     """
     graph = model.graph
-    input_ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
-    if input_ids is None:
-        names = ", ".join(v.name or "?" for v in graph.inputs) or "none"
-        raise NotALanguageModelError(
-            f"the graph has no 'input_ids' input (its inputs: {names}); maxact analyses decoder-only "
-            "language models exported with token ids as input (e.g. `analyzer export`)"
-        )
+    roles = inputs or graph_inputs(graph)
+    input_ids = next(v for v in graph.inputs if v.name == roles.ids)
     flow = dataflow_graph(graph)
     chain = find_residual_chain(graph, flow, input_ids)
     disagreements: list[str] = []

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from maxact.analyzer.model_file import read_model
 from maxact.analyzer.store import file_sha256
 from maxact.errors import AnalyzerError
 from maxact.reports.load import RunData, Site
@@ -70,8 +71,12 @@ def tokenizer_file(run: RunData, model: Path) -> tuple[Path | None, str]:
 def parameter_count(path: Path) -> int:
     """Number of parameters of an ONNX model: the elements of its floating-point initializers, plus
     ``K * N`` per int4/int8 ``MatMulNBits`` weight (their packed bytes are not counted). Weights are
-    not read (external data stays on disk)."""
-    model = ir.load(path)
+    not read (external data stays on disk; its locations are checked).
+
+    Raises:
+        ModelFileError: not an ONNX model, or external data outside its folder (:func:`read_model`).
+    """
+    model = read_model(path)
     packed: set[str] = set()
     total = 0
     for node in model.graph:
@@ -97,6 +102,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     from maxact.analyzer.corpus import DEFAULT, load_corpus
     from maxact.analyzer.run import load_model
     from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
+    from maxact.passes.inputs import graph_inputs
     from maxact.runtime.batching import Batch
     from maxact.runtime.session import Session
 
@@ -116,6 +122,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
         tokenizer = load_tokenizer(tok_path)
         ids = encode(tokenizer, [corpus.texts[sample]], str(meta["bos"]), int(meta["max_length"]))[0]
         _, model = load_model(path)
+        roles = graph_inputs(model.graph, meta.get("inputs"))  # before the graph is cut down to the site
     except AnalyzerError as e:
         return f"the run's inputs cannot be read again ({e})"
     value = _value_named(model, site.tensor)
@@ -124,7 +131,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     model.graph.outputs.clear()
     model.graph.outputs.append(value)
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    session = Session(model)
+    session = Session(model, inputs=roles)
     mask = np.ones((1, len(ids)), dtype=np.int64)
     out = session.run(Batch(np.array([sample]), ids[None, :], mask))[value.name]
     values = np.asarray(out, dtype=np.float32).reshape(len(ids), -1)

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from maxact.errors import AnalyzerError
+from maxact.passes.inputs import InputRoles
 from maxact.runtime.batching import Batch
 from maxact.runtime.session import _INLINE_LIMIT, Session, _has_external_data, _weight_bytes
 
@@ -31,11 +32,12 @@ class _BatchRunner:
     ``shared`` holds the object references of the serialised graph and of the run's batches.
     """
 
-    def __init__(self, shared: list, provider: str, threads: int):
+    def __init__(self, shared: list, provider: str, threads: int, inputs: InputRoles | None = None):
         import ray
 
         model_bytes, self.batches = ray.get(shared)
-        self.session = Session(ir.from_proto(onnx.ModelProto.FromString(model_bytes)), provider, threads)
+        self.session = Session(ir.from_proto(onnx.ModelProto.FromString(model_bytes)), provider, threads,
+                               inputs=inputs)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [int(i) for i in rows["id"]]
@@ -52,6 +54,7 @@ def ray_outputs(
     workers: int | None = None,
     provider: str = "cpu",
     threads: int = 1,
+    inputs: InputRoles | None = None,
 ) -> Iterator[Iterator[dict[str, np.ndarray]]]:
     """A context giving an iterator over the outputs of ``model`` on ``batches[first:]``, in
     order, computed by Ray actors; Ray is started on entry (or joined) and shut down on exit.
@@ -64,6 +67,7 @@ def ray_outputs(
         workers: actors (sessions) in the pool; None: the cluster's CPUs divided by ``threads``.
         provider, threads: each actor's execution provider and intra-op threads (it reserves
             ``threads`` CPUs, or one GPU for ``cuda``).
+        inputs: the graph's inputs by role (:class:`~maxact.runtime.session.Session`).
 
     Raises:
         AnalyzerError: ray is not installed, the cluster cannot be reached, or the graph's
@@ -101,7 +105,7 @@ def ray_outputs(
             _BatchRunner,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=pool),
-            fn_constructor_args=(shared, provider, threads),
+            fn_constructor_args=(shared, provider, threads, inputs),
             **resources,
         )
         rows = iter(ds.iter_rows())

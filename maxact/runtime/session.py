@@ -14,6 +14,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph as OrtInval
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from maxact.errors import AnalyzerError
+from maxact.passes.inputs import InputRoles, graph_inputs
 from maxact.passes.instrument import TOKEN_MASK
 from maxact.passes.past import past_shapes
 from maxact.runtime.batching import Batch
@@ -94,17 +95,19 @@ class Session:
             first and the (small) reduction outputs bound to host memory, so nothing else crosses
             between device and host. None: on for ``cuda``, off for ``cpu`` (where it changes
             nothing but is allowed, for tests).
+        inputs: the graph's inputs by role; None: :func:`maxact.passes.inputs.graph_inputs`.
 
     Raises:
         ProviderError: ``provider`` is not available (e.g. ``cuda`` without onnxruntime-gpu).
-        UnsupportedInputError: the graph has an input other than input_ids, attention_mask,
-            position_ids and past key/values (fed empty: a prompt with no cache).
+        UnsupportedInputError: the graph has an input other than the token ids, attention mask,
+            positions and past key/values (fed empty: a prompt with no cache).
         PastShapeError: a past key/value input whose shape cannot be told.
     """
 
     def __init__(self, model: ir.Model, provider: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None):
-        self.past = past_shapes(model.graph)  # KV-cache graphs: past inputs fed empty
+                 io_binding: bool | None = None, inputs: InputRoles | None = None):
+        self.roles = inputs or graph_inputs(model.graph)
+        self.past = past_shapes(model.graph, self.roles.past)  # KV-cache graphs: past inputs fed empty
         name = PROVIDERS.get(provider)
         if name is None:
             raise ProviderError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
@@ -156,12 +159,13 @@ class Session:
         self.io_binding = provider == "cuda" if io_binding is None else io_binding
         self._device = ("cuda", 0) if provider == "cuda" else ("cpu", 0)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        known = {"input_ids", "attention_mask", "position_ids", TOKEN_MASK, *self.past}
+        known = {self.roles.ids, self.roles.mask, self.roles.positions, TOKEN_MASK, *self.past}
         unknown = [n for n in self.inputs if n not in known]
         if unknown:
             raise UnsupportedInputError(
-                f"the graph needs inputs maxact cannot feed yet: {', '.join(unknown)}; export it "
-                "without past key/values (`analyzer export`, task text-generation)"
+                f"the graph needs inputs maxact cannot feed yet: {', '.join(unknown)}; name their roles with "
+                "--inputs ids=NAME,mask=NAME,positions=NAME, or export the model without past key/values "
+                "(`analyzer export`, task text-generation)"
             )
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -172,10 +176,11 @@ class Session:
         a right-padded row), 1 at padding.
         """
         mask = batch.attention_mask
+        roles = self.roles
         values = {
-            "input_ids": batch.input_ids,
-            "attention_mask": mask,
-            "position_ids": np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1),
+            roles.ids: batch.input_ids,
+            roles.mask: mask,
+            roles.positions: np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1),  # a None key: never fed
             TOKEN_MASK: mask.astype(bool),
         }
         batch_size = mask.shape[0]
