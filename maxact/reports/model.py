@@ -76,7 +76,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
 
     Returns:
         The tensor, or a sentence saying why it cannot be recomputed (model, tokenizer or corpus
-        missing or changed).
+        missing or changed; a corpus that has shrunk is said so).
     """
     from maxact.analyzer.corpus import load_corpus
     from maxact.analyzer.run import load_model
@@ -90,6 +90,10 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     meta = run.meta
     try:
         corpus = load_corpus(str(meta["corpus"]))
+        last = max([sample, *(int(k) for k in run.sample_index)])
+        if last >= len(corpus.texts):
+            return (f"the corpus {meta['corpus']!r} has shrunk since the run (it holds {len(corpus.texts)} passages, "
+                    f"the run read passage {last})")
         if corpus.sha256([int(k) for k in run.sample_index]) != meta.get("corpus_sha256"):
             return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
         tokenizer = load_tokenizer(Path(str(meta["tokenizer"])))
