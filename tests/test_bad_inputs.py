@@ -141,5 +141,5 @@ def test_report_on_a_corpus_that_has_shrunk_says_so(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(run_file), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "report.md").read_text()
-    assert f"because the corpus '{corpus}' has shrunk since the run (it holds 1 passages, the run read passage 5)" in page
+    assert f"because the corpus '{corpus}' has shrunk since the run (the run read passage 5, it now holds 1)" in page
     assert {p: sha256(p) for p in before} == before

@@ -92,8 +92,8 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
         corpus = load_corpus(str(meta["corpus"]))
         last = max([sample, *(int(k) for k in run.sample_index)])
         if last >= len(corpus.texts):
-            return (f"the corpus {meta['corpus']!r} has shrunk since the run (it holds {len(corpus.texts)} passages, "
-                    f"the run read passage {last})")
+            return (f"the corpus {meta['corpus']!r} has shrunk since the run (the run read passage {last}, "
+                    f"it now holds {len(corpus.texts)})")
         if corpus.sha256([int(k) for k in run.sample_index]) != meta.get("corpus_sha256"):
             return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
         tokenizer = load_tokenizer(Path(str(meta["tokenizer"])))
