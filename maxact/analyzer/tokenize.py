@@ -43,8 +43,9 @@ def load_tokenizer(path: Path) -> Tokenizer:
 #: change the last few tokens: a word split in two, a merge that no longer applies) lies well after
 #: the tokens kept.
 MARGIN = 32
-#: Characters per token of the first prefix tried: generous for prose (3-5 per token), so that one
-#: try usually suffices; text of fewer characters per token (byte fallback) doubles the prefix.
+#: Characters per token of the first prefix tried: generous for prose (3-5 per token) and more so for
+#: code or CJK, so that one try usually suffices; text of more characters per token (a long word that
+#: is one unknown token, a long run merged into few tokens) doubles the prefix until it has enough.
 CHARS_PER_TOKEN = 8
 
 
