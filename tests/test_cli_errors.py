@@ -70,6 +70,48 @@ def _bf16_decoder(folder, dtype=TensorProto.BFLOAT16, broken=False):
     return folder / "model.onnx"
 
 
+def _model_with_bigger_tokenizer(folder):
+    """The built-in model beside its tokenizer plus one added token, id 512: past the embedding's 512 rows."""
+    from tokenizers import Tokenizer
+
+    folder.mkdir()
+    shutil.copyfile(BUILTIN / "model.onnx", folder / "model.onnx")
+    tok = Tokenizer.from_file(str(BUILTIN / "tokenizer.json"))
+    tok.add_tokens(["zqxj"])
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "model.onnx"
+
+
+def _jsonl(path, texts, gz=False):
+    import gzip
+    import json
+
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    path.write_bytes(gzip.compress(data)[:-20] if gz else data)  # gz: truncated, its last 20 bytes cut
+    return path
+
+
+def _parquet(path, texts, corrupt=False):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts]), path)
+    if corrupt:  # a download cut in the middle
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _datasets_folder(path, texts):
+    import datasets
+
+    datasets.disable_progress_bars()  # on stderr, which the test reads
+    try:
+        datasets.Dataset.from_list([{"text": t} for t in texts]).save_to_disk(str(path))
+    finally:
+        datasets.enable_progress_bars()
+    return path
+
+
 def _model_without_tokenizer(folder):
     folder.mkdir()
     shutil.copyfile(BUILTIN / "model.onnx", folder / "model.onnx")
@@ -90,6 +132,22 @@ CASES = {
     "invalid graph": (lambda d: _bf16_decoder(d / "bad", TensorProto.FLOAT, broken=True), None,
                       "onnxruntime cannot load the graph"),
     "missing corpus": (lambda d: BUILTIN / "model.onnx", lambda d: d / "nothing.jsonl", "not found"),
+    "truncated jsonl.gz": (lambda d: BUILTIN / "model.onnx", lambda d: _jsonl(d / "c.jsonl.gz", ["a b c"] * 50, gz=True),
+                           "c.jsonl.gz is truncated or corrupt (Compressed file ended before the end-of-stream marker"),
+    "truncated parquet": (lambda d: BUILTIN / "model.onnx", lambda d: _parquet(d / "c.parquet", ["a b"] * 9, corrupt=True),
+                          "c.parquet is not a readable Parquet file"),
+    "null text in jsonl": (lambda d: BUILTIN / "model.onnx", lambda d: _jsonl(d / "c.jsonl", ["fine", None]),
+                           "c.jsonl: the 'text' of line 2 is null; give every passage as a string"),
+    "number as text in jsonl": (lambda d: BUILTIN / "model.onnx", lambda d: _jsonl(d / "c.jsonl", ["fine", "ok", 42]),
+                                "c.jsonl: the 'text' of line 3 is of type int, not a string"),
+    "null text in parquet": (lambda d: BUILTIN / "model.onnx", lambda d: _parquet(d / "c.parquet", [None, "fine"]),
+                             "c.parquet: the 'text' of row 1 is null"),
+    "null text in datasets folder": (lambda d: BUILTIN / "model.onnx", lambda d: _datasets_folder(d / "ds", ["a", None]),
+                                     "ds: the 'text' of row 2 is null"),
+    "token ids past the embedding": (lambda d: _model_with_bigger_tokenizer(d / "m"),
+                                     lambda d: _jsonl(d / "c.jsonl", ["Once upon a time zqxj there was"]),
+                                     "gives token id 512, but the model's embedding table has 512 rows (ids 0..511): "
+                                     "give the model's own tokenizer with --tokenizer"),
 }
 
 

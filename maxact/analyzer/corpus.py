@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -59,8 +60,28 @@ def _records_jsonl(lines, where: str) -> list[dict]:
             raise CorpusError(f"{where}: line {n} is not JSON ({e.msg}); give one JSON object per line") from e
         if not isinstance(rec, dict) or "text" not in rec:
             raise CorpusError(f"{where}: line {n} has no 'text' field; each line needs {{\"text\": ...}}")
+        _check_text(rec["text"], where, f"line {n}")
         records.append(rec)
     return records
+
+
+def _check_text(value: object, where: str, row: str) -> None:
+    """Refuse a passage that is not a string (null, a number, a list), naming where it is.
+
+    Raises:
+        CorpusError: ``value`` is not a ``str``.
+    """
+    if not isinstance(value, str):
+        what = "null" if value is None else f"of type {type(value).__name__}, not a string"
+        raise CorpusError(f"{where}: the 'text' of {row} is {what}; give every passage as a string")
+
+
+def _column_texts(values, where: str) -> list[str]:
+    """The ``text`` column of a table, every value checked by :func:`_check_text` (rows counted from 1)."""
+    texts = list(values)
+    for n, value in enumerate(texts, 1):
+        _check_text(value, where, f"row {n}")
+    return texts
 
 
 def _from_records(name: str, records: list[dict]) -> Corpus:
@@ -92,7 +113,7 @@ def _read_datasets_folder(path: Path) -> Corpus:
         ds = ds[split]
     if "text" not in ds.column_names:
         raise CorpusError(f"{path}: the dataset has no 'text' column (columns: {', '.join(ds.column_names)})")
-    texts = [str(t) for t in ds["text"]]
+    texts = _column_texts(ds["text"], str(path))
     domains = [str(d) for d in ds["domain"]] if "domain" in ds.column_names else ["unknown"] * len(texts)
     return Corpus(str(path), texts, domains)
 
@@ -106,7 +127,7 @@ def _read_parquet(path: Path) -> Corpus:
         raise CorpusError(f"{path} is not a readable Parquet file ({e})") from e
     if "text" not in table.column_names:
         raise CorpusError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-    texts = [str(t) for t in table.column("text").to_pylist()]
+    texts = _column_texts(table.column("text").to_pylist(), str(path))
     domains = (
         [str(d) for d in table.column("domain").to_pylist()]
         if "domain" in table.column_names
@@ -143,6 +164,8 @@ def load_corpus(spec: str) -> Corpus:
             try:
                 with opener(path, "rt", encoding="utf-8") as f:
                     corpus = _from_records(str(path), _records_jsonl(f, str(path)))
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                raise CorpusError(f"{path} is truncated or corrupt ({e}): download or compress it again") from e
             except (UnicodeDecodeError, OSError) as e:
                 raise CorpusError(f"{path} could not be read as UTF-8 JSON lines ({e})") from e
         else:

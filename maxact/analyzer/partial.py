@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from maxact.analyzer.store import StoredRun, read_run, write_run
+from maxact.analyzer.store import PARTIAL_ROOT_ATTRS, StoredRun, read_run, write_run
 from maxact.analyzer.summary import attention_shares, global_peak, print_summary, role_absmax
-from maxact.errors import AnalyzerError
+from maxact.errors import AnalyzerError, RunFileError
 from maxact.runtime.merge import merge_all, merge_outputs
 from maxact.text import literal, plain_console
 
@@ -33,7 +33,7 @@ IDENTITY = ("corpus", "samples", "seed", "max_length", "batch_size", "bos", "sta
             "run_n_samples", "run_corpus_sha256")
 
 #: Root attributes that only partial files carry.
-PARTIAL_ATTRS = ("shard", "run_n_samples", "run_corpus_sha256", "checkpoint_batches_done", "checkpoint_n_batches")
+PARTIAL_ATTRS = tuple(PARTIAL_ROOT_ATTRS)
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -64,7 +64,10 @@ def _shard(run: StoredRun, name: str) -> tuple[int, int]:
         raise AnalyzerError(f"{name} is the checkpoint of an interrupted run: finish it with "
                             "`analyzer run ... --resume` first")
     spec = str(run.meta.get("shard", "1/1"))
-    index, count = (int(x) for x in spec.split("/"))
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise RunFileError(f"{name}: root attribute shard is {spec!r}, not I/N: run that shard again") from None
     return index, count
 
 

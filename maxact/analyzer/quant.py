@@ -77,10 +77,12 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
         zero_frac, scale).
 
     Raises:
-        AnalyzerError: unreadable run file, unknown sites, too few passages to split.
+        AnalyzerError: negative threads, unreadable run file, unknown sites, too few passages to split.
     """
     console = console or plain_console()
     run_path = Path(run_path)
+    if threads is not None and threads < 0:
+        raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {threads}")
     try:
         with h5py.File(run_path, "r") as f:
             meta = {k: _attr(f, k) for k in f.attrs}

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from rich.console import Console
+from rich.text import Text
+from tokenizers import Tokenizer
 
 import maxact
 from maxact.analyzer.components import build_component_map
@@ -23,7 +25,7 @@ from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.store import file_sha256, read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
-from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted
+from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted, TokenizerError
 from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.passes.inputs import graph_inputs
@@ -142,6 +144,12 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
     if opts.batch_size < 1 or opts.max_length < 1:
         raise AnalyzerError("--batch-size and --max-length must be at least 1")
+    if opts.seed < 0:
+        raise AnalyzerError(f"--seed must be 0 or more, not {opts.seed}")
+    if opts.threads is not None and opts.threads < 0:
+        raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {opts.threads}")
+    if not opts.checkpoint_every >= 0:  # also NaN
+        raise AnalyzerError(f"--checkpoint-every must be 0 or more seconds, not {opts.checkpoint_every}")
     index, count = opts.shard or (1, 1)
     if not 1 <= index <= count:
         raise AnalyzerError(f"--shard {index}/{count}: give I/N with 1 <= I <= N")
@@ -171,6 +179,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         raise CorpusError(f"corpus {opts.corpus!r}: no passage yields a token with this tokenizer")
     chosen = [chosen[j] for j in keep]
     ids = [ids[j] for j in keep]
+    _check_vocabulary(tokenizer, tok_path, ids, discovery.chain.embedding_rows, console)
 
     batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
     if count > len(batches):
@@ -310,6 +319,27 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         f"wrote {literal(out)}"
     )
     return out
+
+
+def _check_vocabulary(tokenizer: Tokenizer, tok_path: Path, ids: list[np.ndarray], rows: int | None,
+                      console: Console) -> None:
+    """Refuse token ids beyond the model's embedding table; warn when the tokenizer's vocabulary
+    and the table differ in size (nothing to check where the table's shape is not static).
+
+    Raises:
+        TokenizerError: a passage yields an id of ``rows`` or more.
+    """
+    if rows is None:
+        return
+    top = max(int(seq.max()) for seq in ids)
+    if top >= rows:
+        raise TokenizerError(f"the tokenizer {tok_path} gives token id {top}, but the model's embedding table has "
+                             f"{rows} rows (ids 0..{rows - 1}): give the model's own tokenizer with --tokenizer")
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != rows:
+        console.print(Text.assemble(("warning:", "yellow"), f" the tokenizer {tok_path} has {size} tokens, the "
+                                    f"model's embedding table {rows} rows: is it the model's own tokenizer?"),
+                      soft_wrap=True)
 
 
 def _load_checkpoint(path: Path, run_meta: dict[str, object], site_ids: list[str], batches: list) -> RunResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
 from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_outputs, headroom
-from maxact.errors import AnalyzerError, RunFileError
+from maxact.errors import RunFileError
 from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
 
@@ -247,19 +248,35 @@ def open_run_file(path: str | Path) -> h5py.File:
     return f
 
 
+#: Root attributes that readers of a run file convert (:func:`read_run` checks them), and the kind
+#: of value each holds; the partial files' attributes are checked where present.
+ROOT_ATTRS = {"n_samples": numbers.Integral, "n_tokens": numbers.Integral, "exact_batches": numbers.Integral,
+              "wall_seconds": numbers.Real, "max_length": numbers.Integral, "corpus_sha256": str}
+PARTIAL_ROOT_ATTRS = {"shard": str, "run_n_samples": numbers.Integral, "run_corpus_sha256": str,
+                      "checkpoint_batches_done": numbers.Integral, "checkpoint_n_batches": numbers.Integral}
+_KIND_WORDS = {numbers.Integral: "an integer", numbers.Real: "a number", str: "a string"}
+
+
 def read_run(path: Path) -> StoredRun:
     """Read a run file written by :func:`write_run` (by this version of maxact).
 
     Raises:
-        AnalyzerError: the file is missing, not HDF5, or lacks what an exact merge needs (a run
-            file written before maxact kept ``absmax_token`` and ``sun_ratio_sum``).
+        RunFileError: the file is missing or not HDF5; or a group, dataset or attribute is missing
+            or malformed (named in the message), e.g. in a run file written before maxact kept
+            ``absmax_token`` and ``sun_ratio_sum``.
     """
     path = Path(path)
-    with open_run_file(path) as f:
-        text = text_decoder(f)
-        run = StoredRun(meta={k: _value(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
-        try:
+    where = "/"  # what is being read, for the message
+    try:
+        with open_run_file(path) as f:
+            text = text_decoder(f)
+            run = StoredRun(meta={k: _value(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
+            for name, kind in {**ROOT_ATTRS, **PARTIAL_ROOT_ATTRS}.items():
+                if (name in ROOT_ATTRS or name in run.meta) and not isinstance(run.meta.get(name), kind):
+                    where = f"root attribute {name}"
+                    raise ValueError(f"{run.meta[name]!r}, not {_KIND_WORDS[kind]}" if name in run.meta else "absent")
             for sid, g in f["sites"].items():
+                where = f"/sites/{sid}"
                 attrs = {k: _value(v) for k, v in g.attrs.items()}
                 layer = int(attrs["layer"])
                 run.sites.append(SiteInfo(sid, str(attrs["role"]), None if layer < 0 else layer))
@@ -268,20 +285,30 @@ def read_run(path: Path) -> StoredRun:
                 run.absmax_tokens[sid] = text(g["absmax_token"].asstr()[()])
                 if "topk_token" in g:
                     run.topk_tokens[sid] = [text(t) for t in g["topk_token"].asstr()[()]]
-        except KeyError as e:
-            raise AnalyzerError(f"{path} lacks datasets an exact merge needs (absmax_token, sun_ratio_sum, ...): "
-                                "it was written by an older maxact; run it again") from e
-        shares = {}
-        for name, g in f["attention"].items():
-            shares[int(name.split(".")[1])] = {k: g[k][()] for k in g}
-        run.sums = attention_outputs(shares)
-        run.fused_attention = [int(x.split(".")[1]) for x in f["attention"].attrs["not_measurable"]]
-        for key, g in f["static"].items():
-            run.weights.append(WeightStat(
-                key=key, kind=_value(g.attrs["kind"]), tensor=_value(g.attrs["tensor"]),
-                shape=tuple(int(x) for x in g.attrs["shape"]), max_abs=float(g["max_abs"][()]),
-                gamma_argmax=int(g["gamma_argmax"][()]) if "gamma_argmax" in g else -1, layer=int(g.attrs["layer"])))
-        run.sample_index = f["corpus/sample_index"][()]
+                    study = run.stats[sid].study
+                    if study is None or len(run.topk_tokens[sid]) != len(study.topk_location):
+                        raise ValueError("topk_token and topk_location differ in length")
+            where = "/attention"
+            shares = {}
+            for name, g in f["attention"].items():
+                where = f"/attention/{name}"
+                shares[int(name.split(".")[1])] = {k: g[k][()] for k in g}
+            run.sums = attention_outputs(shares)
+            run.fused_attention = [int(x.split(".")[1]) for x in f["attention"].attrs["not_measurable"]]
+            where = "/static"
+            for key, g in f["static"].items():
+                where = f"/static/{key}"
+                run.weights.append(WeightStat(
+                    key=key, kind=_value(g.attrs["kind"]), tensor=_value(g.attrs["tensor"]),
+                    shape=tuple(int(x) for x in g.attrs["shape"]), max_abs=float(g["max_abs"][()]),
+                    gamma_argmax=int(g["gamma_argmax"][()]) if "gamma_argmax" in g else -1,
+                    layer=int(g.attrs["layer"])))
+            where = "/corpus/sample_index"
+            run.sample_index = np.asarray(f["corpus/sample_index"][()], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        detail = str(e.args[0] if isinstance(e, KeyError) and e.args else e)[:160]
+        raise RunFileError(f"{path}: {where} is missing or malformed ({type(e).__name__}: {detail}); it is not a "
+                           "complete run file of this maxact version: run `analyzer run` again") from e
     return run
 
 

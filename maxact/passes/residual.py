@@ -76,6 +76,15 @@ class ResidualChain:
         """The stream after each step (:func:`step_output`)."""
         return [step_output(n) for n in self.steps]
 
+    @property
+    def embedding_rows(self) -> int | None:
+        """Rows of the token-embedding table (the model takes ids ``0 .. rows - 1``); None where
+        the table's shape is not static."""
+        node = self.lookup.producer() if self.lookup is not None else None
+        shape = node.inputs[0].shape if node is not None else None
+        rows = shape[0] if shape is not None and len(shape) else None
+        return rows if isinstance(rows, int) else None
+
 
 # Ops that turn a weight into another weight (tied embeddings: Gather over Transpose(lm_head)).
 _WEIGHT_VIEW_OPS = ("Transpose", "Reshape", "Cast", "Identity")

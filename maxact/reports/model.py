@@ -97,7 +97,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     Returns:
         The tensor, or a sentence saying why it cannot be recomputed (model, tokenizer or corpus
         missing or changed; the model and tokenizer are looked for as :func:`model_file` and
-        :func:`tokenizer_file` say).
+        :func:`tokenizer_file` say; a corpus that has shrunk is said so).
     """
     from maxact.analyzer.corpus import DEFAULT, load_corpus
     from maxact.analyzer.run import load_model
@@ -117,6 +117,10 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
         return f"the corpus {meta['corpus']} is missing"
     try:
         corpus = load_corpus(str(meta["corpus"]))
+        last = max([sample, *(int(k) for k in run.sample_index)])
+        if last >= len(corpus.texts):
+            return (f"the corpus {meta['corpus']!r} has shrunk since the run (the run read passage {last}, "
+                    f"it now holds {len(corpus.texts)})")
         if corpus.sha256([int(k) for k in run.sample_index]) != meta.get("corpus_sha256"):
             return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
         tokenizer = load_tokenizer(tok_path)
