@@ -38,3 +38,13 @@ class RunInterrupted(AnalyzerError):
 
 class RunFileError(AnalyzerError):
     """A run file is missing, unreadable or not an HDF5 file written by ``analyzer run``."""
+
+
+class OutputError(AnalyzerError):
+    """An output path that would replace an input or a file of another kind, that cannot be
+    written, or whose write failed (a full disk)."""
+
+
+class FinalWriteError(OutputError):
+    """The run's final write failed after every batch was measured; the merged state is in the
+    checkpoint, so ``analyzer run ... --resume`` writes the run file without measuring again."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from maxact.errors import AnalyzerError, RunInterrupted
+from maxact.errors import AnalyzerError, FinalWriteError, RunInterrupted
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -36,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         ray=args.ray,
         ray_workers=args.ray_workers,
+        force=args.force,
     )
     run(opts)
     return 0
@@ -44,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from maxact.analyzer.partial import merge_runs
 
-    merge_runs([Path(p) for p in args.runs], Path(args.out))
+    merge_runs([Path(p) for p in args.runs], Path(args.out), force=args.force)
     return 0
 
 
@@ -63,7 +64,7 @@ def _export(args: argparse.Namespace) -> int:
     from maxact.exporters.hf import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, gguf_file=args.gguf_file,
-                            exporter=args.exporter)
+                            exporter=args.exporter, force=args.force)
     print(f"exported {out}")
     return 0
 
@@ -81,16 +82,22 @@ def _compare_torch(args: argparse.Namespace) -> int:
     from maxact.analyzer.compare_torch import EXIT_DISAGREE, compare_torch
 
     cmp = compare_torch(args.checkpoint, args.run, out=args.out, dtype=args.dtype, rtol=args.rtol,
-                        corpus=args.corpus, tokenizer=args.tokenizer, progress=not args.no_progress)
+                        corpus=args.corpus, tokenizer=args.tokenizer, progress=not args.no_progress,
+                        force=args.force)
     return EXIT_DISAGREE if cmp.flagged else 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
-    written = build_report([Path(p) for p in args.runs], Path(args.out))
+    written = build_report([Path(p) for p in args.runs], Path(args.out), force=args.force)
     print(f"wrote {Path(args.out) / 'index.html'}, report.md and {sum(p.suffix == '.png' for p in written)} figures")
     return 0
+
+
+def _force(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace an existing output that is not {what} (an input is never replaced)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the model path is taken for the address")
     r.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
+    _force(r, "a run file")
     r.set_defaults(func=_run)
 
     m = sub.add_parser("merge", help="merge the shard files of one run (run --shard I/N) into the whole run's file")
     m.add_argument("runs", nargs="+", metavar="RUN.h5", help="the N shard files, in any order")
     m.add_argument("--out", required=True, help="the HDF5 file to write")
+    _force(m, "a run file")
     m.set_defaults(func=_merge)
 
     q = sub.add_parser("quant", help="the study's INT8 check on the passages of RUN.h5, written into it")
@@ -161,11 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corpus", help="the run's corpus, if it has moved (default: the path the run recorded)")
     c.add_argument("--tokenizer", help="the run's tokenizer, if it has moved (default: the one the run recorded)")
     c.add_argument("--no-progress", action="store_true")
+    _force(c, "a comparison file")
     c.set_defaults(func=_compare_torch)
 
     rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
     rp.add_argument("runs", nargs="+", help="run files of `analyzer run` (several: a cross-model table too)")
     rp.add_argument("--out", required=True, help="folder to write index.html, report.md and the PNG figures into")
+    _force(rp, "an earlier report")
     rp.set_defaults(func=_report)
 
     e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
@@ -176,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", choices=("auto", "optimum", "dynamo"), default="auto",
                    help="auto: torch.onnx.export(dynamo=True) for MoE models (their experts made dense), "
                         "else Optimum (default)")
+    _force(e, "an earlier export")
     e.set_defaults(func=_export)
     return p
 
@@ -185,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     3 ranges disagree (compare-torch), 1 internal error."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    again = shlex.join(["analyzer", *argv, *([] if "--resume" in argv else ["--resume"])])
     try:
         return args.func(args)
     except RunInterrupted as e:
-        again = shlex.join(["analyzer", *argv, *([] if "--resume" in argv else ["--resume"])])
         Console(stderr=True).print(f"{e}; finish it with: {again}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except FinalWriteError as e:
+        Console(stderr=True).print(f"error: {e}; finish it with: {again}", markup=False, highlight=False,
+                                   soft_wrap=True)
         return e.exit_code
     except AnalyzerError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
