@@ -7,7 +7,7 @@ import errno
 import glob
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from maxact.errors import OutputError
@@ -67,7 +67,7 @@ def _files(path: Path) -> list[Path]:
 
 def _writable_folder(folder: Path) -> None:
     if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise OutputError(f"output folder {folder} {what}: give an output path in an existing folder")
     try:
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -80,13 +80,32 @@ def _writable_folder(folder: Path) -> None:
                           "folder you can write") from None
 
 
-def check_output(path: str | Path, *, kind: str, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
+def _not_input(path: Path, real: Path, given: Path, what: str, folder: bool, whole: bool) -> None:
+    """Refuse the output ``path`` (resolved: ``real``) if it would replace the input ``given``
+    (:func:`check_output`)."""
+    for inp in _files(given):
+        if real == inp or (path.exists() and inp.exists() and os.path.samefile(path, inp)):
+            where = what if inp == given.resolve() else f"in {what} {given}"
+            via = "" if path.absolute() == inp else f" (it resolves to {inp})"
+            raise OutputError(f"output {path} is {where}, an input of this command{via}: give another output path "
+                              "(inputs are never replaced)")
+        if folder and whole and real in inp.parents:
+            raise OutputError(f"output folder {path} holds {inp}, {what}, and would be replaced whole: give "
+                              "another folder")
+    if folder and given.is_dir() and given.resolve() in real.parents:
+        raise OutputError(f"output folder {path} is inside {what} {given}, an input of this command: give a "
+                          "folder outside it")
+
+
+def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path | Iterable[str | Path]],
+                 force: bool = False) -> Path:
     """Check, before any work, that a command may write its output ``path``.
 
     Args:
         path: the output file (kinds ``run``, ``compare-torch``) or folder (``report``, ``export``).
         kind: what the command writes, a key of :data:`KINDS`.
-        inputs: every file or folder the command reads (a folder stands for each file in it).
+        inputs: what each input is ("the model file") -> its path or paths: every file or folder
+            the command reads (a folder stands for each file in it).
         force: allow replacing an existing file or folder of another kind (never an input).
 
     Returns:
@@ -102,19 +121,9 @@ def check_output(path: str | Path, *, kind: str, inputs: Iterable[str | Path] = 
     path = Path(path)
     shape, what, whole = KINDS[kind]
     real = path.resolve()
-    for given in inputs:
-        given = Path(given)
-        for inp in _files(given):
-            if real == inp or (path.exists() and inp.exists() and os.path.samefile(path, inp)):
-                via = "" if path.absolute() == inp else f" (it resolves to {inp})"
-                raise OutputError(f"output {path} is an input of this command{via}: give another output path "
-                                  "(inputs are never replaced)")
-            if shape == "folder" and whole and real in inp.parents:
-                raise OutputError(f"output folder {path} holds {inp}, an input of this command, and would be "
-                                  "replaced whole: give another folder")
-        if shape == "folder" and given.is_dir() and given.resolve() in real.parents:
-            raise OutputError(f"output folder {path} is inside {given}, an input of this command: give a folder "
-                              "outside it")
+    for what, paths in inputs.items():
+        for given in [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]:
+            _not_input(path, real, given, what, shape == "folder", whole)
     if shape == "file":
         if path.is_dir():
             raise OutputError(f"output {path} is a folder: give the file to write, e.g. {path / 'run.h5'}")

@@ -370,8 +370,9 @@ def compare_torch(
     out = Path(out) if out else run.path.with_name(f"{run.path.stem}.compare_torch.{dtype}.h5")
     tok_path = find_tokenizer(Path(meta["model_path"]), tokenizer or meta["tokenizer"])
     corpus = corpus or meta["corpus"]
-    check_output(out, kind="compare-torch", inputs=[run.path, ckpt, tok_path, *([] if corpus == DEFAULT else [corpus])],
-                 force=force)
+    check_output(out, kind="compare-torch", force=force, inputs={
+        "the run file": run.path, "the checkpoint": ckpt, "the tokenizer": tok_path,
+        "the corpus": [] if corpus == DEFAULT else corpus})
 
     texts = load_corpus(corpus)
     if len(run.samples) and int(run.samples.max()) >= len(texts.texts):

@@ -88,7 +88,7 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
             ``force``; its write failed.
     """
     console = console or Console()
-    out = check_output(out, kind="run", inputs=paths, force=force)
+    out = check_output(out, kind="run", inputs={"a shard file": paths}, force=force)
     if not paths:
         raise AnalyzerError("give the shard files to merge")
     runs = [read_run(p) for p in paths]

@@ -146,8 +146,10 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     console = console or Console()
     model_path, model = load_model(opts.model)
     out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
-    read = [model_path, *external_data_files(model), opts.tokenizer or model_path.parent / "tokenizer.json",
-            model_path.parent / "config.json", *([] if opts.corpus == DEFAULT else [opts.corpus])]
+    read = {"the model file": model_path, "external data of the model": external_data_files(model),
+            "the tokenizer": opts.tokenizer or model_path.parent / "tokenizer.json",
+            "the model's config.json": model_path.parent / "config.json",
+            "the corpus": [] if opts.corpus == DEFAULT else opts.corpus}
     check_output(out, kind="run", inputs=read, force=opts.force)
     if opts.stats not in ("full", "main"):
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")

@@ -206,7 +206,7 @@ def export_checkpoint(
         ckpt, gguf_file = ckpt.parent, ckpt.name
     if exporter not in ("auto", "optimum", "dynamo"):
         raise ExportError(f"unknown exporter {exporter!r}: use auto, optimum or dynamo")
-    check_output(out_dir, kind="export", inputs=[Path(checkpoint)], force=force)
+    check_output(out_dir, kind="export", inputs={"the checkpoint": checkpoint}, force=force)
     if gguf_file is None:
         check_weights(ckpt)
     out = Path(out_dir).resolve()  # a link to a folder: the folder it names is replaced

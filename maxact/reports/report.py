@@ -136,7 +136,7 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
     """
     if not run_paths:
         raise AnalyzerError("give at least one run file: analyzer report RUN.h5 [RUN2.h5 ...] --out DIR")
-    out_dir = check_output(out_dir, kind="report", inputs=run_paths, force=force)
+    out_dir = check_output(out_dir, kind="report", inputs={"a run file": run_paths}, force=force)
     runs = [load_run(Path(p)) for p in run_paths]
     _unique_names(runs)
     slugs: list[str] = []
