@@ -45,6 +45,7 @@ class OutputError(AnalyzerError):
     written, or whose write failed (a full disk)."""
 
 
-class FinalWriteError(OutputError):
-    """The run's final write failed after every batch was measured; the merged state is in the
-    checkpoint, so ``analyzer run ... --resume`` writes the run file without measuring again."""
+class ResumableError(OutputError):
+    """A write of ``analyzer run`` failed (the run file or a checkpoint: a full disk) after its
+    measured batches were kept in the checkpoint; the CLI adds the ``--resume`` command that
+    finishes the run (only the final write, when every batch was measured)."""

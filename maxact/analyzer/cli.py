@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from maxact.errors import AnalyzerError, FinalWriteError, RunInterrupted
+from maxact.errors import AnalyzerError, ResumableError, RunInterrupted
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:
         Console(stderr=True).print(f"{e}; finish it with: {again}", markup=False, highlight=False, soft_wrap=True)
         return e.exit_code
-    except FinalWriteError as e:
+    except ResumableError as e:
         Console(stderr=True).print(f"error: {e}; finish it with: {again}", markup=False, highlight=False,
                                    soft_wrap=True)
         return e.exit_code

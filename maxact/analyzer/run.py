@@ -22,7 +22,7 @@ from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.store import file_sha256, read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
-from maxact.errors import AnalyzerError, CorpusError, FinalWriteError, ModelFileError, OutputError, RunInterrupted
+from maxact.errors import AnalyzerError, CorpusError, ModelFileError, OutputError, ResumableError, RunInterrupted
 from maxact.outputs import check_output
 from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
@@ -140,8 +140,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         RunInterrupted: SIGINT or SIGTERM arrived; the checkpoint is written.
         OutputError: ``out`` or its checkpoint is an input, a folder, not writable, or (``out``)
             an existing file that is not a run file while ``opts.force`` is off.
-        FinalWriteError: the final checkpoint or run file could not be written (a full disk);
-            the measured batches are in the checkpoint, for ``opts.resume``.
+        ResumableError: a checkpoint or the run file could not be written (a full disk); the
+            batches measured so far are in the checkpoint, for ``opts.resume``.
     """
     console = console or Console()
     model_path, model = load_model(opts.model)
@@ -298,7 +298,12 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         return meta, peak, roles, topk_tokens
 
     def checkpoint(result: RunResult) -> None:
-        save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
+        try:
+            save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
+        except OutputError as e:  # a full disk: an earlier checkpoint is left as it was
+            if not ckpt.exists():
+                raise OutputError(f"{e}; no batch could be kept: free some space and run again") from None
+            raise ResumableError(f"{e}; the checkpoint written before is kept") from None
 
     remote = nullcontext() if opts.ray is None or finished else ray_outputs(
         model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads)
@@ -311,16 +316,11 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
             f"interrupted by {signal.Signals(e.signum).name} after {e.result.batches_done} of {len(batches)} "
             f"batches; their statistics are in {ckpt}", exit_code=128 + e.signum) from None
     if not finished:  # the merged state goes to the checkpoint first, so a failed final write loses nothing
-        try:
-            checkpoint(result)
-        except OutputError as e:
-            if not ckpt.exists():
-                raise OutputError(f"{e}; no batch could be kept: free some space and run again") from None
-            raise FinalWriteError(f"{e}; the checkpoint written before is kept") from None
+        checkpoint(result)
     try:
         meta, peak, roles, topk_tokens = save(out, result, {})
     except OutputError as e:
-        raise FinalWriteError(f"{e}; every batch is measured and kept in {ckpt}") from None
+        raise ResumableError(f"{e}; every batch is measured and kept in {ckpt}") from None
     ckpt.unlink(missing_ok=True)
     print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights,
                   attention_shares(result.sums))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maxact.errors import AnalyzerError
+from maxact.errors import AnalyzerError, OutputError
 from maxact.outputs import check_output
 from maxact.reports import figures, tables
 from maxact.reports.load import RunData, load_run
@@ -132,7 +132,7 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
         RunFileError: a run file is missing or not a run file of ``analyzer run``.
         AnalyzerError: no run was given.
         OutputError: ``out_dir`` is a file or a run file, not writable, or a non-empty folder
-            that is not an earlier report while ``force`` is off.
+            that is not an earlier report while ``force`` is off; a write failed (a full disk).
     """
     if not run_paths:
         raise AnalyzerError("give at least one run file: analyzer report RUN.h5 [RUN2.h5 ...] --out DIR")
@@ -147,6 +147,7 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
             n += 1
             s = f"{base}-{n}"
         slugs.append(s)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
@@ -169,5 +170,10 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
             os.replace(f, out_dir / f.name)
             written.append(out_dir / f.name)
         return written
+    except OSError as e:  # a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise OutputError(f"could not write the report into {out_dir} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
