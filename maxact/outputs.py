@@ -121,9 +121,9 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
     path = Path(path)
     shape, what, whole = KINDS[kind]
     real = path.resolve()
-    for what, paths in inputs.items():
+    for role, paths in inputs.items():
         for given in [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]:
-            _not_input(path, real, given, what, shape == "folder", whole)
+            _not_input(path, real, given, role, shape == "folder", whole)
     if shape == "file":
         if path.is_dir():
             raise OutputError(f"output {path} is a folder: give the file to write, e.g. {path / 'run.h5'}")

@@ -105,8 +105,10 @@ CASES = {
     "export out inside checkpoint": (lambda t, r: ["export", str(_ckpt(t)), str(t / "ckpt" / "onnx")],
                                      "is inside the checkpoint"),
     "export out = a foreign folder": (lambda t, r: ["export", str(_ckpt(t)), str(_write(t / "mine" / "notes.txt")
-                                                                                  .parent)], "add --force"),
-    "run out = a foreign file": (lambda t, r: ["run", "--out", str(_write(t / "notes.h5"))], "add --force"),
+                                                                                  .parent)],
+                                      "is not an export folder of `analyzer export`: add --force"),
+    "run out = a foreign file": (lambda t, r: ["run", "--out", str(_write(t / "notes.h5"))],
+                                 "is not a run file of `analyzer run`: add --force"),
     "run out = a folder": (lambda t, r: ["run", "--out", str(t)], "is a folder"),
     "run out in a missing folder": (lambda t, r: ["run", "--out", str(_write(t / "file") / "run.h5")],
                                     "is a file, not a folder"),
