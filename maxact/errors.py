@@ -38,3 +38,14 @@ class RunInterrupted(AnalyzerError):
 
 class RunFileError(AnalyzerError):
     """A run file is missing, unreadable or not an HDF5 file written by ``analyzer run``."""
+
+
+class OutputError(AnalyzerError):
+    """An output path that would replace an input or a file of another kind, that cannot be
+    written, or whose write failed (a full disk)."""
+
+
+class ResumableError(OutputError):
+    """A write of ``analyzer run`` failed (the run file or a checkpoint: a full disk) after its
+    measured batches were kept in the checkpoint; the CLI adds the ``--resume`` command that
+    finishes the run (only the final write, when every batch was measured)."""

@@ -180,7 +180,7 @@ def test_user_errors_exit_2_and_write_nothing(clean_run, tmp_path, monkeypatch, 
         ([str(stories), str(tmp_path / "nope.h5")], "not found"),
         ([str(stories), str(BUILTIN / "config.json")], "not a run file"),
         ([str(tmp_path / "no-checkpoint"), str(clean_run)], "checkpoint"),
-        ([str(stories), str(clean_run), "--out", str(clean_run)], "the run file itself"),
+        ([str(stories), str(clean_run), "--out", str(clean_run)], "an input of this command"),
         ([str(stories), str(clean_run), "--out", str(tmp_path / "no" / "x.h5")], "does not exist"),
         ([str(stories), str(clean_run), "--rtol", "0"], "--rtol"),
     ]

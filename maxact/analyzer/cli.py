@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import maxact
-from maxact.errors import AnalyzerError, RunInterrupted
+from maxact.errors import AnalyzerError, ResumableError, RunInterrupted
 from maxact.text import literal, plain_console, visible
 
 
@@ -37,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
         ray=args.ray,
         ray_workers=args.ray_workers,
         inputs=args.inputs,
+        force=args.force,
     )
     run(opts)
     return 0
@@ -45,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from maxact.analyzer.partial import merge_runs
 
-    merge_runs([Path(p) for p in args.runs], Path(args.out))
+    merge_runs([Path(p) for p in args.runs], Path(args.out), force=args.force)
     return 0
 
 
@@ -64,7 +65,7 @@ def _export(args: argparse.Namespace) -> int:
     from maxact.exporters.hf import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype, gguf_file=args.gguf_file,
-                            exporter=args.exporter)
+                            exporter=args.exporter, force=args.force)
     print(visible(f"exported {out}"))
     return 0
 
@@ -82,14 +83,15 @@ def _compare_torch(args: argparse.Namespace) -> int:
     from maxact.analyzer.compare_torch import EXIT_DISAGREE, compare_torch
 
     cmp = compare_torch(args.checkpoint, args.run, out=args.out, dtype=args.dtype, rtol=args.rtol,
-                        corpus=args.corpus, tokenizer=args.tokenizer, progress=not args.no_progress)
+                        corpus=args.corpus, tokenizer=args.tokenizer, progress=not args.no_progress,
+                        force=args.force)
     return EXIT_DISAGREE if cmp.flagged else 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
-    written = build_report([Path(p) for p in args.runs], Path(args.out))
+    written = build_report([Path(p) for p in args.runs], Path(args.out), force=args.force)
     print(visible(f"wrote {Path(args.out) / 'index.html'}, report.md and "
                   f"{sum(p.suffix == '.png' for p in written)} figures"))
     return 0
@@ -126,6 +128,11 @@ class _Parser(argparse.ArgumentParser):
 
 INPUTS_HELP = ("the graph's inputs by role, e.g. ids=tokens,mask=attn,positions=pos (roles ids, mask, positions, "
                "past; past may repeat); default: the standard names, else found by the graph's structure")
+
+
+def _force(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace an existing output that is not {what} (an input is never replaced)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,11 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
     r.add_argument("--inputs", metavar="ROLE=NAME,...", help=INPUTS_HELP)
+    _force(r, "a run file")
     r.set_defaults(func=_run)
 
     m = sub.add_parser("merge", help="merge the shard files of one run (run --shard I/N) into the whole run's file")
     m.add_argument("runs", nargs="+", metavar="RUN.h5", help="the N shard files, in any order")
     m.add_argument("--out", required=True, help="the HDF5 file to write")
+    _force(m, "a run file")
     m.set_defaults(func=_merge)
 
     q = sub.add_parser("quant", help="the study's INT8 check on the passages of RUN.h5, written into it")
@@ -200,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corpus", help="the run's corpus, if it has moved (default: the path the run recorded)")
     c.add_argument("--tokenizer", help="the run's tokenizer, if it has moved (default: the one the run recorded)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _force(c, "a comparison file")
     c.set_defaults(func=_compare_torch)
 
     rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
     rp.add_argument("runs", nargs="+", help="run files of `analyzer run` (several: a cross-model table too)")
     rp.add_argument("--out", required=True, help="folder to write index.html, report.md and the PNG figures into")
+    _force(rp, "an earlier report")
     rp.set_defaults(func=_report)
 
     e = sub.add_parser("export", help="export a Hugging Face folder or a .gguf file to ONNX (needs .[export])")
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", choices=("auto", "optimum", "dynamo"), default="auto",
                    help="auto: torch.onnx.export(dynamo=True) for MoE models (their experts made dense), "
                         "else Optimum")
+    _force(e, "an earlier export")
     e.set_defaults(func=_export)
     return p
 
@@ -225,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     3 ranges disagree (compare-torch), 1 internal error."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    again = shlex.join(["analyzer", *argv, *([] if "--resume" in argv else ["--resume"])])
     try:
         return args.func(args)
     except RunInterrupted as e:
-        again = shlex.join(["analyzer", *argv, *([] if "--resume" in argv else ["--resume"])])
         plain_console(stderr=True).print(visible(f"{e}; finish it with: {again}"), markup=False, highlight=False,
                                          soft_wrap=True)
+        return e.exit_code
+    except ResumableError as e:
+        plain_console(stderr=True).print(visible(f"error: {e}; finish it with: {again}"), markup=False,
+                                         highlight=False, soft_wrap=True)
         return e.exit_code
     except AnalyzerError as e:
         plain_console(stderr=True).print(f"[red]error:[/red] {literal(e)}", highlight=False, soft_wrap=True)

@@ -11,7 +11,6 @@ new HDF5 file (``/compare_torch/<site_id>``, the design's contract); the run fil
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 import maxact
-from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.corpus import DEFAULT, load_corpus
 from maxact.analyzer.store import file_sha256, open_run_file
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
+from maxact.outputs import check_output, temporary_path, write_atomically
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, family_for_model_type
 from maxact.runtime.batching import length_sorted_batches
 from maxact.text import literal, plain_console
@@ -238,33 +238,33 @@ def write_comparison(path: Path, meta: dict, sites: list[SiteComparison], skippe
     (int64 ``[3]``), ``location_agree``, ``onnx_nan_count``, ``torch_nan_count``,
     ``onnx_inf_count``, ``torch_inf_count``. ``/compare_torch`` attributes ``skipped`` and
     ``skipped_reason`` list the sites not compared.
+
+    Raises:
+        OutputError: the write failed (a full disk); no file or temporary is left.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for k, v in meta.items():
-                f.attrs[k] = v
-            top = f.create_group("compare_torch")
-            top.attrs["skipped"] = np.array(list(skipped), dtype=h5py.string_dtype())
-            top.attrs["skipped_reason"] = np.array(list(skipped.values()), dtype=h5py.string_dtype())
-            for order, c in enumerate(sites):
-                g = top.create_group(c.site_id)
-                g.attrs.update(role=c.role, layer=-1 if c.layer is None else c.layer, module=c.module, tap=c.tap,
-                               order=order)
-                for side, d in (("onnx", c.onnx), ("torch", c.torch)):
-                    for k in ("max", "min", "absmax"):
-                        g.create_dataset(f"{side}_{k}", data=np.float64(d[k]))
-                    for k in ("nan_count", "inf_count"):
-                        g.create_dataset(f"{side}_{k}", data=np.int64(d[k]))
-                    g.create_dataset(f"{side}_absmax_location", data=d["location"])
-                for k in ("rel_diff", "rel_diff_max", "rel_diff_min", "ratio"):
-                    g.create_dataset(k, data=np.float64(getattr(c, k)))
-                g.create_dataset("agree", data=np.bool_(c.agree))
-                g.create_dataset("location_agree", data=np.bool_(c.location_agree))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with h5py.File(temporary_path(path), "w", driver="core", backing_store=False) as f:  # as store.write_run
+        for k, v in meta.items():
+            f.attrs[k] = v
+        top = f.create_group("compare_torch")
+        top.attrs["skipped"] = np.array(list(skipped), dtype=h5py.string_dtype())
+        top.attrs["skipped_reason"] = np.array(list(skipped.values()), dtype=h5py.string_dtype())
+        for order, c in enumerate(sites):
+            g = top.create_group(c.site_id)
+            g.attrs.update(role=c.role, layer=-1 if c.layer is None else c.layer, module=c.module, tap=c.tap,
+                           order=order)
+            for side, d in (("onnx", c.onnx), ("torch", c.torch)):
+                for k in ("max", "min", "absmax"):
+                    g.create_dataset(f"{side}_{k}", data=np.float64(d[k]))
+                for k in ("nan_count", "inf_count"):
+                    g.create_dataset(f"{side}_{k}", data=np.int64(d[k]))
+                g.create_dataset(f"{side}_absmax_location", data=d["location"])
+            for k in ("rel_diff", "rel_diff_max", "rel_diff_min", "ratio"):
+                g.create_dataset(k, data=np.float64(getattr(c, k)))
+            g.create_dataset("agree", data=np.bool_(c.agree))
+            g.create_dataset("location_agree", data=np.bool_(c.location_agree))
+        f.flush()
+        image = f.id.get_file_image()
+    write_atomically(path, image)
 
 
 def _loc(v) -> str:
@@ -330,6 +330,7 @@ def compare_torch(
     tokenizer: str | None = None,
     progress: bool = True,
     console: Console | None = None,
+    force: bool = False,
 ) -> Comparison:
     """Run the passages of a run file through the PyTorch checkpoint and compare every site.
 
@@ -345,6 +346,7 @@ def compare_torch(
         dtype: PyTorch's dtype (``fp32``, ``fp16``, ``bf16``).
         rtol: largest relative difference of max, min and max |x| that counts as agreement.
         corpus, tokenizer: override the run's corpus path / tokenizer (same passages required).
+        force: replace an existing ``out`` that is not a comparison file (never an input).
 
     Returns:
         The :class:`Comparison`; ``flagged`` lists the sites that disagree, in model order.
@@ -352,6 +354,8 @@ def compare_torch(
     Raises:
         AnalyzerError: bad paths or options, a run file or checkpoint that cannot be read,
             passages that no longer tokenise as in the run. TorchMissingError: no torch.
+        OutputError: ``out`` is an input (the run file, a checkpoint file, the corpus, the
+            tokenizer), not writable, or of another kind without ``force``; its write failed.
     """
     if console is None:
         console = plain_console()
@@ -365,14 +369,15 @@ def compare_torch(
     ckpt = Path(checkpoint)
     if not ckpt.exists() or (ckpt.is_file() and ckpt.suffix != ".gguf"):
         raise AnalyzerError(f"checkpoint {ckpt} not found: give a Hugging Face model folder or a .gguf file")
-    out = Path(out) if out else run.path.with_name(f"{run.path.stem}.compare_torch.{dtype}.h5")
-    if not out.parent.is_dir():
-        raise AnalyzerError(f"output folder {out.parent} does not exist")
-    if out.resolve() == run.path.resolve():
-        raise AnalyzerError("--out names the run file itself; give another file (the run file is never modified)")
-
     meta = run.meta
-    texts = load_corpus(corpus or meta["corpus"])
+    out = Path(out) if out else run.path.with_name(f"{run.path.stem}.compare_torch.{dtype}.h5")
+    tok_path = find_tokenizer(Path(meta["model_path"]), tokenizer or meta["tokenizer"])
+    corpus = corpus or meta["corpus"]
+    check_output(out, kind="compare-torch", force=force, inputs={
+        "the run file": run.path, "the checkpoint": ckpt, "the tokenizer": tok_path,
+        "the corpus": [] if corpus == DEFAULT else corpus})
+
+    texts = load_corpus(corpus)
     if len(run.samples) and int(run.samples.max()) >= len(texts.texts):
         raise AnalyzerError(f"corpus {texts.name!r} has {len(texts.texts)} passages; the run used passage "
                             f"{int(run.samples.max())} (pass --corpus with the run's corpus)")
@@ -380,7 +385,7 @@ def compare_torch(
     if "corpus_sha256" in meta and texts.sha256(chosen) != meta["corpus_sha256"]:
         raise AnalyzerError(f"corpus {texts.name!r} does not hold the run's passages (corpus_sha256 differs); "
                             "pass --corpus with the run's corpus")
-    tok = load_tokenizer(find_tokenizer(Path(meta["model_path"]), tokenizer or meta["tokenizer"]))
+    tok = load_tokenizer(tok_path)
     ids = encode(tok, [texts.texts[k] for k in chosen], meta["bos"], int(meta["max_length"]))
     n_tokens = sum(len(s) for s in ids)
     if n_tokens != int(meta["n_tokens"]):

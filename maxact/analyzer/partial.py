@@ -22,6 +22,7 @@ from rich.console import Console
 from maxact.analyzer.store import PARTIAL_ROOT_ATTRS, StoredRun, read_run, write_run
 from maxact.analyzer.summary import attention_shares, global_peak, print_summary, role_absmax
 from maxact.errors import AnalyzerError, RunFileError
+from maxact.outputs import check_output
 from maxact.runtime.merge import merge_all, merge_outputs
 from maxact.text import literal, plain_console
 
@@ -71,7 +72,7 @@ def _shard(run: StoredRun, name: str) -> tuple[int, int]:
     return index, count
 
 
-def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None) -> Path:
+def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None, force: bool = False) -> Path:
     """Merge the shard files of one run (``analyzer run --shard I/N`` for I = 1..N) into the run
     file of the whole run, exactly as :func:`maxact.runtime.merge.merge_all` merges batches.
 
@@ -82,14 +83,16 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None)
     ``wall_seconds`` is the sum over the shards, ``created`` the time of the merge); ``model_path``
     is the first file's. ``/quant`` holds the headroom only (run ``analyzer quant`` on the result).
 
+    ``force`` allows replacing an existing ``out`` that is not a run file (never a shard).
+
     Raises:
         AnalyzerError: a file is missing or not a run file, files of different runs (model,
             corpus selection, statistics or options), a shard given twice or missing, a checkpoint.
+        OutputError: ``out`` is one of the shards, not writable, or not a run file without
+            ``force``; its write failed.
     """
     console = console or plain_console()
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise AnalyzerError(f"output folder {out.parent} does not exist")
+    out = check_output(out, kind="run", inputs={"a shard file": paths}, force=force)
     if not paths:
         raise AnalyzerError("give the shard files to merge")
     runs = [read_run(p) for p in paths]

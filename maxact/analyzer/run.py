@@ -19,13 +19,22 @@ from tokenizers import Tokenizer
 
 import maxact
 from maxact.analyzer.components import build_component_map
-from maxact.analyzer.corpus import load_corpus, select_samples
+from maxact.analyzer.corpus import DEFAULT, load_corpus, select_samples
 from maxact.analyzer.model_file import read_model
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.store import file_sha256, read_run, write_run
 from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
-from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunInterrupted, TokenizerError
+from maxact.errors import (
+    AnalyzerError,
+    CorpusError,
+    ModelFileError,
+    OutputError,
+    ResumableError,
+    RunInterrupted,
+    TokenizerError,
+)
+from maxact.outputs import check_output
 from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.passes.inputs import graph_inputs
@@ -75,6 +84,8 @@ class RunOptions:
     ray_workers: int | None = None
     #: ``--inputs``: the graph's inputs by role, ``ids=NAME,mask=NAME,...`` (:func:`graph_inputs`).
     inputs: str | None = None
+    #: replace an existing ``out`` that is not a run file (never an input).
+    force: bool = False
 
 
 def load_model(path: Path) -> tuple[Path, ir.Model]:
@@ -97,6 +108,12 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
     ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
     return path, model
+
+
+def external_data_files(model: ir.Model) -> list[Path]:
+    """The files that the initializers of ``model`` (every graph, subgraphs too) keep their data in."""
+    return sorted({Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
+                   if isinstance(v.const_value, ir.ExternalTensor)})
 
 
 def model_type_beside(model_path: Path) -> str | None:
@@ -124,8 +141,9 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     Every input is checked before the model runs; on any error no output file is written. With
     ``opts.shard`` only that shard's batches are measured (:func:`shard_of`; the file is a shard
     file, :mod:`maxact.analyzer.partial`). The merged state is saved to the checkpoint beside
-    ``out`` every ``opts.checkpoint_every`` seconds and on SIGINT/SIGTERM; ``opts.resume`` goes on
-    from it, and the result is bit-identical to an uninterrupted run's (timing attributes aside).
+    ``out`` every ``opts.checkpoint_every`` seconds, on SIGINT/SIGTERM and before the final write
+    (deleted after it); ``opts.resume`` goes on from it (or only writes the run file, when it holds
+    every batch), and the result is bit-identical to an uninterrupted run's (timing attributes aside).
 
     Returns:
         The path of the HDF5 run file.
@@ -134,12 +152,19 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         AnalyzerError: a user error (bad model, corpus, tokenizer, provider, output path or shard;
             a checkpoint without ``resume``, or one of other options).
         RunInterrupted: SIGINT or SIGTERM arrived; the checkpoint is written.
+        OutputError: ``out`` or its checkpoint is an input, a folder, not writable, or (``out``)
+            an existing file that is not a run file while ``opts.force`` is off.
+        ResumableError: a checkpoint or the run file could not be written (a full disk); the
+            batches measured so far are in the checkpoint, for ``opts.resume``.
     """
     console = console or plain_console()
     model_path, model = load_model(opts.model)
     out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
-    if not out.parent.is_dir():
-        raise AnalyzerError(f"output folder {out.parent} does not exist")
+    read = {"the model file": model_path, "external data of the model": external_data_files(model),
+            "the tokenizer": opts.tokenizer or model_path.parent / "tokenizer.json",
+            "the model's config.json": model_path.parent / "config.json",
+            "the corpus": [] if opts.corpus == DEFAULT else opts.corpus}
+    check_output(out, kind="run", inputs=read, force=opts.force)
     if opts.stats not in ("full", "main"):
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
     if opts.batch_size < 1 or opts.max_length < 1:
@@ -153,7 +178,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     index, count = opts.shard or (1, 1)
     if not 1 <= index <= count:
         raise AnalyzerError(f"--shard {index}/{count}: give I/N with 1 <= I <= N")
-    ckpt = checkpoint_path(out)
+    ckpt = check_output(checkpoint_path(out), kind="run", inputs=read)
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
 
@@ -223,6 +248,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         console.print(f"resuming from {literal(ckpt)}: {start.batches_done} of {len(batches)} batches done")
     elif opts.resume:
         console.print(f"--resume: no checkpoint at {literal(ckpt)}; starting from the first batch")
+    finished = start is not None and start.batches_done == len(batches)  # only the final write is left
 
     weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
     float32 = run_meta["dtype"] == "float32"
@@ -230,7 +256,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
     attention = attention if study else []
     InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
-    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=roles) if opts.ray is None else None
+    local = opts.ray is None and not finished
+    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=roles) if local else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
@@ -297,9 +324,14 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         return meta, peak, roles, topk_tokens
 
     def checkpoint(result: RunResult) -> None:
-        save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
+        try:
+            save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
+        except OutputError as e:  # a full disk: an earlier checkpoint is left as it was
+            if not ckpt.exists():
+                raise OutputError(f"{e}; no batch could be kept: free some space and run again") from None
+            raise ResumableError(f"{e}; the checkpoint written before is kept") from None
 
-    remote = nullcontext() if opts.ray is None else ray_outputs(
+    remote = nullcontext() if opts.ray is None or finished else ray_outputs(
         model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads,
         roles)
     try:
@@ -310,7 +342,12 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         raise RunInterrupted(
             f"interrupted by {signal.Signals(e.signum).name} after {e.result.batches_done} of {len(batches)} "
             f"batches; their statistics are in {ckpt}", exit_code=128 + e.signum) from None
-    meta, peak, roles, topk_tokens = save(out, result, {})
+    if not finished:  # the merged state goes to the checkpoint first, so a failed final write loses nothing
+        checkpoint(result)
+    try:
+        meta, peak, roles, topk_tokens = save(out, result, {})
+    except OutputError as e:
+        raise ResumableError(f"{e}; every batch is measured and kept in {ckpt}") from None
     ckpt.unlink(missing_ok=True)
     print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights,
                   attention_shares(result.sums))

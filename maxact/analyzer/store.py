@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import numbers
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
 from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_outputs, headroom
 from maxact.errors import RunFileError
+from maxact.outputs import temporary_path, write_atomically
 from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
 
@@ -67,8 +67,9 @@ def write_run(
 ) -> None:
     """Write the run file.
 
-    The file is written under a temporary name in the same folder and renamed over ``path`` only
-    when complete, so an interrupted write leaves no file (or the previous complete one).
+    The file is built in memory, written under a temporary name in the same folder and renamed
+    over ``path`` only when complete (:func:`maxact.outputs.write_atomically`), so an interrupted
+    or failed write leaves no file (or the previous complete one).
 
     Args:
         path: the ``.h5`` file to write.
@@ -91,6 +92,9 @@ def write_run(
 
     ``/sites`` keeps the sites in model order (HDF5 creation order), so :func:`read_run` returns
     them in that order.
+
+    Raises:
+        OutputError: the write failed (a full disk: the errno's text in the message).
     """
     path = Path(path)
     topk_tokens = topk_tokens or {}
@@ -98,67 +102,66 @@ def write_run(
     escape = any("\0" in t for t in texts)
     stored = escape_text if escape else str
     topk_tokens = {sid: [stored(t) for t in ts] for sid, ts in topk_tokens.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for k, v in meta.items():
-                if k != TEXT_ESCAPE_ATTR:  # a property of this file's texts (below), not of the run
-                    f.attrs[k] = _attr(v)
-            if escape:
-                f.attrs[TEXT_ESCAPE_ATTR] = TEXT_ESCAPE
-            g_sites = f.create_group("sites", track_order=True)
-            g_quant = f.create_group("quant")
-            for site in sites:
-                st = stats[site.site_id]
-                g = g_sites.create_group(site.site_id)
-                for k, v in site_attrs[site.site_id].items():
-                    g.attrs[k] = _attr(v)
-                _write_site(g, st)
-                if absmax_tokens is not None:
-                    g.create_dataset("absmax_token", data=stored(absmax_tokens[site.site_id]),
-                                     dtype=h5py.string_dtype())
-                if st.study is not None:
-                    _write_study(g, st, topk_tokens.get(site.site_id))
-                q = g_quant.create_group(site.site_id)
-                for fmt, ratio in headroom(st.absmax).items():
-                    q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
-            for fmt, top in FORMAT_MAX.items():
-                over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
-                g_quant.attrs[f"overflow_{fmt}"] = np.array(over, dtype=h5py.string_dtype())
-            g_static = f.create_group("static")
-            for w in weights:
-                g = g_static.create_group(w.key)
-                g.attrs["kind"] = w.kind
-                g.attrs["tensor"] = w.tensor
-                g.attrs["layer"] = w.layer
-                g.attrs["shape"] = np.array(w.shape, dtype=np.int64)
-                g.create_dataset("max_abs", data=np.float64(w.max_abs))
-                if w.kind == "norm":
-                    g.create_dataset("gamma_max", data=np.float64(w.max_abs))
-                    g.create_dataset("gamma_argmax", data=np.int64(w.gamma_argmax))
-            g_att = f.create_group("attention")
-            fused = [f"layers.{i}" for i in fused_attention]
-            g_att.attrs["not_measurable"] = np.array(fused, dtype=h5py.string_dtype())
-            for layer, a in (attention or {}).items():
-                g = g_att.create_group(f"layers.{layer}")
-                for k, v in a.items():
-                    g.create_dataset(k, data=v)
-            s = f.create_group("summary")
-            s.attrs["global_absmax"] = peak.absmax
-            s.attrs["global_signed"] = peak.signed
-            s.attrs["global_site"] = peak.site_id
-            s.attrs["global_role"] = peak.role
-            s.attrs["global_layer"] = -1 if peak.layer is None else peak.layer
-            s.attrs["global_location"] = peak.location.astype(np.int64)
-            s.attrs["global_token"] = stored(peak.token)
-            dt = np.dtype([("role", h5py.string_dtype()), ("absmax", np.float64), ("site", h5py.string_dtype())])
-            s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
-            for name, data in (extra_datasets or {}).items():
-                f.create_dataset(name, data=data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # Built in memory, then written by plain file I/O (write_atomically): on a full disk, HDF5's own
+    # writes fail inside its metadata cache and the process ends in a segmentation fault.
+    with h5py.File(temporary_path(path), "w", driver="core", backing_store=False) as f:
+        for k, v in meta.items():
+            if k != TEXT_ESCAPE_ATTR:  # a property of this file's texts (below), not of the run
+                f.attrs[k] = _attr(v)
+        if escape:
+            f.attrs[TEXT_ESCAPE_ATTR] = TEXT_ESCAPE
+        g_sites = f.create_group("sites", track_order=True)
+        g_quant = f.create_group("quant")
+        for site in sites:
+            st = stats[site.site_id]
+            g = g_sites.create_group(site.site_id)
+            for k, v in site_attrs[site.site_id].items():
+                g.attrs[k] = _attr(v)
+            _write_site(g, st)
+            if absmax_tokens is not None:
+                g.create_dataset("absmax_token", data=stored(absmax_tokens[site.site_id]),
+                                 dtype=h5py.string_dtype())
+            if st.study is not None:
+                _write_study(g, st, topk_tokens.get(site.site_id))
+            q = g_quant.create_group(site.site_id)
+            for fmt, ratio in headroom(st.absmax).items():
+                q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
+        for fmt, top in FORMAT_MAX.items():
+            over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
+            g_quant.attrs[f"overflow_{fmt}"] = np.array(over, dtype=h5py.string_dtype())
+        g_static = f.create_group("static")
+        for w in weights:
+            g = g_static.create_group(w.key)
+            g.attrs["kind"] = w.kind
+            g.attrs["tensor"] = w.tensor
+            g.attrs["layer"] = w.layer
+            g.attrs["shape"] = np.array(w.shape, dtype=np.int64)
+            g.create_dataset("max_abs", data=np.float64(w.max_abs))
+            if w.kind == "norm":
+                g.create_dataset("gamma_max", data=np.float64(w.max_abs))
+                g.create_dataset("gamma_argmax", data=np.int64(w.gamma_argmax))
+        g_att = f.create_group("attention")
+        fused = [f"layers.{i}" for i in fused_attention]
+        g_att.attrs["not_measurable"] = np.array(fused, dtype=h5py.string_dtype())
+        for layer, a in (attention or {}).items():
+            g = g_att.create_group(f"layers.{layer}")
+            for k, v in a.items():
+                g.create_dataset(k, data=v)
+        s = f.create_group("summary")
+        s.attrs["global_absmax"] = peak.absmax
+        s.attrs["global_signed"] = peak.signed
+        s.attrs["global_site"] = peak.site_id
+        s.attrs["global_role"] = peak.role
+        s.attrs["global_layer"] = -1 if peak.layer is None else peak.layer
+        s.attrs["global_location"] = peak.location.astype(np.int64)
+        s.attrs["global_token"] = stored(peak.token)
+        dt = np.dtype([("role", h5py.string_dtype()), ("absmax", np.float64), ("site", h5py.string_dtype())])
+        s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
+        for name, data in (extra_datasets or {}).items():
+            f.create_dataset(name, data=data)
+        f.flush()
+        image = f.id.get_file_image()
+    write_atomically(path, image)
 
 
 def _write_site(g: h5py.Group, st: SiteStats) -> None:

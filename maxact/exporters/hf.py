@@ -7,11 +7,15 @@ Optimum has no config for (the mixture-of-experts families, with their MoE block
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import maxact
 from maxact.errors import ExportError
+from maxact.outputs import EXPORT_MARKER, check_output
 
 #: Files copied from the checkpoint folder next to model.onnx, so `analyzer run` finds the tokenizer.
 TOKENIZER_FILES = (
@@ -64,6 +68,37 @@ def _optimum_export(folder: Path, out_dir: Path, dtype: str) -> None:
         raise ExportError(f"Optimum could not export {folder}: {e}") from e
 
 
+#: Suffixes of PyTorch pickle weight files (``pytorch_model.bin``): never loaded, since unpickling runs code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse, before torch is imported, a checkpoint folder whose weights are only in pickle files,
+    and a truncated or malformed ``*.safetensors`` file (its header read by ``safetensors``).
+
+    Raises:
+        ExportError: weights only in a pickle (convert them to safetensors), or a broken
+            safetensors file; the export extra missing.
+    """
+    weights = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not weights and pickles:
+        raise ExportError(f"{folder} holds its weights only in {pickles[0]}, a pickle, which maxact never loads "
+                          "(unpickling can run code): convert it to safetensors first (in a session you trust: "
+                          "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors)")
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise _need_export_extra(e) from e
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except Exception as e:  # SafetensorError, OSError: truncated, not safetensors, unreadable
+            raise ExportError(f"{path} is not a complete safetensors file ({str(e)[:120]}): download or save it "
+                              "again") from None
+
+
 #: ``config.model_type`` values exported with the dynamo exporter (MoE: Optimum 0.1.0 refuses them).
 DYNAMO_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -91,7 +126,7 @@ def _dynamo_export(folder: Path, out_dir: Path, dtype: str) -> None:
         raise _need_export_extra(e) from e
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=getattr(torch, _TORCH_DTYPES[dtype]), local_files_only=True
+            str(folder), dtype=getattr(torch, _TORCH_DTYPES[dtype]), local_files_only=True, use_safetensors=True
         ).eval()
     except (OSError, ValueError, KeyError) as e:
         raise ExportError(f"transformers could not load {folder}: {e}") from e
@@ -118,40 +153,83 @@ def _dynamo_export(folder: Path, out_dir: Path, dtype: str) -> None:
     model.config.save_pretrained(str(out_dir))
 
 
+def _move_into_place(built: Path, out: Path) -> None:
+    """Rename the finished folder ``built`` to ``out``, replacing an earlier ``out`` whole (its
+    links are removed, never followed)."""
+    if not out.exists():
+        os.rename(built, out)
+        return
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    os.rename(out, old)
+    os.rename(built, out)
+    shutil.rmtree(old)
+
+
 def export_checkpoint(
     checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", gguf_file: str | None = None,
-    exporter: str = "auto",
+    exporter: str = "auto", force: bool = False,
 ) -> Path:
     """Export a checkpoint to ``OUT_DIR/model.onnx`` (text-generation, no past key/values).
 
+    The export is built in a fresh temporary folder beside ``OUT_DIR`` and renamed into place
+    when complete, so nothing is written outside it, and a failed export leaves no ``OUT_DIR``
+    (or the earlier one). ``OUT_DIR`` holds :data:`maxact.outputs.EXPORT_MARKER`, which marks it
+    as an export that a later export may replace.
+
     Args:
-        checkpoint: a local Hugging Face model folder, or a ``.gguf`` file (dequantised by
-            transformers' GGUF loader; needs the ``gguf`` package).
-        out_dir: created if missing; receives ``model.onnx`` (with external data beyond 2 GB, as
-            Optimum writes it), ``config.json`` and the tokenizer files.
+        checkpoint: a local Hugging Face model folder (safetensors weights), or a ``.gguf`` file
+            (dequantised by transformers' GGUF loader; needs the ``gguf`` package).
+        out_dir: receives ``model.onnx`` (with external data beyond 2 GB, as Optimum writes it),
+            ``config.json`` and the tokenizer files; missing folders above it are created.
         dtype: ``fp32``, ``fp16`` or ``bf16`` weights and activations of the exported graph.
         gguf_file: the GGUF file name inside ``checkpoint`` when ``checkpoint`` is a folder.
         exporter: ``optimum`` (TorchScript-based, Optimum's configs), ``dynamo``
             (``torch.onnx.export(dynamo=True)``, MoE blocks made dense) or ``auto``: dynamo for
             :data:`DYNAMO_MODEL_TYPES`, else Optimum.
+        force: replace an existing non-empty ``OUT_DIR`` that is not an earlier export.
 
     Returns:
         The path of ``model.onnx``.
 
     Raises:
-        ExportError: missing checkpoint, missing export dependencies, or an export failure.
+        ExportError: missing checkpoint, weights only in a pickle, a broken safetensors file,
+            missing export dependencies, or an export failure.
+        OutputError: ``OUT_DIR`` is, is inside, or holds the checkpoint; is a file; is not
+            writable; or is a non-empty folder that is not an earlier export while ``force`` is off.
     """
     ckpt = Path(checkpoint)
-    out = Path(out_dir)
     if not ckpt.exists():
         raise ExportError(f"checkpoint {ckpt} not found: give a Hugging Face model folder or a .gguf file")
     if ckpt.is_file():
         if ckpt.suffix != ".gguf":
             raise ExportError(f"{ckpt} is a file but not a .gguf file; give a folder or a .gguf file")
         ckpt, gguf_file = ckpt.parent, ckpt.name
-    out.mkdir(parents=True, exist_ok=True)
     if exporter not in ("auto", "optimum", "dynamo"):
         raise ExportError(f"unknown exporter {exporter!r}: use auto, optimum or dynamo")
+    check_output(out_dir, kind="export", inputs={"the checkpoint": checkpoint}, force=force)
+    if gguf_file is None:
+        check_weights(ckpt)
+    out = Path(out_dir).resolve()  # a link to a folder: the folder it names is replaced
+    out.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    built.chmod(0o777 & ~umask)  # mkdtemp's folder is private; OUT_DIR gets the usual permissions
+    try:
+        _export_into(ckpt, built, dtype, gguf_file, exporter)
+        (built / EXPORT_MARKER).write_text(json.dumps({
+            "maxact_version": maxact.__version__, "checkpoint": str((ckpt / (gguf_file or "")).resolve()),
+            "dtype": dtype, "exporter": exporter}, indent=1) + "\n")
+        _move_into_place(built, out)
+    except OSError as e:
+        raise ExportError(f"could not write the export into {out} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+    return out / "model.onnx"
+
+
+def _export_into(ckpt: Path, out: Path, dtype: str, gguf_file: str | None, exporter: str) -> None:
+    """The export of :func:`export_checkpoint`, written into the (empty) folder ``out``."""
 
     def export(folder: Path) -> None:
         dynamo = exporter == "dynamo" or (exporter == "auto" and _model_type(folder) in DYNAMO_MODEL_TYPES)
@@ -160,7 +238,7 @@ def export_checkpoint(
     if gguf_file is None:
         export(ckpt)
         _copy_tokenizer(ckpt, out)
-        return out / "model.onnx"
+        return
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,4 +255,3 @@ def export_checkpoint(
         del model
         export(Path(tmp))
         _copy_tokenizer(Path(tmp), out)
-    return out / "model.onnx"

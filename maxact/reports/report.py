@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maxact.errors import AnalyzerError
+from maxact.errors import AnalyzerError, OutputError
+from maxact.outputs import check_output
 from maxact.reports import figures, tables
 from maxact.reports.load import RunData, load_run
 from maxact.reports.model import PassageTensor, model_file, parameter_count, passage_tensor
@@ -120,24 +121,25 @@ def parameters_of(run: RunData) -> tuple[int, bool]:
     return tables.static_parameter_count(run), False
 
 
-def build_report(run_paths: Sequence[Path], out_dir: Path) -> list[Path]:
+def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) -> list[Path]:
     """Write ``out_dir/index.html``, ``out_dir/report.md`` and their PNG figures for the runs.
 
     Every run file is read before anything is written; the files are made in a temporary folder
-    and moved into ``out_dir`` (created if needed) only when all are complete.
+    and moved into ``out_dir`` (created if needed) only when all are complete. ``force`` allows
+    writing into an existing folder that is not an earlier report (a run file is never replaced).
 
     Returns:
         The paths written.
 
     Raises:
         RunFileError: a run file is missing or not a run file of ``analyzer run``.
-        AnalyzerError: ``out_dir`` exists and is not a folder, or no run was given.
+        AnalyzerError: no run was given.
+        OutputError: ``out_dir`` is a file or a run file, not writable, or a non-empty folder
+            that is not an earlier report while ``force`` is off; a write failed (a full disk).
     """
     if not run_paths:
         raise AnalyzerError("give at least one run file: analyzer report RUN.h5 [RUN2.h5 ...] --out DIR")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AnalyzerError(f"--out {out_dir} exists and is not a folder")
+    out_dir = check_output(out_dir, kind="report", inputs={"a run file": run_paths}, force=force)
     runs = [load_run(Path(p)) for p in run_paths]
     _unique_names(runs)
     slugs: list[str] = []
@@ -148,6 +150,7 @@ def build_report(run_paths: Sequence[Path], out_dir: Path) -> list[Path]:
             n += 1
             s = f"{base}-{n}"
         slugs.append(s)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
@@ -170,5 +173,10 @@ def build_report(run_paths: Sequence[Path], out_dir: Path) -> list[Path]:
             os.replace(f, out_dir / f.name)
             written.append(out_dir / f.name)
         return written
+    except OSError as e:  # a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise OutputError(f"could not write the report into {out_dir} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
