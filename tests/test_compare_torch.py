@@ -176,6 +176,10 @@ def test_reduce_batch_masks_padding_and_keeps_nan_out(tmp_path):
 
 def test_user_errors_exit_2_and_write_nothing(clean_run, tmp_path, monkeypatch, capsys):
     stories = require_stories()
+    pickled = tmp_path / "pickled"  # weights only in pytorch_model.bin: refused before torch is imported
+    pickled.mkdir()
+    shutil.copyfile(stories / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     cases = [
         ([str(stories), str(tmp_path / "nope.h5")], "not found"),
         ([str(stories), str(BUILTIN / "config.json")], "not a run file"),
@@ -183,6 +187,7 @@ def test_user_errors_exit_2_and_write_nothing(clean_run, tmp_path, monkeypatch, 
         ([str(stories), str(clean_run), "--out", str(clean_run)], "an input of this command"),
         ([str(stories), str(clean_run), "--out", str(tmp_path / "no" / "x.h5")], "does not exist"),
         ([str(stories), str(clean_run), "--rtol", "0"], "--rtol"),
+        ([str(pickled), str(clean_run)], "a pickle, which maxact never loads"),
     ]
     for args, message in cases:
         assert main(["compare-torch", *args, "--no-progress"]) == 2, args
@@ -191,6 +196,7 @@ def test_user_errors_exit_2_and_write_nothing(clean_run, tmp_path, monkeypatch, 
     assert main(["compare-torch", str(stories), str(clean_run), "--out", str(tmp_path / "c.h5")]) == 2
     assert "export extra" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.h5"))
+    assert (pickled / "pytorch_model.bin").read_bytes() == b"not loaded"
 
 
 def test_gpt2_every_site_has_a_module_and_agrees(tmp_path):

@@ -26,6 +26,7 @@ from maxact.analyzer.store import file_sha256, open_run_file
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
+from maxact.exporters.hf import check_weights
 from maxact.outputs import check_output, temporary_path, write_atomically
 from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, family_for_model_type
 from maxact.runtime.batching import length_sorted_batches
@@ -169,17 +170,22 @@ def load_checkpoint(checkpoint: Path, dtype: str = "fp32"):
 
     Raises:
         TorchMissingError: torch or transformers missing. AnalyzerError: transformers cannot load it.
+        ExportError: a folder whose weights are only in a pickle, or a broken safetensors file
+            (:func:`maxact.exporters.hf.check_weights`, before torch is imported).
     """
+    ckpt = Path(checkpoint)
+    if ckpt.is_dir():
+        check_weights(ckpt)  # no code from a pickle ever runs
     torch = _import_torch()
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    ckpt = Path(checkpoint)
     try:
         if ckpt.is_file():
             model = AutoModelForCausalLM.from_pretrained(str(ckpt.parent), gguf_file=ckpt.name, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch_dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch_dtype, local_files_only=True,
+                                                         use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise AnalyzerError(f"transformers could not load {ckpt}: {str(e).splitlines()[0][:200]}") from e
     return model.eval(), str(getattr(model.config, "model_type", "") or "")
