@@ -114,8 +114,8 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
     Raises:
         OutputError: ``path`` is, or resolves through a link to, an input or a file in an input
             folder; a folder output inside an input folder, or holding an input (a kind replaced
-            whole); a file output that is a folder, or a folder output that is a file; the output
-            folder is missing or not writable; ``path`` exists and is not of ``kind``
+            whole); a file output that is a folder, or a folder output that is a file; the folder
+            that holds the output is missing or not writable; ``path`` exists and is not of ``kind``
             (:func:`is_kind`) and ``force`` is off.
     """
     path = Path(path)
@@ -131,7 +131,7 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
     else:
         if path.exists() and not path.is_dir():
             raise OutputError(f"output {path} is a file, not a folder: give the folder to write into")
-        _writable_folder(next(p for p in (path, *path.parents) if p.exists()))
+        _writable_folder(path if path.is_dir() else path.parent)  # the folder itself may be new
     if path.exists() and not force and not is_kind(path, kind):
         raise OutputError(f"{path} exists and is not {what}: add --force to replace it, or give another path")
     return path

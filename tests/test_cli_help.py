@@ -43,5 +43,17 @@ def test_every_flag_has_help_and_shows_its_default(command, capsys):
         parser.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for action in parser._actions:
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) and action.default is not False:
             assert f"(default: {action.default})" in out, f"{command} {action.option_strings[0]}: default not shown"
+
+
+@pytest.mark.parametrize("argv", [["run", "--seed", "x"], ["run", "--bos", "yes"], ["run", "--shard", "3/2"],
+                                  ["report", "r.h5"], ["run", "--sample", "2"]])
+def test_argument_errors_are_one_line_and_abbreviations_are_refused(argv, tmp_path, monkeypatch):
+    """argparse's own errors: one line, exit 2, nothing run (``--sample`` is not taken for ``--samples``)."""
+    monkeypatch.chdir(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "maxact.analyzer.cli", *argv], capture_output=True, text=True)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: analyzer"), res.stderr
+    assert not list(tmp_path.iterdir())

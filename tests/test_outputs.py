@@ -112,6 +112,10 @@ CASES = {
     "run out = a folder": (lambda t, r: ["run", "--out", str(t)], "is a folder"),
     "run out in a missing folder": (lambda t, r: ["run", "--out", str(_write(t / "file") / "run.h5")],
                                     "is a file, not a folder"),
+    "report out in a missing folder": (lambda t, r: ["report", str(shutil.copy(r, t / "run.h5")), "--out",
+                                                     str(t / "nope" / "rep")], "output folder"),
+    "export out in a missing folder": (lambda t, r: ["export", str(_ckpt(t)), str(t / "nope" / "onnx")],
+                                       "does not exist"),
     "run out in an unwritable folder": (lambda t, r: ["run", "--out", str(_unwritable(t) / "run.h5")],
                                         "is not writable"),
 }

@@ -114,16 +114,21 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if ("%(default)" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose help (and every sub-command's) uses :class:`_HelpFormatter`."""
+    """An argument parser (and every sub-command's) whose help uses :class:`_HelpFormatter`, that
+    takes no abbreviated option (``--sample`` is not ``--samples``), and whose errors are one line."""
 
     def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        super().__init__(*args, formatter_class=formatter_class, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 INPUTS_HELP = ("the graph's inputs by role, e.g. ids=tokens,mask=attn,positions=pos (roles ids, mask, positions, "

@@ -167,8 +167,9 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     check_output(out, kind="run", inputs=read, force=opts.force)
     if opts.stats not in ("full", "main"):
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
-    if opts.batch_size < 1 or opts.max_length < 1:
-        raise AnalyzerError("--batch-size and --max-length must be at least 1")
+    for flag, value in (("--batch-size", opts.batch_size), ("--max-length", opts.max_length)):
+        if value < 1:
+            raise AnalyzerError(f"{flag} must be at least 1, not {value}")
     if opts.seed < 0:
         raise AnalyzerError(f"--seed must be 0 or more, not {opts.seed}")
     if opts.threads is not None and opts.threads < 0:

@@ -210,7 +210,6 @@ def export_checkpoint(
     if gguf_file is None:
         check_weights(ckpt)
     out = Path(out_dir).resolve()  # a link to a folder: the folder it names is replaced
-    out.parent.mkdir(parents=True, exist_ok=True)
     built = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -121,6 +121,11 @@ def parameters_of(run: RunData) -> tuple[int, bool]:
     return tables.static_parameter_count(run), False
 
 
+def _shown(path: Path) -> str:
+    """A run file as the page names it: its folder and name (the name alone in the current folder)."""
+    return "/".join(x for x in (path.parent.name, path.name) if x)
+
+
 def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) -> list[Path]:
     """Write ``out_dir/index.html``, ``out_dir/report.md`` and their PNG figures for the runs.
 
@@ -151,13 +156,13 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
             s = f"{base}-{n}"
         slugs.append(s)
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)  # its parent exists (check_output)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
         params = {id(r): parameters_of(r) for r in runs}
         title = f"maxact report: {runs[0].name}" if len(runs) == 1 else f"maxact report: {len(runs)} models"
         blocks: list[Block] = [Text("Activation magnitudes measured by maxact on the ONNX graph, from the run "
-                                    "file(s) " + ", ".join(f"{p.path.parent.name}/{p.path.name}" for p in runs) + ".")]
+                                    "file(s) " + ", ".join(_shown(p.path) for p in runs) + ".")]
         if len(runs) > 1:
             blocks.append(Heading("Models", 2, "models"))
             blocks.append(tables.cross_model(runs, lambda r: params[id(r)]))
