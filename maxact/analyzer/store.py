@@ -1,4 +1,4 @@
-"""A run in one HDF5 file, in the layout of the design's HDF5 contract: written atomically, read back exactly."""
+"""A run in one HDF5 file, in the layout of docs/run-file.md (the contract): written atomically, read back exactly."""
 
 from __future__ import annotations
 
