@@ -376,9 +376,9 @@ def read_run(path: Path) -> StoredRun:
                 run.sites.append(SiteInfo(sid, str(attrs["role"]), None if layer < 0 else layer))
                 run.site_attrs[sid] = attrs
                 run.stats[sid] = _read_site(g)
-                run.absmax_tokens[sid] = text(g["absmax_token"].asstr()[()])
+                run.absmax_tokens[sid] = _dataset(g["absmax_token"], text)
                 if "topk_token" in g:
-                    run.topk_tokens[sid] = [text(t) for t in g["topk_token"].asstr()[()]]
+                    run.topk_tokens[sid] = list(_dataset(g["topk_token"], text))
                     study = run.stats[sid].study
                     if study is None or len(run.topk_tokens[sid]) != len(study.topk_location):
                         raise ValueError("topk_token and topk_location differ in length")
@@ -492,13 +492,16 @@ def _attribute(name: str, value: object, text) -> object:
 
 
 def _dataset(ds: h5py.Dataset, text) -> object:
-    if h5py.check_string_dtype(ds.dtype) is None:
-        return ds[()]
-    value = ds.asstr()[()]
-    if ds.name.rsplit("/", 1)[-1] not in TOKEN_TEXTS:
-        return value
-    # an object array: numpy's str arrays drop trailing NULs
-    return text(value) if isinstance(value, str) else np.asarray([text(t) for t in value], dtype=object)
+    """A dataset's value: strings as ``str`` (an array of them as an object array: numpy's str
+    arrays drop trailing NULs), token texts (:data:`TOKEN_TEXTS`) unescaped by ``text``.
+
+    Raises:
+        TypeError: a token text that is not stored as strings.
+    """
+    if ds.name.rsplit("/", 1)[-1] in TOKEN_TEXTS:
+        value = ds.asstr()[()]
+        return text(value) if isinstance(value, str) else np.asarray([text(t) for t in value], dtype=object)
+    return ds[()] if h5py.check_string_dtype(ds.dtype) is None else ds.asstr()[()]
 
 
 def _maxact_hdf5(path: Path, group: str) -> bool:
