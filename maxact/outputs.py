@@ -7,7 +7,7 @@ import errno
 import glob
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from maxact.errors import OutputError
@@ -24,17 +24,6 @@ KINDS = {
 }
 
 
-def _maxact_hdf5(path: Path, group: str) -> bool:
-    """An HDF5 file with maxact's root attribute ``maxact_version`` and the group ``group``."""
-    import h5py  # a core dependency; imported here so that this module stays at ground level
-
-    try:
-        with h5py.File(path, "r") as f:
-            return "maxact_version" in f.attrs and group in f
-    except Exception:  # not HDF5, unreadable: not a file of ours
-        return False
-
-
 def _report_folder(path: Path) -> bool:
     try:
         with open(path / "index.html", "rb") as f:
@@ -43,18 +32,32 @@ def _report_folder(path: Path) -> bool:
         return False
 
 
-def is_kind(path: str | Path, kind: str) -> bool:
+#: Whether an existing path is a file or folder of a kind: here for the folders. The files (run,
+#: compare-torch) are HDF5, which only the run-file module opens; it sits above this ground-level
+#: module, so its recognisers (``maxact.analyzer.runfile.is_run_file``, ``is_comparison_file``)
+#: are passed in by the caller (``recognise``), keeping imports going down.
+_FOLDER_KINDS: dict[str, Callable[[Path], bool]] = {
+    "report": lambda path: path.is_dir() and _report_folder(path),
+    "export": lambda path: path.is_dir() and (path / EXPORT_MARKER).is_file(),
+}
+
+
+def is_kind(path: str | Path, kind: str, recognise: Callable[[Path], bool] | None = None) -> bool:
     """Whether the existing ``path`` is an output of ``kind`` (see :data:`KINDS`) that the
-    command may replace: a file or folder maxact wrote, or an empty folder."""
+    command may replace: a file or folder maxact wrote, or an empty folder.
+
+    Args:
+        recognise: for a file kind, the test that ``path`` is a file of that kind.
+
+    Raises:
+        ValueError: a file kind without ``recognise`` (a programming error).
+    """
     path = Path(path)
     if KINDS[kind][0] == "folder" and path.is_dir() and not any(path.iterdir()):
         return True
-    return {
-        "run": lambda: path.is_file() and _maxact_hdf5(path, "sites"),
-        "compare-torch": lambda: path.is_file() and _maxact_hdf5(path, "compare_torch"),
-        "report": lambda: path.is_dir() and _report_folder(path),
-        "export": lambda: path.is_dir() and (path / EXPORT_MARKER).is_file(),
-    }[kind]()
+    if recognise is None and kind not in _FOLDER_KINDS:
+        raise ValueError(f"is_kind({kind!r}) needs the recogniser of its files")
+    return (recognise or _FOLDER_KINDS[kind])(path)
 
 
 def _files(path: Path) -> list[Path]:
@@ -98,7 +101,7 @@ def _not_input(path: Path, real: Path, given: Path, what: str, folder: bool, who
 
 
 def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path | Iterable[str | Path]],
-                 force: bool = False) -> Path:
+                 force: bool = False, recognise: Callable[[Path], bool] | None = None) -> Path:
     """Check, before any work, that a command may write its output ``path``.
 
     Args:
@@ -107,6 +110,8 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
         inputs: what each input is ("the model file") -> its path or paths: every file or folder
             the command reads (a folder stands for each file in it).
         force: allow replacing an existing file or folder of another kind (never an input).
+        recognise: for the file kinds, the test that an existing file is of ``kind``
+            (``maxact.analyzer.runfile.is_run_file`` or ``is_comparison_file``), see :func:`is_kind`.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -132,7 +137,7 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
         if path.exists() and not path.is_dir():
             raise OutputError(f"output {path} is a file, not a folder: give the folder to write into")
         _writable_folder(path if path.is_dir() else path.parent)  # the folder itself may be new
-    if path.exists() and not force and not is_kind(path, kind):
+    if path.exists() and not force and not is_kind(path, kind, recognise):
         raise OutputError(f"{path} exists and is not {what}: add --force to replace it, or give another path")
     return path
 

@@ -14,7 +14,6 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 from rich import box
 from rich.console import Console
@@ -22,13 +21,21 @@ from rich.table import Table
 
 import maxact
 from maxact.analyzer.corpus import DEFAULT, load_corpus
-from maxact.analyzer.store import file_sha256, open_run_file
+from maxact.analyzer.runfile import (
+    COMPARISON_GROUP,
+    Group,
+    file_sha256,
+    is_comparison_file,
+    model_order,
+    read_groups,
+    write_groups,
+)
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.errors import AnalyzerError
 from maxact.exporters.hf import check_weights
-from maxact.outputs import check_output, temporary_path, write_atomically
-from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, family_for_model_type
+from maxact.outputs import check_output
+from maxact.passes.patterns import FAMILIES, Family, family_for_model_type
 from maxact.runtime.batching import length_sorted_batches
 from maxact.text import literal, plain_console
 
@@ -98,10 +105,6 @@ class Comparison:
     flagged: list[str] = field(default_factory=list)
 
 
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 @dataclass
 class _Run:
     path: Path
@@ -111,11 +114,6 @@ class _Run:
     samples: np.ndarray
 
 
-def _model_order(site_id: str, role: str, layer: int | None) -> tuple:
-    first = -1 if role == "embedding" else (10**6 if layer is None else layer)
-    return (first, ROLE_ORDER.get(role, 999), site_id)
-
-
 def read_run(path: Path) -> _Run:
     """The records of a run file that the comparison needs.
 
@@ -123,25 +121,27 @@ def read_run(path: Path) -> _Run:
         AnalyzerError: missing file, or not a run file of ``analyzer run``.
     """
     path = Path(path)
+    ranges = ("max", "min", "absmax", "nan_count", "inf_count", "absmax_location")
+    f = read_groups(path, lambda name: name == "corpus/sample_index" or (
+        name.startswith("sites/") and name.rsplit("/", 1)[1] in ranges))
     try:
-        with open_run_file(path) as f:
-            meta = {k: (_text(v) if isinstance(v, (bytes, str)) else v) for k, v in f.attrs.items()}
-            samples = f["corpus/sample_index"][()]
-            sites, onnx = [], {}
-            for sid, g in f["sites"].items():
-                layer = int(g.attrs["layer"])
-                sites.append((sid, _text(g.attrs["role"]), None if layer < 0 else layer))
-                onnx[sid] = {
-                    **{k: float(g[k][()]) for k in ("max", "min", "absmax")},
-                    **{k: int(g[k][()]) for k in ("nan_count", "inf_count")},
-                    "location": g["absmax_location"][()].astype(np.int64),
-                }
+        meta = f.attrs
+        samples = f.groups["corpus"].data["sample_index"]
+        sites, onnx = [], {}
+        for sid, g in f.groups["sites"].groups.items():
+            layer = int(g.attrs["layer"])
+            sites.append((sid, str(g.attrs["role"]), None if layer < 0 else layer))
+            onnx[sid] = {
+                **{k: float(g.data[k]) for k in ("max", "min", "absmax")},
+                **{k: int(g.data[k]) for k in ("nan_count", "inf_count")},
+                "location": g.data["absmax_location"].astype(np.int64),
+            }
     except KeyError as e:
         raise AnalyzerError(f"{path} is not a run file of `analyzer run` ({e})") from e
     missing = [k for k in ("corpus", "tokenizer", "bos", "max_length", "n_tokens", "model_path") if k not in meta]
     if missing:
         raise AnalyzerError(f"{path} is not a run file of `analyzer run` (no {', '.join(missing)} attribute)")
-    sites.sort(key=lambda s: _model_order(*s))
+    sites.sort(key=lambda s: model_order(*s))
     return _Run(path, meta, sites, onnx, samples)
 
 
@@ -248,29 +248,17 @@ def write_comparison(path: Path, meta: dict, sites: list[SiteComparison], skippe
     Raises:
         OutputError: the write failed (a full disk); no file or temporary is left.
     """
-    with h5py.File(temporary_path(path), "w", driver="core", backing_store=False) as f:  # as store.write_run
-        for k, v in meta.items():
-            f.attrs[k] = v
-        top = f.create_group("compare_torch")
-        top.attrs["skipped"] = np.array(list(skipped), dtype=h5py.string_dtype())
-        top.attrs["skipped_reason"] = np.array(list(skipped.values()), dtype=h5py.string_dtype())
-        for order, c in enumerate(sites):
-            g = top.create_group(c.site_id)
-            g.attrs.update(role=c.role, layer=-1 if c.layer is None else c.layer, module=c.module, tap=c.tap,
-                           order=order)
-            for side, d in (("onnx", c.onnx), ("torch", c.torch)):
-                for k in ("max", "min", "absmax"):
-                    g.create_dataset(f"{side}_{k}", data=np.float64(d[k]))
-                for k in ("nan_count", "inf_count"):
-                    g.create_dataset(f"{side}_{k}", data=np.int64(d[k]))
-                g.create_dataset(f"{side}_absmax_location", data=d["location"])
-            for k in ("rel_diff", "rel_diff_max", "rel_diff_min", "ratio"):
-                g.create_dataset(k, data=np.float64(getattr(c, k)))
-            g.create_dataset("agree", data=np.bool_(c.agree))
-            g.create_dataset("location_agree", data=np.bool_(c.location_agree))
-        f.flush()
-        image = f.id.get_file_image()
-    write_atomically(path, image)
+    top = Group(attrs={"skipped": list(skipped), "skipped_reason": list(skipped.values())})
+    for order, c in enumerate(sites):
+        g = top.groups[c.site_id] = Group(attrs={"role": c.role, "layer": -1 if c.layer is None else c.layer,
+                                                 "module": c.module, "tap": c.tap, "order": order})
+        for side, d in (("onnx", c.onnx), ("torch", c.torch)):
+            g.data.update({f"{side}_{k}": np.float64(d[k]) for k in ("max", "min", "absmax")})
+            g.data.update({f"{side}_{k}": np.int64(d[k]) for k in ("nan_count", "inf_count")})
+            g.data[f"{side}_absmax_location"] = d["location"]
+        g.data.update({k: np.float64(getattr(c, k)) for k in ("rel_diff", "rel_diff_max", "rel_diff_min", "ratio")})
+        g.data.update(agree=np.bool_(c.agree), location_agree=np.bool_(c.location_agree))
+    write_groups(path, Group(attrs=dict(meta), groups={COMPARISON_GROUP: top}))
 
 
 def _loc(v) -> str:
@@ -379,7 +367,7 @@ def compare_torch(
     out = Path(out) if out else run.path.with_name(f"{run.path.stem}.compare_torch.{dtype}.h5")
     tok_path = find_tokenizer(Path(meta["model_path"]), tokenizer or meta["tokenizer"])
     corpus = corpus or meta["corpus"]
-    check_output(out, kind="compare-torch", force=force, inputs={
+    check_output(out, kind="compare-torch", force=force, recognise=is_comparison_file, inputs={
         "the run file": run.path, "the checkpoint": ckpt, "the tokenizer": tok_path,
         "the corpus": [] if corpus == DEFAULT else corpus})
 

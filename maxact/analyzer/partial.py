@@ -7,7 +7,7 @@ A shard file (``analyzer run --shard I/N``, N > 1) is a run file of the batches 
 ``run_n_samples`` and ``run_corpus_sha256`` (the whole run's). A checkpoint (``RUN.checkpoint.h5``
 beside ``RUN.h5``) is a run file of the batches finished so far, plus ``checkpoint_batches_done``
 and ``checkpoint_n_batches``. Both keep every merged statistic exactly
-(:func:`maxact.analyzer.store.read_run`).
+(:func:`maxact.analyzer.runfile.read_run`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from maxact.analyzer.store import PARTIAL_ROOT_ATTRS, StoredRun, read_run, write_run
-from maxact.analyzer.summary import attention_shares, global_peak, print_summary, role_absmax
+from maxact.analyzer.runfile import PARTIAL_ROOT_ATTRS, StoredRun, is_run_file, read_run, write_run
+from maxact.analyzer.summary import attention_outputs, attention_shares, global_peak, print_summary, role_absmax
 from maxact.errors import AnalyzerError, RunFileError
 from maxact.outputs import check_output
 from maxact.runtime.merge import merge_all, merge_outputs
@@ -92,7 +92,7 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
             ``force``; its write failed.
     """
     console = console or plain_console()
-    out = check_output(out, kind="run", inputs={"a shard file": paths}, force=force)
+    out = check_output(out, kind="run", inputs={"a shard file": paths}, force=force, recognise=is_run_file)
     if not paths:
         raise AnalyzerError("give the shard files to merge")
     runs = [read_run(p) for p in paths]
@@ -123,7 +123,7 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
                             f"the run {n_run}: they are not the shards of one run")
     stats, sums = {}, {}
     for r in order:
-        stats, sums = merge_all(stats, r.stats), merge_outputs(sums, r.sums)
+        stats, sums = merge_all(stats, r.stats), merge_outputs(sums, attention_outputs(r.attention))
     token_of = {}  # (sample, position) -> token text, from every shard (their samples are disjoint)
     for r in order:
         for sid, st in r.stats.items():

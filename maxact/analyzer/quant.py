@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -14,6 +11,7 @@ from rich.table import Table
 from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.distribution import hist_quantile
 from maxact.analyzer.run import load_model, model_type_beside
+from maxact.analyzer.runfile import read_groups, write_quant
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.errors import AnalyzerError
 from maxact.passes.inputs import InputRolesError, graph_inputs
@@ -49,11 +47,6 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _attr(f, name):
-    v = f.attrs[name]
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[str] | None = None,
                 provider: str = "cpu", threads: int | None = None, progress: bool = True,
                 console: Console | None = None, inputs: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
@@ -83,14 +76,15 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     run_path = Path(run_path)
     if threads is not None and threads < 0:
         raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {threads}")
+    f = read_groups(run_path, lambda name: name == "corpus/sample_index" or (
+        name.startswith("sites/") and name.endswith("/absmax")))
     try:
-        with h5py.File(run_path, "r") as f:
-            meta = {k: _attr(f, k) for k in f.attrs}
-            samples = f["corpus/sample_index"][()]
-            known = list(f["sites"])
-            absmax = {sid: float(f["sites"][sid]["absmax"][()]) for sid in known}
-            peak = _attr(f["summary"], "global_site")
-    except (OSError, KeyError) as e:
+        meta = f.attrs
+        samples = f.groups["corpus"].data["sample_index"]
+        known = list(f.groups["sites"].groups)
+        absmax = {sid: float(f.groups["sites"].groups[sid].data["absmax"]) for sid in known}
+        peak = f.groups["summary"].attrs["global_site"]
+    except KeyError as e:
         raise AnalyzerError(f"{run_path} is not a run file of `analyzer run` ({e})") from e
     if site_ids is None:
         site_ids = [peak] + [s for s in known if s.endswith(".residual") and s != peak]
@@ -152,35 +146,9 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
             metrics["scale"] = scales[sid][m]
             results[sid][m] = metrics
     corr = {m: spearman([absmax[s] for s in sids], [results[s][m]["sqnr_db"] for s in sids]) for m in SCALES}
-    _write(run_path, results, corr, len(calib), len(evalu))
+    write_quant(run_path, results, corr, len(calib), len(evalu))
     _print(console, results, corr, absmax)
     return results
-
-
-def _write(run_path: Path, results, corr, n_calib: int, n_eval: int) -> None:
-    """Add the results to the run file atomically (a copy is edited, then renamed over it)."""
-    tmp = run_path.with_name(f".{run_path.name}.{os.getpid()}.quant.tmp")
-    try:
-        shutil.copyfile(run_path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            q = f.require_group("quant")
-            for sid, by_scale in results.items():
-                g = q.require_group(sid)
-                for m, metrics in by_scale.items():
-                    for k, v in metrics.items():
-                        name = f"int8_{m}_{k}"
-                        if name in g:
-                            del g[name]
-                        g.create_dataset(name, data=np.float64(v))
-            for m, r in corr.items():
-                q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
-            q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
-            q.attrs["int8_calibration_passages"] = n_calib
-            q.attrs["int8_evaluation_passages"] = n_eval
-        os.replace(tmp, run_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _print(console: Console, results, corr, absmax) -> None:

@@ -22,8 +22,8 @@ from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import DEFAULT, load_corpus, select_samples
 from maxact.analyzer.model_file import read_model
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
-from maxact.analyzer.store import file_sha256, read_run, write_run
-from maxact.analyzer.summary import SiteInfo, attention_shares, global_peak, print_summary, role_absmax
+from maxact.analyzer.runfile import SiteInfo, file_sha256, is_run_file, read_run, write_run
+from maxact.analyzer.summary import attention_outputs, attention_shares, global_peak, print_summary, role_absmax
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.errors import (
     AnalyzerError,
@@ -164,7 +164,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
             "the tokenizer": opts.tokenizer or model_path.parent / "tokenizer.json",
             "the model's config.json": model_path.parent / "config.json",
             "the corpus": [] if opts.corpus == DEFAULT else opts.corpus}
-    check_output(out, kind="run", inputs=read, force=opts.force)
+    check_output(out, kind="run", inputs=read, force=opts.force, recognise=is_run_file)
     if opts.stats not in ("full", "main"):
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
     for flag, value in (("--batch-size", opts.batch_size), ("--max-length", opts.max_length)):
@@ -179,7 +179,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     index, count = opts.shard or (1, 1)
     if not 1 <= index <= count:
         raise AnalyzerError(f"--shard {index}/{count}: give I/N with 1 <= I <= N")
-    ckpt = check_output(checkpoint_path(out), kind="run", inputs=read)
+    ckpt = check_output(checkpoint_path(out), kind="run", inputs=read, recognise=is_run_file)
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
 
@@ -402,4 +402,4 @@ def _load_checkpoint(path: Path, run_meta: dict[str, object], site_ids: list[str
         raise AnalyzerError(f"{path} holds other passages than this run's first {done} batches: delete it")
     return RunResult(stats=stored.stats, n_tokens=int(stored.meta["n_tokens"]),
                      seconds=float(stored.meta["wall_seconds"]), exact_batches=int(stored.meta["exact_batches"]),
-                     sums=stored.sums, batches_done=done)
+                     sums=attention_outputs(stored.attention), batches_done=done)

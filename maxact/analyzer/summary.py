@@ -1,14 +1,16 @@
-"""The run's headline numbers (global peak, per-role maxima, format headroom) and their terminal view."""
+"""The run's headline numbers (global peak, per-role maxima, format headroom) and their terminal view;
+the types of the run file they are written with (:class:`SiteInfo`, :class:`Peak`) are in
+:mod:`maxact.analyzer.runfile`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from maxact.analyzer.runfile import FORMAT_MAX, Peak, SiteInfo
 from maxact.passes.attention import MAX_PREFIX, PREFIX
 from maxact.passes.patterns import ROLE_ORDER
 from maxact.runtime.merge import SiteStats
@@ -16,43 +18,6 @@ from maxact.text import literal
 
 #: A head whose mean attention on the first token exceeds this is a sink ("no-op") head.
 SINK_SHARE = 0.9
-
-#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2).
-FORMAT_MAX = {
-    "fp16": 65504.0,
-    "bf16": float(np.float32(3.3895313892515355e38)),
-    "fp8_e4m3": 448.0,
-    "fp8_e5m2": 57344.0,
-}
-
-
-@dataclass
-class SiteInfo:
-    """What the summary needs to know of a site besides its statistics."""
-
-    site_id: str
-    role: str
-    layer: int | None
-
-
-@dataclass
-class Peak:
-    """The largest |x| of a run.
-
-    Attributes:
-        site_id, role, layer: where (layer None at model level).
-        absmax: |x| (float64); ``signed``: the value with its sign.
-        location: int64 ``[sample, position, channel]``.
-        token: the text of the token at ``[sample, position]``.
-    """
-
-    site_id: str
-    role: str
-    layer: int | None
-    absmax: float
-    signed: float
-    location: np.ndarray
-    token: str = ""
 
 
 def signed_absmax(stats: SiteStats) -> float:
@@ -75,11 +40,6 @@ def role_absmax(sites: Sequence[SiteInfo], stats: Mapping[str, SiteStats]) -> li
         if s.role not in best or a > best[s.role][0]:
             best[s.role] = (a, s.site_id)
     return [(r, *best[r]) for r in sorted(best, key=lambda r: ROLE_ORDER.get(r, 999))]
-
-
-def headroom(absmax: float) -> dict[str, float]:
-    """max |x| over each format's largest finite value (> 1 overflows)."""
-    return {fmt: absmax / top for fmt, top in FORMAT_MAX.items()}
 
 
 def print_summary(

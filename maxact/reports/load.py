@@ -1,4 +1,5 @@
-"""Read a run file into plain numbers and strings (:class:`RunData`) for the report."""
+"""What the report knows of a run (:class:`RunData`), built from the run file as
+:func:`maxact.analyzer.runfile.read_groups` reads it."""
 
 from __future__ import annotations
 
@@ -6,23 +7,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from maxact.analyzer.store import open_run_file, text_decoder
+from maxact.analyzer.runfile import FORMAT_MAX, Group, model_order, read_datasets, read_groups
 from maxact.errors import RunFileError
-from maxact.passes.patterns import ROLE_ORDER
 
 #: Scalar datasets read from every ``/sites/<site_id>`` group when present.
 SITE_SCALARS = ("absmax", "max", "min", "sun_max_ratio", "sun_n_pass")
 #: Datasets read only for the sites named by :func:`detail_sites` (the global peak's site and the
 #: residual site of the peak layer): top-k with locations and token texts, per-channel maxima.
 DETAIL_DATASETS = ("topk_abs", "topk_signed", "topk_location", "topk_token", "per_channel_absmax")
-#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2), as the
-#: run's ``/quant`` headroom uses them (the same values as ``maxact.analyzer.summary.FORMAT_MAX``).
-FORMAT_MAX = {"fp16": 65504.0, "bf16": float(np.float32(3.3895313892515355e38)), "fp8_e4m3": 448.0,
-              "fp8_e5m2": 57344.0}
-#: The formats whose limits the figures draw.
+#: The formats whose limits the figures draw (of the run file's :data:`FORMAT_MAX`).
 FORMAT_LIMITS = {k: FORMAT_MAX[k] for k in ("fp16", "fp8_e4m3", "fp8_e5m2")}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -127,18 +122,8 @@ class RunData:
         return max(res, key=lambda s: s.absmax).layer if res else -1
 
 
-def _text(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _scalar(ds: h5py.Dataset) -> float:
-    return float(np.asarray(ds[()]))
+def _scalar(value: object) -> float:
+    return float(np.asarray(value))
 
 
 def model_name(meta: dict[str, object], path: Path) -> str:
@@ -148,11 +133,6 @@ def model_name(meta: dict[str, object], path: Path) -> str:
     if model.name and model.stem != "model":
         return model.stem
     return model.parent.name or path.stem
-
-
-def _site_order(s: Site) -> tuple:
-    level = 0 if s.role == "embedding" else (2 if s.layer < 0 else 1)
-    return level, s.layer, ROLE_ORDER.get(s.role, 999), s.site_id
 
 
 def detail_sites(summary: dict[str, object], sites: list[Site]) -> set[str]:
@@ -166,6 +146,15 @@ def detail_sites(summary: dict[str, object], sites: list[Site]) -> set[str]:
     return {peak} | {s.site_id for s in res if s.layer == layer}
 
 
+def _wanted(name: str) -> bool:
+    """The datasets :func:`load_run` reads first (the detail sites' come after)."""
+    group, _, rest = name.partition("/")
+    last = rest.rsplit("/", 1)[-1]
+    return {"sites": last in (*SITE_SCALARS, "absmax_location"), "quant": last.startswith("int8_"),
+            "attention": last == "sink_heads", "static": last in ("max_abs", "gamma_argmax"),
+            "corpus": rest == "sample_index"}.get(group, False)
+
+
 def load_run(path: Path) -> RunData:
     """Read a run file of ``analyzer run`` (optionally with ``analyzer quant``'s results).
 
@@ -174,52 +163,42 @@ def load_run(path: Path) -> RunData:
             ``/sites`` or ``/summary``.
     """
     path = Path(path)
-    with open_run_file(path) as f:
-        try:
-            return _read(f, path)
-        except (KeyError, ValueError, TypeError) as e:
-            raise RunFileError(f"{path}: incomplete run file ({type(e).__name__}: {str(e)[:100]})") from e
+    f = read_groups(path, _wanted)
+    try:
+        return _read(f, path)
+    except (KeyError, ValueError, TypeError) as e:
+        raise RunFileError(f"{path}: incomplete run file ({type(e).__name__}: {str(e)[:100]})") from e
 
 
-def _read(f: h5py.File, path: Path) -> RunData:
-    meta = {k: _text(v) for k, v in f.attrs.items()}
-    summary = {k: _text(v) for k, v in f["summary"].attrs.items()}
-    token = text_decoder(f)
-    if "global_token" in summary:
-        summary["global_token"] = token(str(summary["global_token"]))
+def _read(f: Group, path: Path) -> RunData:
+    meta, summary = f.attrs, f.groups["summary"].attrs
     sites = []
-    for sid, g in f["sites"].items():
-        values = {k: _scalar(g[k]) for k in SITE_SCALARS if k in g}
-        sites.append(Site(sid, str(_text(g.attrs["role"])), int(g.attrs["layer"]),
-                          str(_text(g.attrs.get("tensor", ""))), values,
-                          np.asarray(g["absmax_location"][()], dtype=np.int64)))
+    for sid, g in f.groups["sites"].groups.items():
+        values = {k: _scalar(g.data[k]) for k in SITE_SCALARS if k in g.data}
+        sites.append(Site(sid, str(g.attrs["role"]), int(g.attrs["layer"]), str(g.attrs.get("tensor", "")), values,
+                          np.asarray(g.data["absmax_location"], dtype=np.int64)))
     if not sites:
         raise ValueError("no sites")
-    sites.sort(key=_site_order)
-    for sid in detail_sites(summary, sites):
-        g, site = f["sites"][sid], next(s for s in sites if s.site_id == sid)
-        for k in DETAIL_DATASETS:
-            if k in g:
-                texts = k == "topk_token"  # object array: numpy's str arrays drop trailing NULs
-                site.detail[k] = np.asarray([token(t) for t in _text(g[k][()])] if texts else g[k][()],
-                                            dtype=object if texts else None)
-    if "quant" in f:
-        for s in sites:
-            if s.site_id in f["quant"]:
-                q = f["quant"][s.site_id]
-                s.quant = {k: _scalar(q[k]) for k in q if k.startswith("int8_")}
+    sites.sort(key=lambda s: model_order(s.site_id, s.role, s.layer))
+    by_id = {s.site_id: s for s in sites}
+    detail = {sid: [f"sites/{sid}/{k}" for k in DETAIL_DATASETS] for sid in detail_sites(summary, sites)}
+    found = read_datasets(path, [n for names in detail.values() for n in names])
+    for sid, names in detail.items():
+        by_id[sid].detail = {n.rsplit("/", 1)[1]: np.asarray(found[n]) for n in names if n in found}
+    quant = f.groups.get("quant", Group())
+    for s in sites:
+        if s.site_id in quant.groups:
+            s.quant = {k: _scalar(v) for k, v in quant.groups[s.site_id].data.items()}
     weights = []
-    for key, g in (f["static"].items() if "static" in f else ()):
+    for key, g in f.groups.get("static", Group()).groups.items():
         layer = int(g.attrs.get("layer", -1))
         if layer < 0 and (m := _LAYER.search(key)):
             layer = int(m.group(1))
-        weights.append(Weight(key, str(_text(g.attrs.get("kind", ""))), layer,
-                              tuple(int(v) for v in g.attrs.get("shape", ())), _scalar(g["max_abs"]),
-                              int(g["gamma_argmax"][()]) if "gamma_argmax" in g else -1))
-    sinks = {}
-    for name, g in (f["attention"].items() if "attention" in f else ()):
-        if "sink_heads" in g:
-            sinks[int(name.split(".")[1])] = [int(h) for h in g["sink_heads"][()]]
-    return RunData(path, model_name(meta, path), meta, sites, summary, weights,
-                   {k: _text(v) for k, v in f["quant"].attrs.items()} if "quant" in f else {}, sinks,
-                   np.asarray(f["corpus/sample_index"][()] if "corpus/sample_index" in f else [], dtype=np.int64))
+        weights.append(Weight(key, str(g.attrs.get("kind", "")), layer,
+                              tuple(int(v) for v in g.attrs.get("shape", ())), _scalar(g.data["max_abs"]),
+                              int(g.data["gamma_argmax"]) if "gamma_argmax" in g.data else -1))
+    sinks = {int(name.split(".")[1]): [int(h) for h in g.data["sink_heads"]]
+             for name, g in f.groups.get("attention", Group()).groups.items() if "sink_heads" in g.data}
+    corpus = f.groups.get("corpus", Group()).data
+    return RunData(path, model_name(meta, path), meta, sites, summary, weights, quant.attrs, sinks,
+                   np.asarray(corpus.get("sample_index", []), dtype=np.int64))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from maxact.analyzer.model_file import read_model
-from maxact.analyzer.store import file_sha256
+from maxact.analyzer.runfile import file_sha256
 from maxact.errors import AnalyzerError
 from maxact.reports.load import RunData, Site
 

@@ -1,12 +1,23 @@
-"""A run in one HDF5 file, in the layout of docs/run-file.md (the contract): written atomically, read back exactly."""
+"""The run file: the only code in maxact that opens an HDF5 file (run files, their slim copies and
+compare-torch's comparison file), in the layout of docs/run-file.md (the contract).
+
+Written atomically (built in memory, renamed into place), read back exactly (:func:`read_run`, for
+merge and ``--resume``) or leniently (:func:`read_groups`, for the report, compare-torch and quant).
+Also here: the file's text decoding (:func:`decode`, token-text escapes), the model order of its
+sites (:func:`model_order`), the number formats' limits of ``/quant`` (:data:`FORMAT_MAX`), and the
+recognisers of maxact's files that :mod:`maxact.outputs` is given (it sits below this module).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import numbers
+import os
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,16 +25,79 @@ import h5py
 import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
-from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_outputs, headroom
 from maxact.errors import RunFileError
 from maxact.outputs import temporary_path, write_atomically
+from maxact.passes.patterns import ROLE_ORDER
 from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
+
+#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2): the
+#: limits of ``/quant`` (``headroom_<fmt>``, ``overflow_<fmt>``), the summary and the report.
+FORMAT_MAX = {
+    "fp16": 65504.0,
+    "bf16": float(np.float32(3.3895313892515355e38)),
+    "fp8_e4m3": 448.0,
+    "fp8_e5m2": 57344.0,
+}
+
+
+def headroom(absmax: float) -> dict[str, float]:
+    """max |x| over each format's largest finite value (> 1 overflows)."""
+    return {fmt: absmax / top for fmt, top in FORMAT_MAX.items()}
+
+
+def model_order(site_id: str, role: str, layer: int | None) -> tuple:
+    """The sort key of the model order of a run file's sites: the embedding, the layers by index
+    (within a layer, the design's role order), then the model-level sites; ``layer`` None or
+    negative at model level."""
+    model_level = layer is None or layer < 0
+    first = -1 if role == "embedding" else (10**6 if model_level else layer)
+    return (first, ROLE_ORDER.get(role, 999), site_id)
+
+
+@dataclass
+class SiteInfo:
+    """What the summary needs to know of a site besides its statistics."""
+
+    site_id: str
+    role: str
+    layer: int | None
+
+
+@dataclass
+class Peak:
+    """The largest |x| of a run (``/summary``'s ``global_*`` attributes).
+
+    Attributes:
+        site_id, role, layer: where (layer None at model level).
+        absmax: |x| (float64); ``signed``: the value with its sign.
+        location: int64 ``[sample, position, channel]``.
+        token: the text of the token at ``[sample, position]``.
+    """
+
+    site_id: str
+    role: str
+    layer: int | None
+    absmax: float
+    signed: float
+    location: np.ndarray
+    token: str = ""
+
+
+def decode(value: object) -> object:
+    """A value read from HDF5 with its strings as ``str``: ``bytes`` decoded (UTF-8), an array of
+    strings as a list of ``str``; anything else as it is."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+    return value
+
 
 #: Root attribute present (value :data:`TEXT_ESCAPE`) when the token texts (``absmax_token``,
 #: ``topk_token``, ``/summary`` ``global_token``) are stored backslash-escaped: ``\\`` for a
 #: backslash, ``\0`` for NUL, which HDF5 strings cannot hold. Written only when a text holds NUL,
-#: so other files keep their texts as they are; read by :func:`text_decoder`.
+#: so other files keep their texts as they are; read by :func:`_text_decoder`.
 TEXT_ESCAPE_ATTR = "token_text_escape"
 TEXT_ESCAPE = "backslash"
 _UNESCAPE = re.compile(r"\\([\\0])")
@@ -39,10 +113,14 @@ def unescape_text(text: str) -> str:
     return _UNESCAPE.sub(lambda m: "\0" if m.group(1) == "0" else "\\", text)
 
 
-def text_decoder(f: h5py.File):
+#: The token texts of a run file, as dataset or attribute names (``/summary`` ``global_token``).
+TOKEN_TEXTS = ("absmax_token", "topk_token", "global_token")
+
+
+def _text_decoder(f: h5py.File):
     """The function that turns a token text stored in the run file ``f`` back into the token's text:
     :func:`unescape_text` where the file's :data:`TEXT_ESCAPE_ATTR` says so, else the identity."""
-    escaped = _value(f.attrs.get(TEXT_ESCAPE_ATTR)) == TEXT_ESCAPE
+    escaped = decode(f.attrs.get(TEXT_ESCAPE_ATTR)) == TEXT_ESCAPE
     return unescape_text if escaped else (lambda text: text)
 
 
@@ -102,9 +180,7 @@ def write_run(
     escape = any("\0" in t for t in texts)
     stored = escape_text if escape else str
     topk_tokens = {sid: [stored(t) for t in ts] for sid, ts in topk_tokens.items()}
-    # Built in memory, then written by plain file I/O (write_atomically): on a full disk, HDF5's own
-    # writes fail inside its metadata cache and the process ends in a segmentation fault.
-    with h5py.File(temporary_path(path), "w", driver="core", backing_store=False) as f:
+    with _in_memory(path) as f:
         for k, v in meta.items():
             if k != TEXT_ESCAPE_ATTR:  # a property of this file's texts (below), not of the run
                 f.attrs[k] = _attr(v)
@@ -159,6 +235,20 @@ def write_run(
         s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
         for name, data in (extra_datasets or {}).items():
             f.create_dataset(name, data=data)
+
+
+@contextlib.contextmanager
+def _in_memory(path: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file built in memory, then written to ``path`` whole
+    (:func:`maxact.outputs.write_atomically`) when the ``with`` block ends without an error.
+
+    Raises:
+        OutputError: the write failed (a full disk: the errno's text in the message).
+    """
+    # Built in memory, then written by plain file I/O (write_atomically): on a full disk, HDF5's own
+    # writes fail inside its metadata cache and the process ends in a segmentation fault.
+    with h5py.File(temporary_path(path), "w", driver="core", backing_store=False) as f:
+        yield f
         f.flush()
         image = f.id.get_file_image()
     write_atomically(path, image)
@@ -210,7 +300,8 @@ class StoredRun:
         meta: root attributes (strings as ``str``, numbers as numpy scalars).
         sites: the sites in model order; ``site_attrs``: site id -> its group's attributes.
         stats: site id -> :class:`SiteStats`, exactly as merged (every field bit-identical).
-        sums: the merged attention outputs (:func:`maxact.analyzer.summary.attention_outputs`).
+        attention: ``/attention``: layer -> its datasets (``first_token_sum``, ``n_queries``, ...),
+            which :func:`maxact.analyzer.summary.attention_outputs` turns back into merged outputs.
         topk_tokens, absmax_tokens: site id -> token texts at the top-k and absmax locations.
         weights: ``/static``; ``fused_attention``: layers listed as not measurable.
         sample_index: int64 ``[n_samples]``, ``/corpus/sample_index``.
@@ -220,7 +311,7 @@ class StoredRun:
     sites: list[SiteInfo]
     site_attrs: dict[str, dict[str, object]]
     stats: dict[str, SiteStats]
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     topk_tokens: dict[str, list[str]] = field(default_factory=dict)
     absmax_tokens: dict[str, str] = field(default_factory=dict)
     weights: list[WeightStat] = field(default_factory=list)
@@ -228,7 +319,7 @@ class StoredRun:
     sample_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def open_run_file(path: str | Path) -> h5py.File:
+def _open_run_file(path: str | Path) -> h5py.File:
     """Open a run file of ``analyzer run`` for reading (the caller closes it).
 
     Raises:
@@ -271,38 +362,36 @@ def read_run(path: Path) -> StoredRun:
     path = Path(path)
     where = "/"  # what is being read, for the message
     try:
-        with open_run_file(path) as f:
-            text = text_decoder(f)
-            run = StoredRun(meta={k: _value(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
+        with _open_run_file(path) as f:
+            text = _text_decoder(f)
+            run = StoredRun(meta={k: decode(v) for k, v in f.attrs.items()}, sites=[], site_attrs={}, stats={})
             for name, kind in {**ROOT_ATTRS, **PARTIAL_ROOT_ATTRS}.items():
                 if (name in ROOT_ATTRS or name in run.meta) and not isinstance(run.meta.get(name), kind):
                     where = f"root attribute {name}"
                     raise ValueError(f"{run.meta[name]!r}, not {_KIND_WORDS[kind]}" if name in run.meta else "absent")
             for sid, g in f["sites"].items():
                 where = f"/sites/{sid}"
-                attrs = {k: _value(v) for k, v in g.attrs.items()}
+                attrs = {k: decode(v) for k, v in g.attrs.items()}
                 layer = int(attrs["layer"])
                 run.sites.append(SiteInfo(sid, str(attrs["role"]), None if layer < 0 else layer))
                 run.site_attrs[sid] = attrs
                 run.stats[sid] = _read_site(g)
-                run.absmax_tokens[sid] = text(g["absmax_token"].asstr()[()])
+                run.absmax_tokens[sid] = _dataset(g["absmax_token"], text)
                 if "topk_token" in g:
-                    run.topk_tokens[sid] = [text(t) for t in g["topk_token"].asstr()[()]]
+                    run.topk_tokens[sid] = list(_dataset(g["topk_token"], text))
                     study = run.stats[sid].study
                     if study is None or len(run.topk_tokens[sid]) != len(study.topk_location):
                         raise ValueError("topk_token and topk_location differ in length")
             where = "/attention"
-            shares = {}
             for name, g in f["attention"].items():
                 where = f"/attention/{name}"
-                shares[int(name.split(".")[1])] = {k: g[k][()] for k in g}
-            run.sums = attention_outputs(shares)
+                run.attention[int(name.split(".")[1])] = {k: g[k][()] for k in g}
             run.fused_attention = [int(x.split(".")[1]) for x in f["attention"].attrs["not_measurable"]]
             where = "/static"
             for key, g in f["static"].items():
                 where = f"/static/{key}"
                 run.weights.append(WeightStat(
-                    key=key, kind=_value(g.attrs["kind"]), tensor=_value(g.attrs["tensor"]),
+                    key=key, kind=decode(g.attrs["kind"]), tensor=decode(g.attrs["tensor"]),
                     shape=tuple(int(x) for x in g.attrs["shape"]), max_abs=float(g["max_abs"][()]),
                     gamma_argmax=int(g["gamma_argmax"][()]) if "gamma_argmax" in g else -1,
                     layer=int(g.attrs["layer"])))
@@ -313,10 +402,6 @@ def read_run(path: Path) -> StoredRun:
         raise RunFileError(f"{path}: {where} is missing or malformed ({type(e).__name__}: {detail}); it is not a "
                            "complete run file of this maxact version: run `analyzer run` again") from e
     return run
-
-
-def _value(v: object) -> object:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _read_site(g: h5py.Group) -> SiteStats:
@@ -343,6 +428,220 @@ def _read_site(g: h5py.Group) -> SiteStats:
         per_channel_absmax=g["per_channel_absmax"][()],
         study=study,
     )
+
+
+@dataclass
+class Group:
+    """One HDF5 group read back by :func:`read_groups`.
+
+    Attributes:
+        attrs: its attributes, strings decoded (:func:`decode`), numpy scalars as Python numbers,
+            token texts unescaped; arrays as numpy arrays.
+        data: the datasets asked for, by name: strings as ``str`` (an array of them: an object
+            array), token texts unescaped; numbers as numpy scalars or arrays.
+        groups: its subgroups, by name, in the file's order.
+    """
+
+    attrs: dict[str, object] = field(default_factory=dict)
+    data: dict[str, object] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+
+
+def read_groups(path: str | Path, wanted: Callable[[str], bool] = lambda name: False) -> Group:
+    """Read a run file leniently: every group's attributes, and the datasets whose path (e.g.
+    ``sites/embedding/absmax``) ``wanted`` accepts; nothing else is checked or read.
+
+    Returns:
+        the root :class:`Group` (root attributes, ``groups["sites"]``, ...).
+
+    Raises:
+        RunFileError: the file is missing, not HDF5, or lacks the contract's ``/sites``,
+            ``/summary`` or ``maxact_version``.
+    """
+    with _open_run_file(path) as f:
+        return _read_group(f, "", wanted, _text_decoder(f))
+
+
+def read_datasets(path: str | Path, names: Sequence[str]) -> dict[str, object]:
+    """The datasets ``names`` (paths, e.g. ``sites/embedding/topk_token``) of a run file that it
+    holds, by path, read as :attr:`Group.data` reads them.
+
+    Raises:
+        RunFileError: as :func:`read_groups`.
+    """
+    with _open_run_file(path) as f:
+        text = _text_decoder(f)
+        return {n: _dataset(f[n], text) for n in names if n in f and isinstance(f[n], h5py.Dataset)}
+
+
+def _read_group(g: h5py.Group, where: str, wanted: Callable[[str], bool], text) -> Group:
+    out = Group(attrs={k: _attribute(k, v, text) for k, v in g.attrs.items()})
+    for name, item in g.items():
+        if isinstance(item, h5py.Group):
+            out.groups[name] = _read_group(item, f"{where}{name}/", wanted, text)
+        elif wanted(f"{where}{name}"):
+            out.data[name] = _dataset(item, text)
+    return out
+
+
+def _attribute(name: str, value: object, text) -> object:
+    value = decode(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    return text(value) if name in TOKEN_TEXTS and isinstance(value, str) else value
+
+
+def _dataset(ds: h5py.Dataset, text) -> object:
+    """A dataset's value: strings as ``str`` (an array of them as an object array: numpy's str
+    arrays drop trailing NULs), token texts (:data:`TOKEN_TEXTS`) unescaped by ``text``.
+
+    Raises:
+        TypeError: a token text that is not stored as strings.
+    """
+    if ds.name.rsplit("/", 1)[-1] in TOKEN_TEXTS:
+        value = ds.asstr()[()]
+        return text(value) if isinstance(value, str) else np.asarray([text(t) for t in value], dtype=object)
+    return ds[()] if h5py.check_string_dtype(ds.dtype) is None else ds.asstr()[()]
+
+
+def _maxact_hdf5(path: Path, group: str) -> bool:
+    """An HDF5 file with maxact's root attribute ``maxact_version`` and the group ``group``."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "maxact_version" in f.attrs and group in f
+    except Exception:  # not HDF5, unreadable: not a file of ours
+        return False
+
+
+def is_run_file(path: str | Path) -> bool:
+    """Whether ``path`` is a run file of ``analyzer run`` (a file with ``maxact_version`` and
+    ``/sites``), which a run or merge may replace (:func:`maxact.outputs.check_output`)."""
+    return Path(path).is_file() and _maxact_hdf5(Path(path), "sites")
+
+
+#: The group of compare-torch's comparison file.
+COMPARISON_GROUP = "compare_torch"
+
+
+def is_comparison_file(path: str | Path) -> bool:
+    """Whether ``path`` is a comparison file of ``analyzer compare-torch`` (``maxact_version`` and
+    ``/compare_torch``), which compare-torch may replace."""
+    return Path(path).is_file() and _maxact_hdf5(Path(path), COMPARISON_GROUP)
+
+
+def write_groups(path: str | Path, root: Group) -> None:
+    """Write a new HDF5 file (compare-torch's comparison file) from the tree ``root`` atomically:
+    built in memory, then renamed into place.
+
+    Attributes and datasets are written as given, except that a list or tuple of ``str`` is
+    stored as an array of variable-length strings.
+
+    Raises:
+        OutputError: the write failed (a full disk); no file or temporary is left.
+    """
+    with _in_memory(Path(path)) as f:
+        _write_group(f, root)
+
+
+def _write_group(g: h5py.Group, tree: Group) -> None:
+    for k, v in tree.attrs.items():
+        g.attrs[k] = np.array(list(v), dtype=h5py.string_dtype()) if isinstance(v, (list, tuple)) else v
+    for name, data in tree.data.items():
+        g.create_dataset(name, data=data)
+    for name, sub in tree.groups.items():
+        _write_group(g.create_group(name), sub)
+
+
+def write_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, float]]], corr: Mapping[str, float],
+                n_calib: int, n_eval: int) -> None:
+    """Add ``analyzer quant``'s results to the run file ``path`` atomically (a copy is edited, then
+    renamed over it): ``/quant/<site_id>/int8_<scale>_<metric>`` (float64, replaced where present)
+    and the ``/quant`` attributes ``int8_spearman_absmax_sqnr_<scale>``, ``int8_sites``,
+    ``int8_calibration_passages``, ``int8_evaluation_passages``.
+
+    Args:
+        results: site id -> scale name -> metric name -> value. ``corr``: scale name -> Spearman
+            correlation. ``n_calib``, ``n_eval``: the passages of each half.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.quant.tmp")
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            q = f.require_group("quant")
+            for sid, by_scale in results.items():
+                g = q.require_group(sid)
+                for m, metrics in by_scale.items():
+                    for k, v in metrics.items():
+                        name = f"int8_{m}_{k}"
+                        if name in g:
+                            del g[name]
+                        g.create_dataset(name, data=np.float64(v))
+            for m, r in corr.items():
+                q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
+            q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
+            q.attrs["int8_calibration_passages"] = n_calib
+            q.attrs["int8_evaluation_passages"] = n_eval
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+#: Root attribute of a slim copy: what it is and where it came from.
+SLIM_ATTR = "slim_copy_of"
+
+
+def write_slim_copy(src: Path, dst: Path, site_datasets: Callable[[str], Sequence[str]],
+                    kept: Mapping[str, Callable[[str], bool]]) -> Path:
+    """Write ``dst``: a copy of the run file ``src`` with only some of its datasets.
+
+    Kept: root attributes (plus :data:`SLIM_ATTR`, ``src``'s name), ``/summary``, ``/corpus`` and
+    ``/static`` whole; per site its attributes and the datasets ``site_datasets(site_id)`` names
+    that it holds; for each group ``name`` of ``kept`` its attributes and, in each subgroup, the
+    datasets whose names ``kept[name]`` accepts (subgroups with none are left out). Written under a
+    temporary name, renamed into place.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        RunFileError: ``src`` is not a run file.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with _open_run_file(src) as f, h5py.File(tmp, "w") as g:
+            for k, v in f.attrs.items():
+                g.attrs[k] = v
+            g.attrs[SLIM_ATTR] = src.name
+            for name in ("summary", "corpus", "static"):
+                if name in f:
+                    f.copy(f[name], g, name=name)
+            sites = g.create_group("sites")
+            for sid, s in f["sites"].items():
+                t = sites.create_group(sid)
+                for k, v in s.attrs.items():
+                    t.attrs[k] = v
+                for k in site_datasets(sid):
+                    if k in s:
+                        s.copy(s[k], t, name=k)
+            for group, wanted in kept.items():
+                if group not in f:
+                    continue
+                out = g.create_group(group)
+                for k, v in f[group].attrs.items():
+                    out.attrs[k] = v
+                for sub, h in f[group].items():
+                    names = [k for k in h if wanted(k)]
+                    if names:
+                        o = out.create_group(sub)
+                        for k in names:
+                            h.copy(h[k], o, name=k)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
 
 
 @functools.lru_cache(maxsize=8)
