@@ -14,10 +14,11 @@ import h5py
 import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
-from maxact.analyzer.summary import FORMAT_MAX, Peak, SiteInfo, attention_outputs, headroom
+from maxact.analyzer.headline import Peak, SiteInfo, attention_outputs
+from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
+from maxact.formats import FORMAT_MAX, headroom
 from maxact.outputs import temporary_path, write_atomically
-from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
 
 #: Root attribute present (value :data:`TEXT_ESCAPE`) when the token texts (``absmax_token``,
@@ -210,7 +211,7 @@ class StoredRun:
         meta: root attributes (strings as ``str``, numbers as numpy scalars).
         sites: the sites in model order; ``site_attrs``: site id -> its group's attributes.
         stats: site id -> :class:`SiteStats`, exactly as merged (every field bit-identical).
-        sums: the merged attention outputs (:func:`maxact.analyzer.summary.attention_outputs`).
+        sums: the merged attention outputs (:func:`maxact.analyzer.headline.attention_outputs`).
         topk_tokens, absmax_tokens: site id -> token texts at the top-k and absmax locations.
         weights: ``/static``; ``fused_attention``: layers listed as not measurable.
         sample_index: int64 ``[n_samples]``, ``/corpus/sample_index``.

@@ -10,18 +10,15 @@ import h5py
 import numpy as np
 
 from maxact.analyzer.store import open_run_file, text_decoder
+from maxact.discovery.patterns import ROLE_ORDER
 from maxact.errors import RunFileError
-from maxact.passes.patterns import ROLE_ORDER
+from maxact.formats import FORMAT_MAX
 
 #: Scalar datasets read from every ``/sites/<site_id>`` group when present.
 SITE_SCALARS = ("absmax", "max", "min", "sun_max_ratio", "sun_n_pass")
 #: Datasets read only for the sites named by :func:`detail_sites` (the global peak's site and the
 #: residual site of the peak layer): top-k with locations and token texts, per-channel maxima.
 DETAIL_DATASETS = ("topk_abs", "topk_signed", "topk_location", "topk_token", "per_channel_absmax")
-#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2), as the
-#: run's ``/quant`` headroom uses them (the same values as ``maxact.analyzer.summary.FORMAT_MAX``).
-FORMAT_MAX = {"fp16": 65504.0, "bf16": float(np.float32(3.3895313892515355e38)), "fp8_e4m3": 448.0,
-              "fp8_e5m2": 57344.0}
 #: The formats whose limits the figures draw.
 FORMAT_LIMITS = {k: FORMAT_MAX[k] for k in ("fp16", "fp8_e4m3", "fp8_e5m2")}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_ir as ir
 
+from maxact.discovery.dataflow import aliases, is_constant, reaches
+from maxact.discovery.operators import FUSED_ATTENTION_OPS, is_skip_norm, skip_sum
 from maxact.errors import NotALanguageModelError
-from maxact.passes.dataflow import aliases, is_constant, reaches
-from maxact.passes.fused import is_skip_norm, skip_sum
-from maxact.passes.operators import FUSED_ATTENTION_OPS
 
 
 def step_output(node: ir.Node) -> ir.Value:
@@ -161,7 +160,7 @@ def find_residual_chain(
 
     Args:
         graph: the main graph.
-        flow: its dataflow graph (:func:`maxact.passes.dataflow.dataflow_graph`).
+        flow: its dataflow graph (:func:`maxact.discovery.dataflow.dataflow_graph`).
         input_ids: the token-id graph input, if known.
 
     Raises:

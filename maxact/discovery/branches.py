@@ -13,7 +13,7 @@ from the stream before the step to the step's other input. Inside a branch:
   (``post_attn_norm`` / ``post_mlp_norm``); the last projection's input is ``attn_context`` or
   ``mlp_product``;
 - an **attention branch** holds an attention operator (a Softmax over ``Q @ K^T`` or a fused
-  attention operator, :func:`maxact.passes.residual.is_attention`); ``attn_q``/``attn_k``/``attn_v``
+  attention operator, :func:`maxact.discovery.residual.is_attention`); ``attn_q``/``attn_k``/``attn_v``
   are the projections the scores' two operands and the probabilities' partner come from (the
   first three inputs of MultiHeadAttention / GroupQueryAttention);
 - an **MLP branch** has an activation (:data:`ACTIVATION_OPS`); walking back from it through
@@ -35,15 +35,15 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_ir as ir
 
-from maxact.passes.dataflow import aliases, is_constant
-from maxact.passes.operators import (
+from maxact.discovery.dataflow import aliases, is_constant
+from maxact.discovery.operators import (
     ACTIVATION_OPS,
     PROJECTION_OPS,
     QKV_ATTENTION_OPS,
     QUANTIZE_OPS,
     REDUCTION_OPS,
 )
-from maxact.passes.residual import ResidualChain, is_attention
+from maxact.discovery.residual import ResidualChain, is_attention
 
 #: Elementwise arithmetic walked through from an activation back to its operand.
 _ELEMENTWISE = ("Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Neg", "Abs", "Cast", "Identity", *ACTIVATION_OPS)
@@ -317,7 +317,7 @@ def branch_sites(flow: nx.DiGraph, chain: ResidualChain, depth: dict[int, int]) 
     Args:
         flow: the dataflow graph of the main graph.
         chain: its residual stream.
-        depth: :func:`maxact.passes.residual.residual_depth` of ``flow`` and ``chain``.
+        depth: :func:`maxact.discovery.residual.residual_depth` of ``flow`` and ``chain``.
 
     Returns:
         The sites found; roles follow the branch kind (attention or MLP), layers the chain. Parallel

@@ -8,7 +8,7 @@ The same table tells ``compare-torch`` where to put its forward hooks, so the tw
 the same tensors by construction.
 
 Residual-stream sites (``residual_post_attn``, ``residual``) are not found by name but as steps
-along the residual chain (see :mod:`maxact.passes.residual`); their PyTorch taps are listed here
+along the residual chain (see :mod:`maxact.discovery.residual`); their PyTorch taps are listed here
 for the comparison.
 """
 
