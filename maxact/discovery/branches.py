@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_ir as ir
 
-from maxact.discovery.dataflow import aliases, is_constant
+from maxact.discovery.dataflow import aliases, is_constant, is_weight
 from maxact.discovery.operators import (
     ACTIVATION_OPS,
     PROJECTION_OPS,
@@ -47,28 +47,14 @@ from maxact.discovery.residual import ResidualChain, is_attention
 
 #: Elementwise arithmetic walked through from an activation back to its operand.
 _ELEMENTWISE = ("Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Neg", "Abs", "Cast", "Identity", *ACTIVATION_OPS)
-_WEIGHT_VIEWS = ("Transpose", "Reshape", "Cast", "Identity", "DequantizeLinear", "Unsqueeze", "Squeeze", "Gather",
-                 "Slice")
-
-
-def _weight(value: ir.Value | None, hops: int = 4) -> bool:
-    """A constant, or a constant seen through views or DequantizeLinear (quantised weights)."""
-    if value is None:
-        return False
-    if is_constant(value):
-        return True
-    prod = value.producer()
-    if hops == 0 or prod is None or prod.op_type not in _WEIGHT_VIEWS:
-        return False
-    return all(_weight(x, hops - 1) for x in prod.inputs if x is not None)
 
 
 def is_projection(node: ir.Node) -> bool:
     """A matrix product of a computed tensor by a weight (:data:`PROJECTION_OPS`)."""
     k = PROJECTION_OPS.get(node.op_type)
-    if k is None or len(node.inputs) <= k or node.inputs[0] is None or _weight(node.inputs[0]):
+    if k is None or len(node.inputs) <= k or node.inputs[0] is None or is_weight(node.inputs[0]):
         return False
-    return node.op_type == "MatMulNBits" or _weight(node.inputs[k])
+    return node.op_type == "MatMulNBits" or is_weight(node.inputs[k])
 
 
 _FLATTEN_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -120,7 +106,7 @@ def projection_output(node: ir.Node) -> ir.Value:
         out = _dequantized(out)
     users = out.consumers()
     if len(users) == 1 and users[0].op_type == "Add" and any(
-        x is not out and _weight(x) for x in users[0].inputs
+        x is not out and is_weight(x) for x in users[0].inputs
     ):
         out = users[0].outputs[0]
     if projection_input(node) is not node.inputs[0]:
@@ -455,7 +441,7 @@ def final_norm_site(chain: ResidualChain, want_logits: bool = True) -> BranchSit
     br = _Branch(nodes, last, head.outputs[0])
     normed = projection_input(head)
     prod = normed.producer()
-    while prod is not None and prod.op_type in _FLATTEN_OPS and not _weight(prod.inputs[0]):
+    while prod is not None and prod.op_type in _FLATTEN_OPS and not is_weight(prod.inputs[0]):
         normed = prod.inputs[0]  # GPT-2 views the normed stream before its LM head
         prod = normed.producer()
     if id(normed) in stream_ids or not br.has_reduction(stream_ids, normed):
