@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from maxact.discovery.branches import probabilities_matmul
 from maxact.discovery.operators import FUSED_ATTENTION_OPS
 from maxact.discovery.residual import layer_of, residual_depth
 from maxact.discovery.sites import Discovery
-
-_PASS_THROUGH = ("Cast", "Identity", "Dropout")
 
 
 @dataclass
@@ -36,21 +35,6 @@ class AttentionProbs:
     values: ir.Value | None = None
     #: the ``MatMul(P, V)`` node (after which the reductions are placed), or None.
     matmul: ir.Node | None = None
-
-
-def _values_of(probs: ir.Value) -> tuple[ir.Value | None, ir.Node | None]:
-    """The value tensor multiplied by ``probs`` (through casts and dropout), and that MatMul."""
-    frontier = [probs]
-    while frontier:
-        v = frontier.pop()
-        for use in v.uses():
-            node = use.node
-            if node.op_type == "MatMul" and use.idx == 0:
-                return node.inputs[1], node
-            if node.op_type in _PASS_THROUGH or (node.op_type == "Where" and use.idx > 0):
-                # Where: Optimum's SDPA export zeroes NaN rows, Where(IsNaN(P), 0, P).
-                frontier.append(node.outputs[0])
-    return None, None
 
 
 def find_attention(discovery: Discovery) -> tuple[list[AttentionProbs], list[int]]:
@@ -75,6 +59,9 @@ def find_attention(discovery: Discovery) -> tuple[list[AttentionProbs], list[int
         if discovery.chain.per_layer == 2 and k % 2 == 0 and k >= 0:  # an MLP branch (e.g. a MoE router)
             continue
         probs.setdefault(layer_of(node, depth, discovery.chain), []).append(node.outputs[0])
-    found = [AttentionProbs(layer, vals[0], *_values_of(vals[0])) for layer, vals in sorted(probs.items())
-             if len(vals) == 1 and layer < discovery.n_layers]
+    found = []
+    for layer, vals in sorted(probs.items()):
+        if len(vals) == 1 and layer < discovery.n_layers:
+            matmul = probabilities_matmul(vals[0])
+            found.append(AttentionProbs(layer, vals[0], matmul.inputs[1] if matmul is not None else None, matmul))
     return found, sorted(layer for layer in fused if layer < discovery.n_layers)

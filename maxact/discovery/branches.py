@@ -29,6 +29,7 @@ the Hugging Face ``transformers`` decoder implementations and onnxruntime's cont
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ def is_projection(node: ir.Node) -> bool:
         return False
     return node.op_type == "MatMulNBits" or is_weight(node.inputs[k])
 
+
+#: Ops between the attention probabilities and their MatMul by V that keep the values.
+_PROBABILITY_VIEWS = ("Cast", "Identity", "Dropout")
 
 _FLATTEN_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -202,7 +206,7 @@ def _attention_sites(br: _Branch, layer: int) -> Iterator[BranchSite]:
     operands: list[tuple[str, ir.Value | None]] = []
     if attention.op_type == "Softmax":
         scores = _scores_matmul(br, attention)
-        probs_user = _probabilities_matmul(attention)
+        probs_user = probabilities_matmul(attention.outputs[0])
         if scores is not None:
             operands += [("attn_q", scores.inputs[0]), ("attn_k", scores.inputs[1])]
         if probs_user is not None:
@@ -237,18 +241,19 @@ def _scores_matmul(br: _Branch, softmax: ir.Node) -> ir.Node | None:
     return None
 
 
-def _probabilities_matmul(softmax: ir.Node) -> ir.Node | None:
-    """The MatMul that multiplies the attention probabilities by V (through casts/Where)."""
-    frontier = [softmax.outputs[0]]
-    for _ in range(6):
-        if not frontier:
-            return None
-        v = frontier.pop(0)
-        for user in v.consumers():
-            if user.op_type == "MatMul" and user.inputs[0] is v:
-                return user
-            if user.op_type in ("Cast", "Identity", "Where", "Dropout"):
-                frontier.append(user.outputs[0])
+def probabilities_matmul(probs: ir.Value) -> ir.Node | None:
+    """The ``MatMul(P, V)`` that multiplies the attention probabilities ``probs`` by the values,
+    reached through casts, dropout and ``Where`` (Optimum's SDPA export zeroes NaN rows,
+    ``Where(IsNaN(P), 0, P)``), the nearest first; None where there is none."""
+    frontier = deque([probs])
+    while frontier:
+        v = frontier.popleft()
+        for use in v.uses():
+            node = use.node
+            if node.op_type == "MatMul" and use.idx == 0:
+                return node
+            if node.op_type in _PROBABILITY_VIEWS or (node.op_type == "Where" and use.idx > 0):
+                frontier.append(node.outputs[0])
     return None
 
 
