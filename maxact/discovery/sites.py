@@ -28,7 +28,7 @@ from maxact.discovery.branches import branch_sites, final_norm_site
 from maxact.discovery.dataflow import aliases, dataflow_graph, is_constant
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.operators import NORM_OPS, is_skip_norm
-from maxact.discovery.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type
+from maxact.discovery.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type, scope_parts
 from maxact.discovery.residual import ResidualChain, find_residual_chain, residual_depth, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
@@ -119,8 +119,8 @@ def scoped_names(node: ir.Node) -> list[str]:
         return [name]
     if len(parts) < 2 or not parts[-2]:
         return [name]
-    modules = re.sub(r"\.(\d+)(?=\.|$)", r"@\1", parts[-2]).split(".")
-    return ["/" + "/".join(m.replace("@", ".") for m in modules[k:]) + "/" + parts[-1] for k in range(len(modules))]
+    modules = scope_parts(parts[-2])
+    return ["/" + "/".join(modules[k:]) + "/" + parts[-1] for k in range(len(modules))]
 
 
 def _scope_nodes(named: list[tuple[ir.Node, list[str]]], pattern: SitePattern) -> dict[int | None, list[ir.Node]]:
