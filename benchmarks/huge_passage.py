@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "huge_passage.json"
 SIZES_MB = (1, 8, 48)
 #: The child: the CLI, then its own peak RSS (KiB) on stderr.
-CHILD = ("import resource, sys; from maxact.analyzer.cli import main; code = main(sys.argv[1:]); "
+CHILD = ("import resource, sys; from maxact.cli import main; code = main(sys.argv[1:]); "
          "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)")
 
 

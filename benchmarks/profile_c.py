@@ -31,9 +31,9 @@ def main(argv=None) -> None:
     from variants import batches_of
 
     from maxact.analyzer.run import _float_dtype, default_model_path, load_model, model_type_beside
-    from maxact.passes.attention import find_attention
+    from maxact.discovery.attention import find_attention
+    from maxact.discovery.sites import discover_sites
     from maxact.passes.instrument import InstrumentPass
-    from maxact.passes.sites import discover_sites
     from maxact.runtime.session import Session
 
     p = argparse.ArgumentParser(prog="benchmarks/profile_c.py", description=__doc__.split("\n\n")[0])

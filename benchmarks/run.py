@@ -117,7 +117,7 @@ def run_child(variant: str, threads: int, spec: dict, work: Path, tag: str) -> d
     result_path = work / f"{tag}.json"
     out_h5 = work / f"{tag}.h5"
     if variant in ("b", "c"):
-        cmd = [sys.executable, "-m", "maxact.analyzer.cli", "run", spec["model"], "--samples", str(spec["samples"]),
+        cmd = [sys.executable, "-m", "maxact.cli", "run", spec["model"], "--samples", str(spec["samples"]),
                "--seed", str(spec["seed"]), "--max-length", str(spec["max_length"]),
                "--batch-size", str(spec["batch_size"]), "--bos", spec["bos"],
                "--stats", "main" if variant == "b" else "full", "--out", str(out_h5), "--no-progress",

@@ -178,8 +178,8 @@ def prepare(request: dict) -> dict:
     import onnx_ir.passes.common as common_passes
 
     from maxact.analyzer.run import default_model_path, load_model, model_type_beside
-    from maxact.passes.past import max_positions
-    from maxact.passes.sites import discover_sites
+    from maxact.discovery.past import max_positions
+    from maxact.discovery.sites import discover_sites
 
     onnx_path = Path(request["onnx"] or default_model_path())
     if not onnx_path.is_file():

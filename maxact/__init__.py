@@ -1,8 +1,18 @@
 """maxact: measure how large activations get inside decoder-only LLMs, on the deployed ONNX graph.
 
-Data flows one way: ``exporters`` (checkpoint -> ONNX) -> ``passes`` (find sites, instrument the
-graph) -> ``runtime`` (onnxruntime sessions, per-batch partial statistics, exact merge) ->
-``analyzer`` (CLI, corpus, component map, HDF5 store, summary) -> ``reports``.
+Layers, lowest first; a module imports only from its own layer or below (``tests/test_architecture.py``):
+
+- ground: ``errors`` (the user errors), ``outputs`` (safe output files), ``text`` (terminal text),
+  ``formats`` (number-format limits), ``model_file`` (reading an ONNX file and its external data);
+- ``discovery``: read-only analyses of a graph (sites, residual chain, branches, family and
+  operator tables, graph inputs, past inputs, weights, attention layers);
+- ``passes``: graph rewrites (fused residual sums, instrumentation, attention and fake-quantisation
+  reductions); ``exporters`` (checkpoint -> ONNX) stands beside it, reading ground and discovery only;
+- ``runtime``: onnxruntime sessions, batching, per-batch statistics and their exact merge;
+- ``analyzer``: corpus, tokenizer, run, HDF5 store, headline numbers and summary, INT8 check,
+  PyTorch comparison;
+- ``reports``: the HTML/Markdown report;
+- ``cli``: the ``analyzer`` command line.
 """
 
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ from maxact.reports.slim import slim_copy  # noqa: E402
 
 
 def analyzer(*args: str) -> None:
-    cmd = [sys.executable, "-m", "maxact.analyzer.cli", *args]
+    cmd = [sys.executable, "-m", "maxact.cli", *args]
     print("+ analyzer " + " ".join(args), flush=True)
     t = time.monotonic()
     subprocess.run(cmd, check=True, cwd=REPO)

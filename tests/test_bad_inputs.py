@@ -9,8 +9,8 @@ import h5py
 import pytest
 
 from conftest import BUILTIN
-from maxact.analyzer.cli import main
 from maxact.analyzer.run import RunOptions, default_model_path, run
+from maxact.cli import main
 
 TINY = dict(model=default_model_path(), corpus="default", samples=4, batch_size=2, max_length=32, stats="full",
             progress=False)

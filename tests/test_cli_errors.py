@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import BUILTIN, TEST_CORPUS
-from maxact.analyzer.cli import main
+from maxact.cli import main
 
 
 def _two_node_graph(path):
@@ -168,7 +168,7 @@ def test_user_error_exits_2_with_one_line_and_no_file(case, tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     """The installed `analyzer` entry point returns the same code as main()."""
-    res = subprocess.run([sys.executable, "-m", "maxact.analyzer.cli", "run", str(tmp_path / "x.onnx")],
+    res = subprocess.run([sys.executable, "-m", "maxact.cli", "run", str(tmp_path / "x.onnx")],
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import maxact
-from maxact.analyzer.cli import build_parser
+from maxact.cli import build_parser
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -16,7 +16,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_version_prints_the_package_version():
-    res = subprocess.run([sys.executable, "-m", "maxact.analyzer.cli", "--version"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "maxact.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0
     assert res.stdout.strip() == f"maxact {maxact.__version__}"
 
@@ -52,7 +52,7 @@ def test_every_flag_has_help_and_shows_its_default(command, capsys):
 def test_argument_errors_are_one_line_and_abbreviations_are_refused(argv, tmp_path, monkeypatch):
     """argparse's own errors: one line, exit 2, nothing run (``--sample`` is not taken for ``--samples``)."""
     monkeypatch.chdir(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "maxact.analyzer.cli", *argv], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "maxact.cli", *argv], capture_output=True, text=True)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: analyzer"), res.stderr

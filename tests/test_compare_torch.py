@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import BUILTIN, TEST_CORPUS, require_export, require_stories
-from maxact.analyzer.cli import main
 from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.run import RunOptions, run
 from maxact.analyzer.tokenize import encode, load_tokenizer
-from maxact.passes.patterns import ROLE_ORDER
+from maxact.cli import main
+from maxact.discovery.patterns import ROLE_ORDER
 from reference import reference_stats, site_tensors
 
 BROKEN_LAYER, FACTOR = 2, 10.0

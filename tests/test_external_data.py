@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import BUILTIN, TEST_CORPUS
-from maxact.analyzer.cli import main
-from maxact.analyzer.model_file import ExternalDataError, read_model
+from maxact.cli import main
+from maxact.model_file import ExternalDataError, read_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import BUILTIN, TEST_CORPUS
-from maxact.analyzer.cli import main
-from maxact.passes.inputs import InputRoles, graph_inputs
+from maxact.cli import main
+from maxact.discovery.inputs import InputRoles, graph_inputs
 
 RENAMED = {"input_ids": "x0", "attention_mask": "x1", "position_ids": "x2", "logits": "y"}
 #: Root attributes that differ between runs of the same graph in two folders (paths, times, the inputs line).

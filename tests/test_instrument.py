@@ -5,9 +5,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from maxact.discovery.sites import Site
 from maxact.passes import instrument
 from maxact.passes.instrument import STATISTICS, TOKEN_MASK, InstrumentPass, output_name
-from maxact.passes.sites import Site
 from maxact.runtime.merge import SiteStats
 
 
@@ -114,8 +114,8 @@ def test_no_large_reduction_output_is_left_unread(variant):
     median TopK's unread index output held 3 GB. Only the [<=100] values of the top-token TopK
     may be left unread."""
     from maxact.analyzer.run import default_model_path, load_model
-    from maxact.passes.attention import find_attention
-    from maxact.passes.sites import discover_sites
+    from maxact.discovery.attention import find_attention
+    from maxact.discovery.sites import discover_sites
 
     _, model = load_model(default_model_path())
     found = discover_sites(model)
@@ -132,7 +132,7 @@ def test_io_binding_gives_the_same_outputs():
     reduction outputs bound to host memory) returns exactly what a plain run returns; checked on
     the CPU device, where both paths exist."""
     from maxact.analyzer.run import default_model_path, load_model
-    from maxact.passes.sites import discover_sites
+    from maxact.discovery.sites import discover_sites
     from maxact.runtime.batching import Batch
     from maxact.runtime.session import Session
 

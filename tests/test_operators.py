@@ -1,4 +1,4 @@
-"""One test per entry of the operator table (maxact/passes/operators.py): a two-layer decoder graph
+"""One test per entry of the operator table (maxact/discovery/operators.py): a two-layer decoder graph
 is built around the entry, with every name opaque to the family tables, and structural discovery
 must find each site at the tensor the builder made for it."""
 
@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from maxact.passes.operators import (
+from maxact.discovery.operators import (
     ACTIVATION_OPS,
     FUSED_ATTENTION_OPS,
     NORM_OPS,
@@ -16,7 +16,7 @@ from maxact.passes.operators import (
     QKV_ATTENTION_OPS,
     SKIP_NORM_OPS,
 )
-from maxact.passes.sites import discover_sites
+from maxact.discovery.sites import discover_sites
 
 H, FF, V = 8, 16, 32
 MS = "com.microsoft"

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from conftest import BUILTIN, STORIES, TEST_CORPUS, require_export, save_tiny_llama
-from maxact.analyzer.cli import main
+from maxact.cli import main
 from maxact.outputs import EXPORT_MARKER, temporary_path
 
 FAST = ["--samples", "2", "--max-length", "32", "--no-progress"]

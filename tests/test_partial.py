@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHARED
-from maxact.analyzer.cli import main
 from maxact.analyzer.run import RunOptions, default_model_path, run
+from maxact.cli import main
 
 TIMING = {"created", "wall_seconds", "tokens_per_second"}
 OPTS = dict(model=default_model_path(), corpus="default", samples=40, batch_size=4, max_length=128, stats="full",
@@ -135,7 +135,7 @@ def test_bad_shard_option(tmp_path, capsys):
 
 def _start(out, *extra):
     """`analyzer run` with OPTS in a subprocess, checkpointing after every batch."""
-    cmd = [sys.executable, "-m", "maxact.analyzer.cli", "run", "--samples", "40", "--batch-size", "4",
+    cmd = [sys.executable, "-m", "maxact.cli", "run", "--samples", "40", "--batch-size", "4",
            "--max-length", "128", "--stats", "full", "--no-progress", "--checkpoint-every", "0", "--out", str(out),
            *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -12,9 +12,9 @@ import pytest
 from browser import check_page, find_chromium
 from onnx import numpy_helper
 
-from maxact.analyzer.cli import main
 from maxact.analyzer.quant import quant_check
 from maxact.analyzer.run import RunOptions, default_model_path, run
+from maxact.cli import main
 from maxact.reports.load import load_run
 from maxact.reports.model import passage_tensor
 from maxact.reports.report import build_report

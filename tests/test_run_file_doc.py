@@ -16,11 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILTIN, REPO, TEST_CORPUS, require_stories
-
-try:  # the command line moves to maxact.cli (issue 12)
-    from maxact.cli import main
-except ImportError:
-    from maxact.analyzer.cli import main
+from maxact.cli import main
 
 DOC = REPO / "docs" / "run-file.md"
 ENTRY_COLUMNS = ["path", "kind", "dtype", "shape", "stats", "merge", "meaning"]

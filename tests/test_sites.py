@@ -5,8 +5,8 @@ import pytest
 
 from conftest import BUILTIN
 from maxact.analyzer.components import build_component_map
+from maxact.discovery.sites import discover_sites
 from maxact.errors import NotALanguageModelError
-from maxact.passes.sites import discover_sites
 
 EXPECTED_LAYER_ROLES = {
     "attn_norm", "attn_q", "attn_k", "attn_v", "attn_context", "attn_output", "residual_post_attn",

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import BUILTIN, SHARED, TEST_CORPUS
-from maxact.analyzer.cli import main
 from maxact.analyzer.corpus import Corpus, load_corpus
 from maxact.analyzer.run import RunOptions, default_model_path, run
 from maxact.analyzer.runfile import TEXT_ESCAPE_ATTR, escape_text, read_run, unescape_text
 from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
+from maxact.cli import main
 from maxact.reports.load import load_run
 from maxact.reports.report import build_report
 from maxact.reports.slim import slim_copy

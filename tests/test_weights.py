@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from maxact.passes.weights import dequantize_matmul_nbits, weight_statistics
+from maxact.discovery.weights import dequantize_matmul_nbits, weight_statistics
 
 
 def _int4_model(k: int, n: int, symmetric: bool, block_size: int) -> onnx.ModelProto:

@@ -32,10 +32,10 @@ from maxact.analyzer.runfile import (
 )
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
+from maxact.discovery.patterns import FAMILIES, Family, family_for_model_type
 from maxact.errors import AnalyzerError
 from maxact.exporters.hf import check_weights
 from maxact.outputs import check_output
-from maxact.passes.patterns import FAMILIES, Family, family_for_model_type
 from maxact.runtime.batching import length_sorted_batches
 from maxact.text import literal, plain_console
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from maxact.passes.fused import is_skip_norm
-from maxact.passes.residual import residual_depth, value_layer
-from maxact.passes.sites import Discovery, Site, scoped_names
+from maxact.discovery.operators import is_skip_norm
+from maxact.discovery.residual import residual_depth, value_layer
+from maxact.discovery.sites import Discovery, Site, scoped_names
 
 _ROLE_COMPONENT = {
     "embedding": "embedding",

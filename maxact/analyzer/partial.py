@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from maxact.analyzer.headline import attention_outputs, attention_shares, global_peak, role_absmax
 from maxact.analyzer.runfile import PARTIAL_ROOT_ATTRS, StoredRun, is_run_file, read_run, write_run
-from maxact.analyzer.summary import attention_outputs, attention_shares, global_peak, print_summary, role_absmax
+from maxact.analyzer.summary import print_summary
 from maxact.errors import AnalyzerError, RunFileError
 from maxact.outputs import check_output
 from maxact.runtime.merge import merge_all, merge_outputs

@@ -13,11 +13,11 @@ from maxact.analyzer.distribution import hist_quantile
 from maxact.analyzer.run import load_model, model_type_beside
 from maxact.analyzer.runfile import read_groups, write_quant
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
+from maxact.discovery.inputs import InputRolesError, graph_inputs
+from maxact.discovery.sites import discover_sites
 from maxact.errors import AnalyzerError
-from maxact.passes.inputs import InputRolesError, graph_inputs
 from maxact.passes.instrument import InstrumentPass
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
-from maxact.passes.sites import discover_sites
 from maxact.runtime.batching import length_sorted_batches
 from maxact.runtime.runner import run_batches, run_sums
 from maxact.runtime.session import Session
@@ -63,7 +63,7 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
         model_path: the model (default: the run's ``model_path``).
         site_ids: the sites to check (default: the global peak's site and every layer's residual).
         inputs: ``--inputs``, the graph's inputs by role (default: the run's, where it recorded them;
-            else :func:`~maxact.passes.inputs.graph_inputs` finds them).
+            else :func:`~maxact.discovery.inputs.graph_inputs` finds them).
 
     Returns:
         site id -> scale name -> metrics (mae, rmse, rel_mae, rel_rmse, sqnr_db, clip_rate,

@@ -20,11 +20,16 @@ from tokenizers import Tokenizer
 import maxact
 from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import DEFAULT, load_corpus, select_samples
-from maxact.analyzer.model_file import read_model
+from maxact.analyzer.headline import SiteInfo, attention_outputs, attention_shares, global_peak, role_absmax
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
-from maxact.analyzer.runfile import SiteInfo, file_sha256, is_run_file, read_run, write_run
-from maxact.analyzer.summary import attention_outputs, attention_shares, global_peak, print_summary, role_absmax
+from maxact.analyzer.runfile import file_sha256, is_run_file, read_run, write_run
+from maxact.analyzer.summary import print_summary
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
+from maxact.discovery.attention import find_attention
+from maxact.discovery.inputs import graph_inputs
+from maxact.discovery.past import max_positions
+from maxact.discovery.sites import discover_sites
+from maxact.discovery.weights import weight_statistics
 from maxact.errors import (
     AnalyzerError,
     CorpusError,
@@ -34,14 +39,10 @@ from maxact.errors import (
     RunInterrupted,
     TokenizerError,
 )
+from maxact.model_file import read_model
 from maxact.outputs import check_output
-from maxact.passes.attention import find_attention
 from maxact.passes.fused import ExposeSkipSumsPass
-from maxact.passes.inputs import graph_inputs
 from maxact.passes.instrument import InstrumentPass
-from maxact.passes.past import max_positions
-from maxact.passes.sites import discover_sites
-from maxact.passes.weights import weight_statistics
 from maxact.runtime.batching import length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
@@ -96,7 +97,7 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
     Raises:
         ModelFileError: missing path, or a file that is not an ONNX model.
         ExternalDataError: external data outside the model's folder, missing or too short
-            (:func:`maxact.analyzer.model_file.check_external_data`).
+            (:func:`maxact.model_file.check_external_data`).
     """
     path = Path(path)
     if path.is_dir():

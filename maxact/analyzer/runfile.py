@@ -4,7 +4,7 @@ compare-torch's comparison file), in the layout of docs/run-file.md (the contrac
 Written atomically (built in memory, renamed into place), read back exactly (:func:`read_run`, for
 merge and ``--resume``) or leniently (:func:`read_groups`, for the report, compare-torch and quant).
 Also here: the file's text decoding (:func:`decode`, token-text escapes), the model order of its
-sites (:func:`model_order`), the number formats' limits of ``/quant`` (:data:`FORMAT_MAX`), and the
+sites (:func:`model_order`), and the
 recognisers of maxact's files that :mod:`maxact.outputs` is given (it sits below this module).
 """
 
@@ -25,25 +25,13 @@ import h5py
 import numpy as np
 
 from maxact.analyzer.distribution import QUANTILES, hist_quantile
+from maxact.analyzer.headline import Peak, SiteInfo
+from maxact.discovery.patterns import ROLE_ORDER
+from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
+from maxact.formats import FORMAT_MAX, headroom
 from maxact.outputs import temporary_path, write_atomically
-from maxact.passes.patterns import ROLE_ORDER
-from maxact.passes.weights import WeightStat
 from maxact.runtime.merge import SiteStats, StudyStats
-
-#: Largest finite value of each number format (IEEE fp16, bfloat16, OCP FP8 E4M3 / E5M2): the
-#: limits of ``/quant`` (``headroom_<fmt>``, ``overflow_<fmt>``), the summary and the report.
-FORMAT_MAX = {
-    "fp16": 65504.0,
-    "bf16": float(np.float32(3.3895313892515355e38)),
-    "fp8_e4m3": 448.0,
-    "fp8_e5m2": 57344.0,
-}
-
-
-def headroom(absmax: float) -> dict[str, float]:
-    """max |x| over each format's largest finite value (> 1 overflows)."""
-    return {fmt: absmax / top for fmt, top in FORMAT_MAX.items()}
 
 
 def model_order(site_id: str, role: str, layer: int | None) -> tuple:
@@ -53,35 +41,6 @@ def model_order(site_id: str, role: str, layer: int | None) -> tuple:
     model_level = layer is None or layer < 0
     first = -1 if role == "embedding" else (10**6 if model_level else layer)
     return (first, ROLE_ORDER.get(role, 999), site_id)
-
-
-@dataclass
-class SiteInfo:
-    """What the summary needs to know of a site besides its statistics."""
-
-    site_id: str
-    role: str
-    layer: int | None
-
-
-@dataclass
-class Peak:
-    """The largest |x| of a run (``/summary``'s ``global_*`` attributes).
-
-    Attributes:
-        site_id, role, layer: where (layer None at model level).
-        absmax: |x| (float64); ``signed``: the value with its sign.
-        location: int64 ``[sample, position, channel]``.
-        token: the text of the token at ``[sample, position]``.
-    """
-
-    site_id: str
-    role: str
-    layer: int | None
-    absmax: float
-    signed: float
-    location: np.ndarray
-    token: str = ""
 
 
 def decode(value: object) -> object:
@@ -301,7 +260,7 @@ class StoredRun:
         sites: the sites in model order; ``site_attrs``: site id -> its group's attributes.
         stats: site id -> :class:`SiteStats`, exactly as merged (every field bit-identical).
         attention: ``/attention``: layer -> its datasets (``first_token_sum``, ``n_queries``, ...),
-            which :func:`maxact.analyzer.summary.attention_outputs` turns back into merged outputs.
+            which :func:`maxact.analyzer.headline.attention_outputs` turns back into merged outputs.
         topk_tokens, absmax_tokens: site id -> token texts at the top-k and absmax locations.
         weights: ``/static``; ``fused_attention``: layers listed as not measurable.
         sample_index: int64 ``[n_samples]``, ``/corpus/sample_index``.

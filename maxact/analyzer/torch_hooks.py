@@ -1,6 +1,6 @@
 """Site tensors of a PyTorch model from forward hooks placed by the family table.
 
-The hook points are the same table rows (:mod:`maxact.passes.patterns`) that site discovery uses
+The hook points are the same table rows (:mod:`maxact.discovery.patterns`) that site discovery uses
 on the ONNX graph, so both sides measure the same tensors: a pattern's ``module`` is the PyTorch
 module path, its ``tap`` says whether the site is the module's output (forward hook) or its first
 input (forward pre-hook, e.g. the down projection's input, the SwiGLU product). Needs torch (the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maxact.passes.patterns import LLAMA, Family
+from maxact.discovery.patterns import LLAMA, Family
 from maxact.runtime.batching import Batch
 from maxact.runtime.merge import SiteStats
 

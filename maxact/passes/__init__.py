@@ -1,0 +1,1 @@
+"""Graph rewrites (onnx-ir passes): fused residual sums, instrumentation, in-graph reductions."""

@@ -13,22 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from maxact.passes.operators import SKIP_NORM_OPS
-
-#: Index of the ``input_skip_bias_sum`` output of the fused norms.
-SKIP_SUM_OUTPUT = 3
-
-
-def is_skip_norm(node: ir.Node) -> bool:
-    """Whether ``node`` is a fused residual-add + norm of onnxruntime."""
-    return node.op_type in SKIP_NORM_OPS and node.domain in ("com.microsoft", "")
-
-
-def skip_sum(node: ir.Node) -> ir.Value | None:
-    """The residual sum output of a fused norm, or None where the node does not output it."""
-    if len(node.outputs) <= SKIP_SUM_OUTPUT or not node.outputs[SKIP_SUM_OUTPUT].name:
-        return None
-    return node.outputs[SKIP_SUM_OUTPUT]
+from maxact.discovery.operators import SKIP_SUM_OUTPUT, is_skip_norm, skip_sum
 
 
 def _copy_type(src: ir.Value, dst: ir.Value) -> None:

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from maxact.passes.instrument import ReductionBuilder, Statistic
-from maxact.passes.sites import Site
+from maxact.discovery.sites import Site
+from maxact.passes.reductions import ReductionBuilder, Statistic
 
 QMAX = 127
 _F64, _I64 = ir.DataType.DOUBLE, ir.DataType.INT64

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from maxact.passes.patterns import ROLE_ORDER  # noqa: E402
+from maxact.discovery.patterns import ROLE_ORDER  # noqa: E402
 from maxact.reports.load import FORMAT_LIMITS, RunData, Site  # noqa: E402
 from maxact.reports.model import PassageTensor  # noqa: E402
 

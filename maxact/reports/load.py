@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from maxact.analyzer.runfile import FORMAT_MAX, Group, model_order, read_datasets, read_groups
+from maxact.analyzer.runfile import Group, model_order, read_datasets, read_groups
 from maxact.errors import RunFileError
+from maxact.formats import FORMAT_MAX
 
 #: Scalar datasets read from every ``/sites/<site_id>`` group when present.
 SITE_SCALARS = ("absmax", "max", "min", "sun_max_ratio", "sun_n_pass")
 #: Datasets read only for the sites named by :func:`detail_sites` (the global peak's site and the
 #: residual site of the peak layer): top-k with locations and token texts, per-channel maxima.
 DETAIL_DATASETS = ("topk_abs", "topk_signed", "topk_location", "topk_token", "per_channel_absmax")
-#: The formats whose limits the figures draw (of the run file's :data:`FORMAT_MAX`).
+#: The formats whose limits the figures draw (of :data:`maxact.formats.FORMAT_MAX`).
 FORMAT_LIMITS = {k: FORMAT_MAX[k] for k in ("fp16", "fp8_e4m3", "fp8_e5m2")}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from maxact.analyzer.model_file import read_model
 from maxact.analyzer.runfile import file_sha256
 from maxact.errors import AnalyzerError
+from maxact.model_file import read_model
 from maxact.reports.load import RunData, Site
 
 
@@ -102,7 +102,7 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     from maxact.analyzer.corpus import DEFAULT, load_corpus
     from maxact.analyzer.run import load_model
     from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
-    from maxact.passes.inputs import graph_inputs
+    from maxact.discovery.inputs import graph_inputs
     from maxact.runtime.batching import Batch
     from maxact.runtime.session import Session
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from maxact.passes.patterns import ROLE_ORDER
-from maxact.reports.load import FORMAT_MAX, RunData, Site
+from maxact.discovery.patterns import ROLE_ORDER
+from maxact.formats import FORMAT_MAX
+from maxact.reports.load import RunData, Site
 
 #: Roles of the residual stream, for the residual share.
 RESIDUAL_ROLES = ("residual", "residual_post_attn")

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from maxact.discovery.inputs import InputRoles
 from maxact.errors import AnalyzerError
-from maxact.passes.inputs import InputRoles
 from maxact.runtime.batching import Batch
 from maxact.runtime.session import _INLINE_LIMIT, Session, _has_external_data, _weight_bytes
 

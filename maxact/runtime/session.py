@@ -13,10 +13,10 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph as OrtInvalidGraph
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
+from maxact.discovery.inputs import InputRoles, graph_inputs
+from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
-from maxact.passes.inputs import InputRoles, graph_inputs
 from maxact.passes.instrument import TOKEN_MASK
-from maxact.passes.past import past_shapes
 from maxact.runtime.batching import Batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -95,7 +95,7 @@ class Session:
             first and the (small) reduction outputs bound to host memory, so nothing else crosses
             between device and host. None: on for ``cuda``, off for ``cpu`` (where it changes
             nothing but is allowed, for tests).
-        inputs: the graph's inputs by role; None: :func:`maxact.passes.inputs.graph_inputs`.
+        inputs: the graph's inputs by role; None: :func:`maxact.discovery.inputs.graph_inputs`.
 
     Raises:
         ProviderError: ``provider`` is not available (e.g. ``cuda`` without onnxruntime-gpu).

@@ -4,8 +4,9 @@ The residual stream is the chain of residual additions that starts at the token-
 and ends at the final norm. Rules, in order:
 
 1. The embedding is a ``Gather`` (or int4 ``GatherBlockQuantized``) whose data is a constant 2-D
-   table, possibly seen through Transpose/Reshape/Cast (tied embeddings in onnxruntime-genai
-   builds), and whose indices come from a graph input (``input_ids``), possibly through a Cast. An
+   table, possibly seen through views of it (:func:`~maxact.discovery.dataflow.is_weight`; tied
+   embeddings in onnxruntime-genai builds), and whose indices come from a graph input
+   (``input_ids``), possibly through a Cast. An
    ``Add`` of a second constant-table ``Gather`` (GPT-2's learned positions) or a ``Mul`` by a
    constant (Gemma's sqrt(hidden) scale) extends the embedding; it is not a residual step.
 2. From the current stream value ``v`` (or ``v`` seen through Cast/Identity), a residual step is an
@@ -25,10 +26,9 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_ir as ir
 
+from maxact.discovery.dataflow import aliases, is_constant, is_weight, reaches
+from maxact.discovery.operators import FUSED_ATTENTION_OPS, is_skip_norm, skip_sum
 from maxact.errors import NotALanguageModelError
-from maxact.passes.dataflow import aliases, is_constant, reaches
-from maxact.passes.fused import is_skip_norm, skip_sum
-from maxact.passes.operators import FUSED_ATTENTION_OPS
 
 
 def step_output(node: ir.Node) -> ir.Value:
@@ -86,26 +86,12 @@ class ResidualChain:
         return rows if isinstance(rows, int) else None
 
 
-# Ops that turn a weight into another weight (tied embeddings: Gather over Transpose(lm_head)).
-_WEIGHT_VIEW_OPS = ("Transpose", "Reshape", "Cast", "Identity")
-
-
-def _weight_derived(value: ir.Value, hops: int = 4) -> bool:
-    """A constant, or a constant seen through Transpose/Reshape/Cast/Identity."""
-    if is_constant(value):
-        return True
-    prod = value.producer()
-    if hops == 0 or prod is None or prod.op_type not in _WEIGHT_VIEW_OPS:
-        return False
-    return _weight_derived(prod.inputs[0], hops - 1)
-
-
 def _is_table_gather(node: ir.Node) -> bool:
     """A lookup of rows of a weight table: Gather, or onnxruntime's int4 GatherBlockQuantized."""
     if node.op_type not in ("Gather", "GatherBlockQuantized") or len(node.inputs) < 2:
         return False
     table, idx = node.inputs[0], node.inputs[1]
-    if table is None or not _weight_derived(table) or idx is None or is_constant(idx):
+    if table is None or not is_weight(table) or idx is None or is_constant(idx):
         return False
     if node.op_type == "GatherBlockQuantized":
         return True
@@ -161,7 +147,7 @@ def find_residual_chain(
 
     Args:
         graph: the main graph.
-        flow: its dataflow graph (:func:`maxact.passes.dataflow.dataflow_graph`).
+        flow: its dataflow graph (:func:`maxact.discovery.dataflow.dataflow_graph`).
         input_ids: the token-id graph input, if known.
 
     Raises:
@@ -181,7 +167,7 @@ def find_residual_chain(
                 if not steps and user.op_type == "Mul" and len(user.inputs) == 2:
                     # Gemma scales the embedding by sqrt(hidden): still the embedding.
                     other = user.inputs[1] if id(user.inputs[0]) in seen_ids else user.inputs[0]
-                    if other is not None and _weight_derived(other):
+                    if other is not None and is_weight(other):
                         candidates.append((order[user], user, "scale"))
                     continue
                 if user.op_type == "Add" and len(user.inputs) == 2:
@@ -237,7 +223,7 @@ def is_attention(node: ir.Node) -> bool:
             continue
         seen.add(id(prod))
         if prod.op_type == "MatMul":
-            if not any(_weight_derived(x) for x in prod.inputs):
+            if not any(is_weight(x) for x in prod.inputs):
                 return True
         elif prod.op_type in ("Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Tanh", "Concat", "Slice",
                               "ReduceMax", "Reshape", "Transpose", "Expand"):  # gpt-oss: sinks, max-shift

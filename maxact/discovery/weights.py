@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from maxact.passes.dataflow import is_constant
-from maxact.passes.operators import NORM_OPS, PROJECTION_OPS, SKIP_NORM_OPS
-from maxact.passes.sites import Site
+from maxact.discovery.dataflow import is_constant
+from maxact.discovery.operators import NORM_OPS, PROJECTION_OPS, SKIP_NORM_OPS
+from maxact.discovery.sites import Site
 
 NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm", "post_attn_norm", "post_mlp_norm")
 _NORM_OPS = NORM_OPS + SKIP_NORM_OPS

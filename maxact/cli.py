@@ -140,6 +140,21 @@ def _force(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"replace an existing output that is not {what} (an input is never replaced)")
 
 
+def _session_options(parser: argparse.ArgumentParser) -> None:
+    """``--provider`` and ``--threads``: how the onnxruntime session runs."""
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
+
+
+def _no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _inputs(parser: argparse.ArgumentParser, default: str = "") -> None:
+    """``--inputs``; ``default`` is appended to the help (e.g. where the default is the run's)."""
+    parser.add_argument("--inputs", metavar="ROLE=NAME,...", help=INPUTS_HELP + default)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="analyzer",
@@ -161,14 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bos", choices=("none", "auto"), default="none",
                    help="none: no special tokens, as in the study; auto: the tokenizer's default")
     r.add_argument("--tokenizer", help="folder or tokenizer.json (default: beside the model)")
-    r.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
-    r.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
+    _session_options(r)
     r.add_argument("--seed", type=int, default=0, help="seed of the --samples choice")
     r.add_argument("--logits", action="store_true", help="also measure the logits (runs the LM head)")
     r.add_argument("--stats", choices=("main", "full"), default="main",
                    help="main: extremes, locations, moments and per-channel maxima; full: also "
                         "every statistic of the study (top-k, Sun et al., histogram, attention shares; slower)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(r)
     r.add_argument("--shard", type=_shard, metavar="I/N",
                    help="measure only shard I of N (1-based): batches I, I+N, I+2N, ... of the run's "
                         "length-sorted batch order; `analyzer merge` joins the N files into the whole run's")
@@ -183,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the model path is taken for the address")
     r.add_argument("--ray-workers", type=int, metavar="N",
                    help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
-    r.add_argument("--inputs", metavar="ROLE=NAME,...", help=INPUTS_HELP)
+    _inputs(r)
     _force(r, "a run file")
     r.set_defaults(func=_run)
 
@@ -197,10 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run", help="a run file of `analyzer run`")
     q.add_argument("model", nargs="?", help="the .onnx file (default: the run's model_path)")
     q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual)")
-    q.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider")
-    q.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's, one per core)")
-    q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q.add_argument("--inputs", metavar="ROLE=NAME,...", help=INPUTS_HELP + "; default: the run's")
+    _session_options(q)
+    _no_progress(q)
+    _inputs(q, "; default: the run's")
     q.set_defaults(func=_quant)
 
     c = sub.add_parser("compare-torch", help="the run's passages through the PyTorch checkpoint; per-site ranges "
@@ -213,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rtol", type=float, default=1e-4, help="relative difference that flags a site")
     c.add_argument("--corpus", help="the run's corpus, if it has moved (default: the path the run recorded)")
     c.add_argument("--tokenizer", help="the run's tokenizer, if it has moved (default: the one the run recorded)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(c)
     _force(c, "a comparison file")
     c.set_defaults(func=_compare_torch)
 

@@ -3,10 +3,13 @@
 
 One entry per operator; ``tests/test_operators.py`` builds a small decoder graph around each entry
 and checks that discovery finds the sites the entry stands for. Sources: the ONNX operator
-specification (``docs/Operators.md``) and onnxruntime's ``docs/ContribOperators.md``.
+specification (``docs/Operators.md``) and onnxruntime's ``docs/ContribOperators.md``. Also the two
+predicates on onnxruntime's fused residual-add + norm (:func:`is_skip_norm`, :func:`skip_sum`).
 """
 
 from __future__ import annotations
+
+import onnx_ir as ir
 
 #: Matrix products by a weight: operator -> index of its weight input. Quantised forms: int4
 #: ``MatMulNBits``; dynamic int8 ``MatMulInteger`` / ``MatMulIntegerToFloat`` (input from
@@ -47,3 +50,19 @@ REDUCTION_OPS = ("ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum", *NORM
 
 #: Operators that quantise a projection's float input (walked back to find the float site).
 QUANTIZE_OPS = ("QuantizeLinear", "DynamicQuantizeLinear")
+
+
+#: Index of the ``input_skip_bias_sum`` output of the fused norms.
+SKIP_SUM_OUTPUT = 3
+
+
+def is_skip_norm(node: ir.Node) -> bool:
+    """Whether ``node`` is a fused residual-add + norm of onnxruntime."""
+    return node.op_type in SKIP_NORM_OPS and node.domain in ("com.microsoft", "")
+
+
+def skip_sum(node: ir.Node) -> ir.Value | None:
+    """The residual sum output of a fused norm, or None where the node does not output it."""
+    if len(node.outputs) <= SKIP_SUM_OUTPUT or not node.outputs[SKIP_SUM_OUTPUT].name:
+        return None
+    return node.outputs[SKIP_SUM_OUTPUT]

@@ -62,7 +62,7 @@ def past_shapes(graph: ir.Graph, names: Collection[str] | None = None) -> dict[s
     """Input name -> ``(kv_heads, head_dim)`` for every past key/value input of ``graph``.
 
     Args:
-        names: the past inputs (:attr:`maxact.passes.inputs.InputRoles.past`); None: those named
+        names: the past inputs (:attr:`maxact.discovery.inputs.InputRoles.past`); None: those named
             as :data:`PAST_INPUT` says.
 
     Raises:

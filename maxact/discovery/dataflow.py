@@ -48,6 +48,25 @@ def is_constant(value: ir.Value | None) -> bool:
     return prod is not None and prod.op_type == "Constant"
 
 
+#: Ops through which a constant stays a weight: views and casts of it, rows or slices of it (tied
+#: embeddings: Gather over Transpose(lm_head)), and the dequantisation of a quantised weight.
+WEIGHT_VIEW_OPS = frozenset({"Transpose", "Reshape", "Cast", "Identity", "DequantizeLinear", "Unsqueeze", "Squeeze",
+                             "Gather", "Slice"})
+
+
+def is_weight(value: ir.Value | None, hops: int = 4) -> bool:
+    """Whether ``value`` is a weight: a constant, or made by :data:`WEIGHT_VIEW_OPS` (at most
+    ``hops`` of them) from inputs that are all weights. None (an absent input) is no weight."""
+    if value is None:
+        return False
+    if is_constant(value):
+        return True
+    prod = value.producer()
+    if hops == 0 or prod is None or prod.op_type not in WEIGHT_VIEW_OPS:
+        return False
+    return all(is_weight(x, hops - 1) for x in prod.inputs if x is not None)
+
+
 def reaches(flow: nx.DiGraph, value: ir.Value, target: ir.Node) -> bool:
     """Whether ``value`` (through its producer) flows into ``target``."""
     prod = value.producer()

@@ -8,7 +8,7 @@ The same table tells ``compare-torch`` where to put its forward hooks, so the tw
 the same tensors by construction.
 
 Residual-stream sites (``residual_post_attn``, ``residual``) are not found by name but as steps
-along the residual chain (see :mod:`maxact.passes.residual`); their PyTorch taps are listed here
+along the residual chain (see :mod:`maxact.discovery.residual`); their PyTorch taps are listed here
 for the comparison.
 """
 
@@ -45,6 +45,12 @@ ROLE_ORDER = {r: k for k, r in enumerate(("embedding", *LAYER_ROLES, "final_norm
 _SENTINEL = 987654321  # stands for the layer index while a scope regex is built
 
 
+def scope_parts(module_path: str) -> list[str]:
+    """The node-name scope components of a PyTorch module path, an index kept with the module
+    before it, as TorchScript/Optimum name scopes: ``model.layers.0.mlp`` -> ``["model", "layers.0", "mlp"]``."""
+    return [p.replace("@", ".") for p in re.sub(r"\.(\d+)(?=\.|$)", r"@\1", module_path).split(".")]
+
+
 @dataclass(frozen=True)
 class SitePattern:
     """Where one site role lives in one model family.
@@ -70,8 +76,7 @@ class SitePattern:
     def onnx_scope(self, layer: int | None = None) -> str:
         """The TorchScript/Optimum node-name scope of the module, with a trailing slash."""
         path = self.module.format(i=layer) if self.per_layer else self.module
-        parts = re.sub(r"\.(\d+)(?=\.|$)", r"@\1", path).split(".")
-        return "/" + "/".join(p.replace("@", ".") for p in parts) + "/"
+        return "/" + "/".join(scope_parts(path)) + "/"
 
     def scope_regex(self) -> re.Pattern[str] | _AnyOf:
         """Regex matching node names inside this module's scope or an alias's; group ``layer`` is

@@ -13,7 +13,7 @@ from the stream before the step to the step's other input. Inside a branch:
   (``post_attn_norm`` / ``post_mlp_norm``); the last projection's input is ``attn_context`` or
   ``mlp_product``;
 - an **attention branch** holds an attention operator (a Softmax over ``Q @ K^T`` or a fused
-  attention operator, :func:`maxact.passes.residual.is_attention`); ``attn_q``/``attn_k``/``attn_v``
+  attention operator, :func:`maxact.discovery.residual.is_attention`); ``attn_q``/``attn_k``/``attn_v``
   are the projections the scores' two operands and the probabilities' partner come from (the
   first three inputs of MultiHeadAttention / GroupQueryAttention);
 - an **MLP branch** has an activation (:data:`ACTIVATION_OPS`); walking back from it through
@@ -29,47 +29,37 @@ the Hugging Face ``transformers`` decoder implementations and onnxruntime's cont
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import networkx as nx
 import onnx_ir as ir
 
-from maxact.passes.dataflow import aliases, is_constant
-from maxact.passes.operators import (
+from maxact.discovery.dataflow import aliases, is_constant, is_weight
+from maxact.discovery.operators import (
     ACTIVATION_OPS,
     PROJECTION_OPS,
     QKV_ATTENTION_OPS,
     QUANTIZE_OPS,
     REDUCTION_OPS,
 )
-from maxact.passes.residual import ResidualChain, is_attention
+from maxact.discovery.residual import ResidualChain, is_attention
 
 #: Elementwise arithmetic walked through from an activation back to its operand.
 _ELEMENTWISE = ("Mul", "Div", "Add", "Sub", "Pow", "Sqrt", "Neg", "Abs", "Cast", "Identity", *ACTIVATION_OPS)
-_WEIGHT_VIEWS = ("Transpose", "Reshape", "Cast", "Identity", "DequantizeLinear", "Unsqueeze", "Squeeze", "Gather",
-                 "Slice")
-
-
-def _weight(value: ir.Value | None, hops: int = 4) -> bool:
-    """A constant, or a constant seen through views or DequantizeLinear (quantised weights)."""
-    if value is None:
-        return False
-    if is_constant(value):
-        return True
-    prod = value.producer()
-    if hops == 0 or prod is None or prod.op_type not in _WEIGHT_VIEWS:
-        return False
-    return all(_weight(x, hops - 1) for x in prod.inputs if x is not None)
 
 
 def is_projection(node: ir.Node) -> bool:
     """A matrix product of a computed tensor by a weight (:data:`PROJECTION_OPS`)."""
     k = PROJECTION_OPS.get(node.op_type)
-    if k is None or len(node.inputs) <= k or node.inputs[0] is None or _weight(node.inputs[0]):
+    if k is None or len(node.inputs) <= k or node.inputs[0] is None or is_weight(node.inputs[0]):
         return False
-    return node.op_type == "MatMulNBits" or _weight(node.inputs[k])
+    return node.op_type == "MatMulNBits" or is_weight(node.inputs[k])
 
+
+#: Ops between the attention probabilities and their MatMul by V that keep the values.
+_PROBABILITY_VIEWS = ("Cast", "Identity", "Dropout")
 
 _FLATTEN_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -120,7 +110,7 @@ def projection_output(node: ir.Node) -> ir.Value:
         out = _dequantized(out)
     users = out.consumers()
     if len(users) == 1 and users[0].op_type == "Add" and any(
-        x is not out and _weight(x) for x in users[0].inputs
+        x is not out and is_weight(x) for x in users[0].inputs
     ):
         out = users[0].outputs[0]
     if projection_input(node) is not node.inputs[0]:
@@ -216,7 +206,7 @@ def _attention_sites(br: _Branch, layer: int) -> Iterator[BranchSite]:
     operands: list[tuple[str, ir.Value | None]] = []
     if attention.op_type == "Softmax":
         scores = _scores_matmul(br, attention)
-        probs_user = _probabilities_matmul(attention)
+        probs_user = probabilities_matmul(attention.outputs[0])
         if scores is not None:
             operands += [("attn_q", scores.inputs[0]), ("attn_k", scores.inputs[1])]
         if probs_user is not None:
@@ -251,18 +241,19 @@ def _scores_matmul(br: _Branch, softmax: ir.Node) -> ir.Node | None:
     return None
 
 
-def _probabilities_matmul(softmax: ir.Node) -> ir.Node | None:
-    """The MatMul that multiplies the attention probabilities by V (through casts/Where)."""
-    frontier = [softmax.outputs[0]]
-    for _ in range(6):
-        if not frontier:
-            return None
-        v = frontier.pop(0)
-        for user in v.consumers():
-            if user.op_type == "MatMul" and user.inputs[0] is v:
-                return user
-            if user.op_type in ("Cast", "Identity", "Where", "Dropout"):
-                frontier.append(user.outputs[0])
+def probabilities_matmul(probs: ir.Value) -> ir.Node | None:
+    """The ``MatMul(P, V)`` that multiplies the attention probabilities ``probs`` by the values,
+    reached through casts, dropout and ``Where`` (Optimum's SDPA export zeroes NaN rows,
+    ``Where(IsNaN(P), 0, P)``), the nearest first; None where there is none."""
+    frontier = deque([probs])
+    while frontier:
+        v = frontier.popleft()
+        for use in v.uses():
+            node = use.node
+            if node.op_type == "MatMul" and use.idx == 0:
+                return node
+            if node.op_type in _PROBABILITY_VIEWS or (node.op_type == "Where" and use.idx > 0):
+                frontier.append(node.outputs[0])
     return None
 
 
@@ -317,7 +308,7 @@ def branch_sites(flow: nx.DiGraph, chain: ResidualChain, depth: dict[int, int]) 
     Args:
         flow: the dataflow graph of the main graph.
         chain: its residual stream.
-        depth: :func:`maxact.passes.residual.residual_depth` of ``flow`` and ``chain``.
+        depth: :func:`maxact.discovery.residual.residual_depth` of ``flow`` and ``chain``.
 
     Returns:
         The sites found; roles follow the branch kind (attention or MLP), layers the chain. Parallel
@@ -455,7 +446,7 @@ def final_norm_site(chain: ResidualChain, want_logits: bool = True) -> BranchSit
     br = _Branch(nodes, last, head.outputs[0])
     normed = projection_input(head)
     prod = normed.producer()
-    while prod is not None and prod.op_type in _FLATTEN_OPS and not _weight(prod.inputs[0]):
+    while prod is not None and prod.op_type in _FLATTEN_OPS and not is_weight(prod.inputs[0]):
         normed = prod.inputs[0]  # GPT-2 views the normed stream before its LM head
         prod = normed.producer()
     if id(normed) in stream_ids or not br.has_reduction(stream_ids, normed):

@@ -9,7 +9,7 @@ roles still open):
 3. Structure:
 
    - ids: the integer input that is (through Cast/Reshape/...) the indices of a Gather of a
-     constant table (:func:`maxact.passes.residual.find_embedding`'s rule); of several, the one
+     constant table (:func:`maxact.discovery.residual.find_embedding`'s rule); of several, the one
      whose table has the most rows (a vocabulary outnumbers a learned-position table);
    - positions: an integer input that reaches, within a few nodes and not through a CumSum, a
      Cos or Sin (rotary angles computed on the fly), the positions input of RotaryEmbedding, or the
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from maxact.discovery.past import PAST_INPUT
+from maxact.discovery.residual import _is_table_gather, _source_input
 from maxact.errors import AnalyzerError, NotALanguageModelError
-from maxact.passes.past import PAST_INPUT
-from maxact.passes.residual import _is_table_gather, _source_input
 
 ROLES = ("ids", "mask", "positions", "past")
 STANDARD = {"ids": "input_ids", "mask": "attention_mask", "positions": "position_ids"}

@@ -3,9 +3,9 @@
 Two methods that must agree where both apply:
 
 1. scope names: node names such as ``/model/layers.3/mlp/down_proj/MatMul`` are matched against
-   the family table (:mod:`maxact.passes.patterns`); a module's *output* is the last value made
+   the family table (:mod:`maxact.discovery.patterns`); a module's *output* is the last value made
    inside its scope that is used outside it, its *input* the first non-constant value entering it;
-2. structure: the residual chain (:mod:`maxact.passes.residual`) gives the embedding, every
+2. structure: the residual chain (:mod:`maxact.discovery.residual`) gives the embedding, every
    residual step and so the number of layers; where a step is a fused
    ``Skip(Simplified)LayerNormalization``, its normalised output is the next branch's norm
    (``mlp_norm`` after the attention step, the next layer's ``attn_norm`` after the MLP step,
@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 import networkx as nx
 import onnx_ir as ir
 
-from maxact.passes.branches import branch_sites, final_norm_site
-from maxact.passes.dataflow import aliases, dataflow_graph, is_constant
-from maxact.passes.fused import is_skip_norm
-from maxact.passes.inputs import InputRoles, graph_inputs
-from maxact.passes.operators import NORM_OPS
-from maxact.passes.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type
-from maxact.passes.residual import ResidualChain, find_residual_chain, residual_depth, step_output
+from maxact.discovery.branches import branch_sites, final_norm_site
+from maxact.discovery.dataflow import aliases, dataflow_graph, is_constant
+from maxact.discovery.inputs import InputRoles, graph_inputs
+from maxact.discovery.operators import NORM_OPS, is_skip_norm
+from maxact.discovery.patterns import FAMILIES, ROLE_ORDER, Family, SitePattern, family_for_model_type, scope_parts
+from maxact.discovery.residual import ResidualChain, find_residual_chain, residual_depth, step_output
 
 _LAYER_IN_NAME = re.compile(r"layers\.(\d+)/")
 
@@ -120,8 +119,8 @@ def scoped_names(node: ir.Node) -> list[str]:
         return [name]
     if len(parts) < 2 or not parts[-2]:
         return [name]
-    modules = re.sub(r"\.(\d+)(?=\.|$)", r"@\1", parts[-2]).split(".")
-    return ["/" + "/".join(m.replace("@", ".") for m in modules[k:]) + "/" + parts[-1] for k in range(len(modules))]
+    modules = scope_parts(parts[-2])
+    return ["/" + "/".join(modules[k:]) + "/" + parts[-1] for k in range(len(modules))]
 
 
 def _scope_nodes(named: list[tuple[ir.Node, list[str]]], pattern: SitePattern) -> dict[int | None, list[ir.Node]]:
@@ -205,14 +204,14 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
         want_logits: also return the ``logits`` site (the LM head output).
         model_type: Hugging Face ``config.model_type`` (from ``config.json`` beside the model),
             which picks the family table; None: the table that matches the most scope names.
-        inputs: the graph's inputs by role; None: :func:`maxact.passes.inputs.graph_inputs`.
+        inputs: the graph's inputs by role; None: :func:`maxact.discovery.inputs.graph_inputs`.
 
     Returns:
         A :class:`Discovery`; ``sites`` all have shape ``[batch, seq, width]``.
 
     Raises:
         NotALanguageModelError: no token-id input, no embedding, or no residual stream.
-        InputRolesError: see :func:`maxact.passes.inputs.graph_inputs`.
+        InputRolesError: see :func:`maxact.discovery.inputs.graph_inputs`.
     """
     graph = model.graph
     roles = inputs or graph_inputs(graph)

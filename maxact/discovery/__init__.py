@@ -1,0 +1,1 @@
+"""Read-only analyses of an ONNX graph: where the sites are and what each part of the graph is."""

@@ -1,0 +1,78 @@
+"""The builder of in-graph reduction nodes and the :class:`Statistic` type of their outputs,
+shared by the instrumentation (sites, attention) and the fake quantisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-batch reduction output of a site.
+
+    Attributes:
+        name: the statistic's name (the output is ``maxact/<site_id>/<name>``).
+        dtype: its dtype in the graph.
+        shape: its shape (``"width"`` for the channel dimension).
+    """
+
+    name: str
+    dtype: ir.DataType
+    shape: tuple
+
+
+class ReductionBuilder:
+    """Emits reduction nodes for an opset (ReduceMax/Min take axes as an input from opset 18)."""
+
+    def __init__(self, opset: int):
+        self.head = ir.tape.Tape()  # constants and shared nodes, placed first in the graph
+        self.tape = self.head  # where op() records; one tape per site
+        self.opset = opset
+        self._consts: dict[tuple, ir.Value] = {}
+
+    def const(self, array: np.ndarray, name: str) -> ir.Value:
+        key = (name, array.dtype.str, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.head.op(
+                "Constant", [], attributes={"value": ir.tensor(array, name=name)}
+            )
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value], **attrs) -> ir.Value:
+        return self.tape.op(op_type, list(inputs), attributes=attrs or None)
+
+    def reduce(self, op_type: str, x: ir.Value, axes: Sequence[int] | None, keepdims: int = 0) -> ir.Value:
+        axes_in_input = op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18
+        if axes is None:
+            return self.op(op_type, [x], keepdims=keepdims)
+        if axes_in_input:
+            ax = self.const(np.array(axes, dtype=np.int64), "axes")
+            return self.op(op_type, [x, ax], keepdims=keepdims)
+        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
+
+    def total(self, per_token: ir.Value, to: ir.DataType) -> ir.Value:
+        """Sum of a per-token partial ``[n]`` in dtype ``to`` (float64 for sums, int64 for counts)."""
+        return self.reduce("ReduceSum", self.op("Cast", [per_token], to=to), None)
+
+    def column_max(self, ax: ir.Value) -> ir.Value:
+        """Max over the rows of ``ax [n, width]`` (float32, n >= 1): ``[width]``.
+
+        onnxruntime's CPU ReduceMax over the first axis walks the tensor column by column (about
+        10x the time of a reduction over the last axis, measured in benchmarks/README.md); two
+        MaxPools with an 8x1 window (``ceil_mode``: the last window may be partial, and a max
+        ignores the rows it lacks) read it row by row and leave n/64 rows for the ReduceMax."""
+        img = self.op("Unsqueeze", [ax, self.const(np.array([0, 1], np.int64), "image_axes")])  # [1, 1, n, w]
+        for _ in range(2):
+            img = self.op("MaxPool", [img], kernel_shape=[8, 1], strides=[8, 1], ceil_mode=1)
+        return self.reduce("ReduceMax", img, [0, 1, 2])
+
+    def peak(self, ax: ir.Value, token_absmax: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(token, channel) of the first largest |x| in row-major order, from ``|x| [n, width]``."""
+        token = self.op("ArgMax", [token_absmax], axis=0, keepdims=0)
+        row = self.op("Gather", [ax, token], axis=0)
+        return token, self.op("ArgMax", [row], axis=0, keepdims=0)
