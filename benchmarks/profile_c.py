@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     import onnxruntime as ort
     from variants import batches_of
 
-    from maxact.analyzer.run import _float_dtype, default_model_path, load_model, model_type_beside
+    from maxact.analyzer.pipeline import load_model, model_type_beside
+    from maxact.analyzer.run import _float_dtype, default_model_path
     from maxact.discovery.attention import find_attention
     from maxact.discovery.sites import discover_sites
     from maxact.passes.instrument import InstrumentPass

@@ -177,7 +177,8 @@ def prepare(request: dict) -> dict:
     import onnx_ir as ir
     import onnx_ir.passes.common as common_passes
 
-    from maxact.analyzer.run import default_model_path, load_model, model_type_beside
+    from maxact.analyzer.pipeline import load_model, model_type_beside
+    from maxact.analyzer.run import default_model_path
     from maxact.discovery.past import max_positions
     from maxact.discovery.sites import discover_sites
 

@@ -1,4 +1,8 @@
-"""The INT8 check against numpy on full PyTorch tensors of the same passages."""
+"""The INT8 check against numpy on full PyTorch tensors of the same passages; its refusals."""
+
+import hashlib
+import json
+import shutil
 
 import h5py
 import numpy as np
@@ -9,6 +13,7 @@ from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.quant import quant_check, spearman
 from maxact.analyzer.run import RunOptions, default_model_path, run
 from maxact.analyzer.tokenize import encode, load_tokenizer
+from maxact.cli import main
 from reference import site_tensors
 
 
@@ -53,3 +58,53 @@ def test_int8_metrics_match_numpy_on_full_tensors(tmp_path):
             cmax = max(np.abs(site_tensors(torch_model, ids, 5)[sid]).max() for ids in calib)
             assert results[sid]["maxabs"]["scale"] == pytest.approx(cmax / 127, rel=1e-4)
         assert "int8_spearman_absmax_sqnr_maxabs" in f["quant"].attrs
+
+
+def _run_on_own_corpus(tmp_path, n=4):
+    texts = [f"Once upon a time there was a girl number {k}. She liked to play in the park with her dog."
+             for k in range(n)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = run(RunOptions(model=default_model_path(), corpus=str(corpus), out=tmp_path / "run.h5", max_length=32,
+                         batch_size=2, stats="full", progress=False))
+    return out, corpus, texts
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("changed", "corpus '{corpus}' does not hold the run's passages (corpus_sha256 differs); give the run's corpus "
+                "back, or run again"),
+    ("shrunk", "corpus '{corpus}' has 1 passages; the run used passage 3 (give the run's corpus back, or run again)"),
+])
+def test_quant_refuses_a_corpus_that_is_not_the_runs_any_more(tmp_path, capsys, edit, message):
+    """The corpus edited after the run: quant refuses in one line, before any work, and leaves the run file as it was."""
+    out, corpus, texts = _run_on_own_corpus(tmp_path)
+    kept = texts[:1] if edit == "shrunk" else [*texts[:2], texts[2].replace("dog", "cat"), texts[3]]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
+    before = {p: _sha256(p) for p in (out, corpus)}
+    capsys.readouterr()
+    assert main(["quant", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message.format(corpus=corpus)}\n"
+    assert {p: _sha256(p) for p in before} == before  # the run file holds no /quant results
+
+
+def test_quant_refuses_a_tokenizer_changed_since_the_run(tmp_path, capsys):
+    """The run's tokenizer.json replaced by another file: quant names it and stops (exit 2)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.onnx", "tokenizer.json"):
+        shutil.copy(BUILTIN / name, model / name)
+    out = run(RunOptions(model=model / "model.onnx", corpus=str(TEST_CORPUS), out=tmp_path / "run.h5", samples=4,
+                         max_length=32, stats="full", progress=False))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(tok, indent=1))  # same tokens, other bytes
+    before = _sha256(out)
+    capsys.readouterr()
+    assert main(["quant", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"error: the tokenizer {model / 'tokenizer.json'} has changed since the run "
+                                       "(tokenizer_sha256 differs): give the run's tokenizer back, or run again\n")
+    assert _sha256(out) == before
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()

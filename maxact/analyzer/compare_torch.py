@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 import maxact
-from maxact.analyzer.corpus import DEFAULT, load_corpus
+from maxact.analyzer.corpus import DEFAULT
+from maxact.analyzer.replay import replay
 from maxact.analyzer.runfile import (
     COMPARISON_GROUP,
     Group,
@@ -30,7 +31,7 @@ from maxact.analyzer.runfile import (
     read_groups,
     write_groups,
 )
-from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
+from maxact.analyzer.tokenize import find_tokenizer
 from maxact.analyzer.torch_hooks import hook_points, torch_site_stats
 from maxact.discovery.patterns import FAMILIES, Family, family_for_model_type
 from maxact.errors import AnalyzerError
@@ -371,16 +372,10 @@ def compare_torch(
         "the run file": run.path, "the checkpoint": ckpt, "the tokenizer": tok_path,
         "the corpus": [] if corpus == DEFAULT else corpus})
 
-    texts = load_corpus(corpus)
-    if len(run.samples) and int(run.samples.max()) >= len(texts.texts):
-        raise AnalyzerError(f"corpus {texts.name!r} has {len(texts.texts)} passages; the run used passage "
-                            f"{int(run.samples.max())} (pass --corpus with the run's corpus)")
-    chosen = [int(k) for k in run.samples]
-    if "corpus_sha256" in meta and texts.sha256(chosen) != meta["corpus_sha256"]:
-        raise AnalyzerError(f"corpus {texts.name!r} does not hold the run's passages (corpus_sha256 differs); "
-                            "pass --corpus with the run's corpus")
-    tok = load_tokenizer(tok_path)
-    ids = encode(tok, [texts.texts[k] for k in chosen], meta["bos"], int(meta["max_length"]))
+    # A --tokenizer of the user's is held to the run's token count below; the run's own to its sha256 too.
+    again = replay(meta, run.samples, tok_path, corpus, check_tokenizer=tokenizer is None,
+                   hint="pass --corpus with the run's corpus")
+    chosen, ids = again.samples, again.ids
     n_tokens = sum(len(s) for s in ids)
     if n_tokens != int(meta["n_tokens"]):
         raise AnalyzerError(f"the tokenizer gives {n_tokens} tokens, the run had {int(meta['n_tokens'])}: "

@@ -8,19 +8,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from maxact.analyzer.corpus import load_corpus
 from maxact.analyzer.distribution import hist_quantile
-from maxact.analyzer.run import load_model, model_type_beside
+from maxact.analyzer.pipeline import Pipeline, Variant, load_model
+from maxact.analyzer.replay import replay
 from maxact.analyzer.runfile import read_groups, write_quant
-from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
+from maxact.analyzer.tokenize import find_tokenizer
 from maxact.discovery.inputs import InputRolesError, graph_inputs
-from maxact.discovery.sites import discover_sites
 from maxact.errors import AnalyzerError
-from maxact.passes.instrument import InstrumentPass
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
 from maxact.runtime.batching import length_sorted_batches
 from maxact.runtime.runner import run_batches, run_sums
-from maxact.runtime.session import Session
 from maxact.text import literal, plain_console
 
 SCALES = ("maxabs", "p999")
@@ -71,6 +68,8 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
 
     Raises:
         AnalyzerError: negative threads, unreadable run file, unknown sites, too few passages to split.
+        CorpusError, TokenizerError: the corpus or tokenizer is not the run's any more
+            (:func:`~maxact.analyzer.replay.replay`).
     """
     console = console or plain_console()
     run_path = Path(run_path)
@@ -94,30 +93,21 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     if len(samples) < 2:
         raise AnalyzerError("the run has fewer than 2 passages: nothing to split into calibration and evaluation")
     path = Path(model_path or meta["model_path"])
-    tokenizer = load_tokenizer(find_tokenizer(path, meta["tokenizer"]))
-    corpus = load_corpus(meta["corpus"])
-    ids = encode(tokenizer, [corpus.texts[k] for k in samples], meta["bos"], int(meta["max_length"]))
+    ids = replay(meta, samples, find_tokenizer(path, meta["tokenizer"])).ids  # the run's corpus and tokenizer
     calib = [j for j in range(len(samples)) if j % 2 == 0]
     evalu = [j for j in range(len(samples)) if j % 2 == 1]
     batch = int(meta.get("batch_size", 8))
 
-    def session_for(**kw):
-        model_file, model = load_model(path)
-        try:
-            roles = graph_inputs(model.graph, inputs or meta.get("inputs"))
-        except InputRolesError as e:
-            if inputs:
-                raise
-            raise InputRolesError(f"{model_file} lacks the inputs the run recorded ({e}): give them with "
-                                  "--inputs") from None
-        found = discover_sites(model, model_type=model_type_beside(model_file), inputs=roles)
-        sites = [s for s in found.sites if s.site_id in site_ids]
-        InstrumentPass(sites, float32=meta["dtype"] == "float32", **kw)(model)
-        return Session(model, provider=provider, threads=threads, inputs=roles), [s.site_id for s in sites], roles
+    pipeline = _pipeline(path, inputs or meta.get("inputs"), bool(inputs))
+    float32 = meta["dtype"] == "float32"
 
-    session, sids, roles = session_for(variant="fast", study=True)
-    if not roles.standard:
-        console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
+    def session_for(**kw):
+        return pipeline.session(Variant(float32=float32, site_ids=site_ids, **kw), provider, threads)
+
+    session, sites = session_for(variant="fast", study=True)
+    sids = [s.site_id for s in sites]
+    if not pipeline.roles.standard:
+        console.print(f"inputs: {pipeline.roles.describe()}", markup=False, highlight=False)
     exact = lambda: session_for(variant="exact", study=True)[0]  # noqa: E731
     cal = run_batches(session, sids, list(length_sorted_batches([ids[j] for j in calib],
                       [int(samples[j]) for j in calib], batch)), exact, progress=progress)
@@ -128,7 +118,7 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     for sid in sids:
         if not all(np.isfinite(v) and v > 0 for v in scales[sid].values()):
             raise AnalyzerError(f"{sid}: calibration gave no usable scale ({scales[sid]})")
-    session, _, _ = session_for(reducer=fake_quant_reducer(scales))
+    session, _ = session_for(reducer=fake_quant_reducer(scales))
     sums = run_sums(session, list(length_sorted_batches([ids[j] for j in evalu], [int(samples[j]) for j in evalu],
                                                          batch)), progress=progress)
 
@@ -149,6 +139,24 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     write_quant(run_path, results, corr, len(calib), len(evalu))
     _print(console, results, corr, absmax)
     return results
+
+
+def _pipeline(path: Path, spec: str | None, given: bool) -> Pipeline:
+    """The run's model loaded with its sites found, its inputs as ``spec`` names them (``given``:
+    from ``--inputs``, else the run's record).
+
+    Raises:
+        InputRolesError: the graph lacks those inputs.
+    """
+    model_file, model = load_model(path)
+    try:
+        roles = graph_inputs(model.graph, spec)
+    except InputRolesError as e:
+        if given:
+            raise
+        raise InputRolesError(f"{model_file} lacks the inputs the run recorded ({e}): give them with "
+                              "--inputs") from None
+    return Pipeline.discover(model_file, model, roles)
 
 
 def _print(console: Console, results, corr, absmax) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import signal
 from collections import Counter
 from contextlib import nullcontext
@@ -22,27 +21,23 @@ from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import DEFAULT, load_corpus, select_samples
 from maxact.analyzer.headline import SiteInfo, attention_outputs, attention_shares, global_peak, role_absmax
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
+from maxact.analyzer.pipeline import Pipeline, Variant, load_model
 from maxact.analyzer.runfile import file_sha256, is_run_file, read_run, write_run
 from maxact.analyzer.summary import print_summary
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.discovery.attention import find_attention
 from maxact.discovery.inputs import graph_inputs
 from maxact.discovery.past import max_positions
-from maxact.discovery.sites import discover_sites
 from maxact.discovery.weights import weight_statistics
 from maxact.errors import (
     AnalyzerError,
     CorpusError,
-    ModelFileError,
     OutputError,
     ResumableError,
     RunInterrupted,
     TokenizerError,
 )
-from maxact.model_file import read_model
 from maxact.outputs import check_output
-from maxact.passes.fused import ExposeSkipSumsPass
-from maxact.passes.instrument import InstrumentPass
 from maxact.runtime.batching import length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
@@ -89,42 +84,10 @@ class RunOptions:
     force: bool = False
 
 
-def load_model(path: Path) -> tuple[Path, ir.Model]:
-    """Load an ONNX model lazily (external data stays on disk), fused norms' residual sums exposed.
-
-    ``path`` may be a ``.onnx`` file or a folder holding ``model.onnx``.
-
-    Raises:
-        ModelFileError: missing path, or a file that is not an ONNX model.
-        ExternalDataError: external data outside the model's folder, missing or too short
-            (:func:`maxact.model_file.check_external_data`).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.is_file():
-        raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
-    model = read_model(path)  # external data checked to lie inside the model's folder
-    if model.graph.num_nodes() == 0:
-        raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
-    ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
-    return path, model
-
-
 def external_data_files(model: ir.Model) -> list[Path]:
     """The files that the initializers of ``model`` (every graph, subgraphs too) keep their data in."""
     return sorted({Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
                    if isinstance(v.const_value, ir.ExternalTensor)})
-
-
-def model_type_beside(model_path: Path) -> str | None:
-    """``model_type`` of the Hugging Face ``config.json`` beside the model, if there is one."""
-    config = Path(model_path).parent / "config.json"
-    try:
-        value = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _float_dtype(model: ir.Model) -> str:
@@ -184,11 +147,11 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
 
-    model_type = model_type_beside(model_path)
     roles = graph_inputs(model.graph, opts.inputs)
     if not roles.standard:
         console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
-    discovery = discover_sites(model, want_logits=opts.keep_logits, model_type=model_type, inputs=roles)
+    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits)
+    discovery = pipeline.discovery
     components = build_component_map(discovery)
     tok_path = find_tokenizer(model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
@@ -255,19 +218,15 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
     float32 = run_meta["dtype"] == "float32"
     study = opts.stats == "full"
-    attention, fused_attention = find_attention(discovery)  # fused layers are listed either way
-    attention = attention if study else []
-    InstrumentPass(sites, variant="fast", float32=float32, study=study, attention=attention)(model)
+    fused_attention = find_attention(discovery)[1]  # fused layers are listed either way
+    model, _ = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study))
     local = opts.ray is None and not finished
     session = Session(model, provider=opts.provider, threads=opts.threads, inputs=roles) if local else None
 
     def exact_session() -> Session:
-        # Rare: a batch holds NaN/Inf. Instrument a fresh copy with the exact variant.
-        _, again = load_model(model_path)
-        found = discover_sites(again, want_logits=opts.keep_logits, model_type=model_type, inputs=roles)
-        InstrumentPass(found.sites, variant="exact", float32=float32, study=study,
-                       attention=find_attention(found)[0] if study else ())(again)
-        return Session(again, provider=opts.provider, threads=opts.threads, inputs=roles)
+        # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.
+        how = Variant("exact", float32=float32, study=study, attention=study)
+        return pipeline.session(how, provider=opts.provider, threads=opts.threads)[0]
 
     infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
     site_attrs = {

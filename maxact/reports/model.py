@@ -99,9 +99,10 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
         missing or changed; the model and tokenizer are looked for as :func:`model_file` and
         :func:`tokenizer_file` say; a corpus that has shrunk is said so).
     """
-    from maxact.analyzer.corpus import DEFAULT, load_corpus
-    from maxact.analyzer.run import load_model
-    from maxact.analyzer.tokenize import encode, load_tokenizer, token_text
+    from maxact.analyzer.corpus import DEFAULT
+    from maxact.analyzer.pipeline import load_model
+    from maxact.analyzer.replay import CorpusChangedError, CorpusShrunkError, replay
+    from maxact.analyzer.tokenize import token_text
     from maxact.discovery.inputs import graph_inputs
     from maxact.runtime.batching import Batch
     from maxact.runtime.session import Session
@@ -116,17 +117,15 @@ def passage_tensor(run: RunData, site: Site, sample: int) -> PassageTensor | str
     if meta["corpus"] != DEFAULT and not Path(str(meta["corpus"])).exists():
         return f"the corpus {meta['corpus']} is missing"
     try:
-        corpus = load_corpus(str(meta["corpus"]))
-        last = max([sample, *(int(k) for k in run.sample_index)])
-        if last >= len(corpus.texts):
-            return (f"the corpus {meta['corpus']!r} has shrunk since the run (the run read passage {last}, "
-                    f"it now holds {len(corpus.texts)})")
-        if corpus.sha256([int(k) for k in run.sample_index]) != meta.get("corpus_sha256"):
-            return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
-        tokenizer = load_tokenizer(tok_path)
-        ids = encode(tokenizer, [corpus.texts[sample]], str(meta["bos"]), int(meta["max_length"]))[0]
+        again = replay(meta, run.sample_index, tok_path, only=[sample])
+        tokenizer, ids = again.tokenizer, again.ids[0]
         _, model = load_model(path)
         roles = graph_inputs(model.graph, meta.get("inputs"))  # before the graph is cut down to the site
+    except CorpusShrunkError as e:
+        return (f"the corpus {meta['corpus']!r} has shrunk since the run (the run read passage {e.last}, "
+                f"it now holds {len(e.corpus.texts)})")
+    except CorpusChangedError:
+        return f"the corpus {meta['corpus']!r} has changed since the run (sha256 differs)"
     except AnalyzerError as e:
         return f"the run's inputs cannot be read again ({e})"
     value = _value_named(model, site.tensor)

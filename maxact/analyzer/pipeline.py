@@ -1,0 +1,142 @@
+"""One model's way to onnxruntime: load (fused norms' sums exposed), discover its sites, instrument
+(each further variant on a copy that shares the weights), open a session.
+
+Used by ``run``, ``quant`` and the report's rerun, so that the chain is written once. Loading is
+lazy where the model keeps its weights as external data (they stay on disk until onnxruntime reads
+them); a second variant (the exact NaN/Inf one, quant's fake-quantised graph) is made from a copy
+of the graph's structure (:meth:`onnx_ir.Model.clone`) that shares every weight tensor, so no
+weight is ever held twice in memory and nothing is read from disk again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from maxact.discovery.attention import find_attention
+from maxact.discovery.inputs import InputRoles
+from maxact.discovery.sites import Discovery, Site, discover_sites
+from maxact.errors import ModelFileError
+from maxact.model_file import read_model
+from maxact.passes.fused import ExposeSkipSumsPass
+from maxact.passes.instrument import InstrumentPass
+from maxact.runtime.session import Session
+
+
+def load_model(path: Path) -> tuple[Path, ir.Model]:
+    """Load an ONNX model lazily (external data stays on disk), fused norms' residual sums exposed.
+
+    ``path`` may be a ``.onnx`` file or a folder holding ``model.onnx``.
+
+    Raises:
+        ModelFileError: missing path, or a file that is not an ONNX model.
+        ExternalDataError: external data outside the model's folder, missing or too short
+            (:func:`maxact.model_file.check_external_data`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
+    model = read_model(path)  # external data checked to lie inside the model's folder
+    if model.graph.num_nodes() == 0:
+        raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
+    ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
+    return path, model
+
+
+def model_type_beside(model_path: Path) -> str | None:
+    """``model_type`` of the Hugging Face ``config.json`` beside the model, if there is one."""
+    config = Path(model_path).parent / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How to instrument a graph (the arguments of :class:`~maxact.passes.instrument.InstrumentPass`).
+
+    Attributes:
+        variant: ``"fast"`` or ``"exact"`` (NaN/Inf counted and kept out of the statistics).
+        float32: the graph computes in float32 (its sites need no cast).
+        study: add the study's statistics (histogram, top-k, ...).
+        attention: reduce the attention probabilities of every layer that has them.
+        site_ids: instrument only these sites (None: every site found).
+        reducer: replaces the statistics (quant's fake-quantisation reducer).
+    """
+
+    variant: str = "fast"
+    float32: bool = False
+    study: bool = True
+    attention: bool = False
+    site_ids: Sequence[str] | None = None
+    reducer: Callable | None = None
+
+
+@dataclass
+class Pipeline:
+    """A loaded model, its sites and its inputs, from which instrumented sessions are made.
+
+    The first :meth:`instrument` rewrites the loaded model itself, with the sites already found;
+    before it does, a copy of the graph (sharing the weights) is kept, and every later variant is
+    instrumented on a copy of that one, its sites found again on it (the same sites: the same graph).
+
+    Attributes:
+        path: the ``.onnx`` file. model: the loaded model (instrumented after the first
+        :meth:`instrument`). roles: the graph's inputs by role. discovery: the sites of ``model``.
+    """
+
+    path: Path
+    model: ir.Model
+    roles: InputRoles
+    discovery: Discovery
+    want_logits: bool = False
+    _spare: ir.Model | None = field(default=None, repr=False)
+
+    @classmethod
+    def discover(cls, path: Path, model: ir.Model, roles: InputRoles, want_logits: bool = False) -> Pipeline:
+        """Find the sites of ``model`` (loaded by :func:`load_model`), the family table chosen by the
+        ``model_type`` of the ``config.json`` beside ``path`` where there is one.
+
+        Raises:
+            AnalyzerError: from :func:`~maxact.discovery.sites.discover_sites` (no residual stream, ...).
+        """
+        return cls(path, model, roles, _discover(path, model, roles, want_logits), want_logits)
+
+    def instrument(self, how: Variant) -> tuple[ir.Model, list[Site]]:
+        """The model instrumented as ``how`` says, and the sites it measures (model order).
+
+        Raises:
+            ValueError: from :class:`~maxact.passes.instrument.InstrumentPass` (an opset below 13).
+        """
+        if self._spare is None:
+            self._spare = self.model.clone()  # structure only: the weight tensors are shared
+            model, found = self.model, self.discovery
+        else:
+            model = self._spare.clone()
+            found = _discover(self.path, model, self.roles, self.want_logits)
+        sites = [s for s in found.sites if how.site_ids is None or s.site_id in how.site_ids]
+        InstrumentPass(sites, variant=how.variant, float32=how.float32, study=how.study, reducer=how.reducer,
+                       attention=find_attention(found)[0] if how.attention else ())(model)
+        return model, sites
+
+    def session(self, how: Variant, provider: str = "cpu", threads: int | None = None) -> tuple[Session, list[Site]]:
+        """An onnxruntime session of the model instrumented as ``how`` says, and its sites.
+
+        Raises:
+            ProviderError, ModelLoadError, UnsupportedInputError: from
+                :class:`~maxact.runtime.session.Session`.
+        """
+        model, sites = self.instrument(how)
+        return Session(model, provider=provider, threads=threads, inputs=self.roles), sites
+
+
+def _discover(path: Path, model: ir.Model, roles: InputRoles, want_logits: bool) -> Discovery:
+    return discover_sites(model, want_logits=want_logits, model_type=model_type_beside(path), inputs=roles)
