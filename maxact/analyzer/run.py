@@ -6,7 +6,8 @@ import datetime as dt
 import signal
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from rich.text import Text
 from tokenizers import Tokenizer
 
 import maxact
-from maxact.analyzer.components import build_component_map
-from maxact.analyzer.corpus import DEFAULT, load_corpus, select_samples
+from maxact.analyzer.components import ComponentMap, build_component_map
+from maxact.analyzer.corpus import DEFAULT, Corpus, load_corpus, select_samples
 from maxact.analyzer.headline import SiteInfo, attention_outputs, attention_shares, global_peak, role_absmax
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.pipeline import Pipeline, Variant, load_model
@@ -28,6 +29,7 @@ from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, tok
 from maxact.discovery.attention import find_attention
 from maxact.discovery.inputs import graph_inputs
 from maxact.discovery.past import max_positions
+from maxact.discovery.sites import Discovery
 from maxact.discovery.weights import weight_statistics
 from maxact.errors import (
     AnalyzerError,
@@ -38,7 +40,7 @@ from maxact.errors import (
     TokenizerError,
 )
 from maxact.outputs import check_output
-from maxact.runtime.batching import length_sorted_batches, shard_of
+from maxact.runtime.batching import Batch, length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
 from maxact.runtime.session import Session
@@ -123,6 +125,29 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     """
     console = console or plain_console()
     model_path, model = load_model(opts.model)
+    out, ckpt = _check_options(opts, model_path, model)
+    pipeline, components = _discover(opts, model_path, model, console)
+    passages = _tokenise(opts, model_path, model.graph, pipeline.discovery, console)
+    batches = _batches(opts, passages)
+    for msg in pipeline.discovery.disagreements + components.disagreements:
+        console.print(f"[yellow]warning:[/yellow] site discovery: {literal(msg)}")
+    run_meta = _run_meta(opts, model_path, model, pipeline, components, passages)
+    start = _resume(opts, ckpt, run_meta, [s.site_id for s in pipeline.discovery.sites], batches, console)
+    writer = _Writer(ckpt, run_meta, pipeline.discovery, components, passages, batches,
+                     weight_statistics(model, pipeline.discovery.sites))  # before instrumentation prunes the LM head
+    finished = start is not None and start.batches_done == len(batches)  # only the final write is left
+    result = _measure(opts, pipeline, run_meta, batches, start, finished, writer)
+    saved = _save(out, result, finished, writer)
+    _print(console, out, result, saved, writer)
+    return out
+
+
+def _check_options(opts: RunOptions, model_path: Path, model: ir.Model) -> tuple[Path, Path]:
+    """The run file and its checkpoint, after checking the options and that neither path is an input.
+
+    Raises:
+        AnalyzerError, OutputError: as :func:`run` says, before any work.
+    """
     out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
     read = {"the model file": model_path, "external data of the model": external_data_files(model),
             "the tokenizer": opts.tokenizer or model_path.parent / "tokenizer.json",
@@ -146,19 +171,53 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     ckpt = check_output(checkpoint_path(out), kind="run", inputs=read, recognise=is_run_file)
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
+    return out, ckpt
 
+
+def _discover(opts: RunOptions, model_path: Path, model: ir.Model, console: Console) -> tuple[Pipeline, ComponentMap]:
+    """The graph's inputs by role (said when not the standard names), its sites and their components."""
     roles = graph_inputs(model.graph, opts.inputs)
     if not roles.standard:
         console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
     pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits)
-    discovery = pipeline.discovery
-    components = build_component_map(discovery)
+    return pipeline, build_component_map(pipeline.discovery)
+
+
+@dataclass
+class _Passages:
+    """The run's passages: ``ids[j]`` are the token ids of corpus passage ``chosen[j]``."""
+
+    corpus: Corpus
+    tokenizer: Tokenizer
+    tok_path: Path
+    chosen: list[int]
+    ids: list[np.ndarray]
+    max_length: int
+    _row: dict[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._row = {sample: j for j, sample in enumerate(self.chosen)}
+
+    def token_at(self, sample: int, position: int) -> str:
+        """The text of the token at ``position`` of corpus passage ``sample``."""
+        return token_text(self.tokenizer, int(self.ids[self._row[int(sample)]][int(position)]))
+
+
+def _tokenise(opts: RunOptions, model_path: Path, graph: ir.Graph, discovery: Discovery,
+              console: Console) -> _Passages:
+    """The chosen passages tokenised (cut to the graph's rotary cache, where it is shorter), those
+    without a token dropped.
+
+    Raises:
+        TokenizerError, CorpusError: no tokenizer, a corpus that cannot be read or yields no token,
+            ids beyond the embedding table (:func:`_check_vocabulary`).
+    """
     tok_path = find_tokenizer(model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     corpus = load_corpus(opts.corpus)
     chosen = select_samples(corpus, opts.samples, opts.seed)
     max_length = opts.max_length
-    limit = max_positions(model.graph)
+    limit = max_positions(graph)
     if limit is not None and limit < max_length:
         console.print(f"[yellow]warning:[/yellow] the graph's rotary cache covers {limit} positions: passages are "
                       f"truncated to {limit} tokens, not --max-length {max_length}")
@@ -170,93 +229,100 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     chosen = [chosen[j] for j in keep]
     ids = [ids[j] for j in keep]
     _check_vocabulary(tokenizer, tok_path, ids, discovery.chain.embedding_rows, console)
+    return _Passages(corpus, tokenizer, tok_path, chosen, ids, max_length)
 
-    batches = list(length_sorted_batches(ids, chosen, opts.batch_size))
+
+def _batches(opts: RunOptions, passages: _Passages) -> list[Batch]:
+    """The length-sorted batches of this shard (every batch without ``--shard``).
+
+    Raises:
+        AnalyzerError: more shards than batches.
+    """
+    index, count = opts.shard or (1, 1)
+    batches = list(length_sorted_batches(passages.ids, passages.chosen, opts.batch_size))
     if count > len(batches):
         raise AnalyzerError(f"--shard {index}/{count}: the run has only {len(batches)} batches, so at most "
                             f"{len(batches)} shards")
-    batches = shard_of(batches, index, count)
+    return shard_of(batches, index, count)
 
-    for msg in discovery.disagreements + components.disagreements:
-        console.print(f"[yellow]warning:[/yellow] site discovery: {literal(msg)}")
-    sites = discovery.sites
-    site_ids = [s.site_id for s in sites]
-    threads = opts.threads or (1 if opts.ray else 0)  # 0: onnxruntime's default; a Ray actor's: 1
-    run_meta = {
+
+def _threads(opts: RunOptions) -> int:
+    return opts.threads or (1 if opts.ray else 0)  # 0: onnxruntime's default; a Ray actor's: 1
+
+
+def _run_meta(opts: RunOptions, model_path: Path, model: ir.Model, pipeline: Pipeline, components: ComponentMap,
+              passages: _Passages) -> dict[str, object]:
+    """The run file's root attributes that do not depend on the measurement (what a resume must match)."""
+    discovery, roles, chosen = pipeline.discovery, pipeline.roles, passages.chosen
+    index, count = opts.shard or (1, 1)
+    return {
         "maxact_version": maxact.__version__,
         "model_path": str(model_path.resolve()),
         "model_sha256": file_sha256(model_path),
         "opset": int(model.graph.opset_imports.get("", 0)),
         "dtype": _float_dtype(model),
         "provider": opts.provider,
-        "corpus": corpus.name,
-        "corpus_sha256": corpus.sha256(chosen),
-        "tokenizer": str(tok_path.resolve()),
-        "tokenizer_sha256": file_sha256(tok_path),
+        "corpus": passages.corpus.name,
+        "corpus_sha256": passages.corpus.sha256(chosen),
+        "tokenizer": str(passages.tok_path.resolve()),
+        "tokenizer_sha256": file_sha256(passages.tok_path),
         "n_samples": len(chosen),
-        "max_length": max_length,
+        "max_length": passages.max_length,
         "bos": opts.bos,
         "stats": opts.stats,
         "samples": -1 if opts.samples is None else opts.samples,
         "seed": opts.seed,
         "batch_size": opts.batch_size,
-        "threads": threads,
+        "threads": _threads(opts),
         "n_layers": discovery.n_layers,
         "family": discovery.family or "structure",
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
         **({} if roles.standard else {"inputs": roles.spec()}),  # quant and report feed the same inputs
     }
-    start = None
+
+
+def _resume(opts: RunOptions, ckpt: Path, run_meta: dict[str, object], site_ids: list[str], batches: list[Batch],
+            console: Console) -> RunResult | None:
+    """The state of the checkpoint ``ckpt`` where there is one (checked to be this run's), else None."""
     if ckpt.exists():
         start = _load_checkpoint(ckpt, run_meta, site_ids, batches)
         console.print(f"resuming from {literal(ckpt)}: {start.batches_done} of {len(batches)} batches done")
-    elif opts.resume:
+        return start
+    if opts.resume:
         console.print(f"--resume: no checkpoint at {literal(ckpt)}; starting from the first batch")
-    finished = start is not None and start.batches_done == len(batches)  # only the final write is left
+    return None
 
-    weights = weight_statistics(model, sites)  # before instrumentation prunes the LM head
-    float32 = run_meta["dtype"] == "float32"
-    study = opts.stats == "full"
-    fused_attention = find_attention(discovery)[1]  # fused layers are listed either way
-    model, _ = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study))
-    local = opts.ray is None and not finished
-    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=roles) if local else None
 
-    def exact_session() -> Session:
-        # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.
-        how = Variant("exact", float32=float32, study=study, attention=study)
-        return pipeline.session(how, provider=opts.provider, threads=opts.threads)[0]
+class _Writer:
+    """Writes the run file, or the checkpoint, of the batches measured so far."""
 
-    infos = [SiteInfo(s.site_id, s.role, s.layer) for s in sites]
-    site_attrs = {
-        s.site_id: {
-            "role": s.role,
-            "layer": -1 if s.layer is None else s.layer,
-            "tensor": s.tensor,
-            "op_type": s.op_type,
-            "component": components.component[s.site_id],
-        }
-        for s in sites
-    }
-    row_of = {sample: j for j, sample in enumerate(chosen)}
+    def __init__(self, ckpt: Path, run_meta: dict[str, object], discovery: Discovery, components: ComponentMap,
+                 passages: _Passages, batches: list[Batch], weights: dict):
+        self.ckpt, self.run_meta, self.passages, self.batches, self.weights = ckpt, run_meta, passages, batches, weights
+        self.sites, self.components = discovery.sites, components
+        self.infos = [SiteInfo(s.site_id, s.role, s.layer) for s in discovery.sites]
+        self.fused_attention = find_attention(discovery)[1]  # fused layers are listed either way
 
-    def token_at(sample: int, position: int) -> str:
-        return token_text(tokenizer, int(ids[row_of[int(sample)]][int(position)]))
+    @cached_property
+    def site_attrs(self) -> dict[str, dict[str, object]]:
+        """Each site's attributes in the run file (read once the graph is instrumented)."""
+        return {s.site_id: {"role": s.role, "layer": -1 if s.layer is None else s.layer, "tensor": s.tensor,
+                            "op_type": s.op_type, "component": self.components.component[s.site_id]}
+                for s in self.sites}
 
-    def save(path: Path, result: RunResult, extra: dict[str, object]):
-        """Write the run file of ``result`` (the first ``result.batches_done`` batches)."""
-        samples = np.sort(np.concatenate([b.sample_index for b in batches[: result.batches_done]]))
-        peak = global_peak(infos, result.stats)
+    def save(self, path: Path, result: RunResult, extra: dict[str, object]):
+        """Write the run file of ``result`` (the first ``result.batches_done`` batches); returns what
+        the summary prints: ``(meta, peak, role maxima, top-k tokens)``."""
+        token_at, chosen = self.passages.token_at, self.passages.chosen
+        samples = np.sort(np.concatenate([b.sample_index for b in self.batches[: result.batches_done]]))
+        peak = global_peak(self.infos, result.stats)
         peak.token = token_at(*peak.location[:2])
-        topk_tokens = {
-            sid: [token_at(s_, p_) for s_, p_, _ in st.study.topk_location]
-            for sid, st in result.stats.items()
-            if st.study is not None
-        }
-        roles = role_absmax(infos, result.stats)
+        topk_tokens = {sid: [token_at(s_, p_) for s_, p_, _ in st.study.topk_location]
+                       for sid, st in result.stats.items() if st.study is not None}
+        roles = role_absmax(self.infos, result.stats)
         meta = {
-            **run_meta,
+            **self.run_meta,
             **extra,
             "n_tokens": result.n_tokens,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -265,58 +331,87 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
             "exact_batches": result.exact_batches,
         }
         if len(samples) < len(chosen):  # a shard or a checkpoint: its own passages, and the run's
-            meta.update(run_n_samples=len(chosen), run_corpus_sha256=run_meta["corpus_sha256"],
-                        n_samples=len(samples), corpus_sha256=corpus.sha256(samples.tolist()))
-        write_run(
-            path,
-            meta,
-            infos,
-            site_attrs,
-            result.stats,
-            peak,
-            roles,
-            extra_datasets={"corpus/sample_index": samples.astype(np.int64)},
-            topk_tokens=topk_tokens,
-            weights=weights,
-            attention=attention_shares(result.sums),
-            fused_attention=fused_attention,
-            absmax_tokens={sid: token_at(*st.absmax_location[:2]) for sid, st in result.stats.items()},
-        )
+            meta.update(run_n_samples=len(chosen), run_corpus_sha256=self.run_meta["corpus_sha256"],
+                        n_samples=len(samples), corpus_sha256=self.passages.corpus.sha256(samples.tolist()))
+        write_run(path, meta, self.infos, self.site_attrs, result.stats, peak, roles,
+                  extra_datasets={"corpus/sample_index": samples.astype(np.int64)}, topk_tokens=topk_tokens,
+                  weights=self.weights, attention=attention_shares(result.sums), fused_attention=self.fused_attention,
+                  absmax_tokens={sid: token_at(*st.absmax_location[:2]) for sid, st in result.stats.items()})
         return meta, peak, roles, topk_tokens
 
-    def checkpoint(result: RunResult) -> None:
+    def checkpoint(self, result: RunResult) -> None:
+        """Save ``result`` to the checkpoint.
+
+        Raises:
+            OutputError: no checkpoint could be written, and none was before.
+            ResumableError: it could not be written; the one written before is kept.
+        """
+        ckpt = self.ckpt
         try:
-            save(ckpt, result, {"checkpoint_batches_done": result.batches_done, "checkpoint_n_batches": len(batches)})
+            self.save(ckpt, result, {"checkpoint_batches_done": result.batches_done,
+                                     "checkpoint_n_batches": len(self.batches)})
         except OutputError as e:  # a full disk: an earlier checkpoint is left as it was
             if not ckpt.exists():
                 raise OutputError(f"{e}; no batch could be kept: free some space and run again") from None
             raise ResumableError(f"{e}; the checkpoint written before is kept") from None
 
+
+def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], batches: list[Batch],
+             start: RunResult | None, finished: bool, writer: _Writer) -> RunResult:
+    """Instrument the graph and run the batches from ``start`` on (here or on Ray), checkpointing.
+
+    Raises:
+        RunInterrupted: SIGINT or SIGTERM; the checkpoint is written.
+    """
+    float32, study = run_meta["dtype"] == "float32", opts.stats == "full"
+    model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study))
+    local = opts.ray is None and not finished
+    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=pipeline.roles) if local else None
+
+    def exact_session() -> Session:
+        # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.
+        how = Variant("exact", float32=float32, study=study, attention=study)
+        return pipeline.session(how, provider=opts.provider, threads=opts.threads)[0]
+
     remote = nullcontext() if opts.ray is None or finished else ray_outputs(
-        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider, threads,
-        roles)
+        model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider,
+        _threads(opts), pipeline.roles)
     try:
         with remote as outputs:
-            result = run_batches(session, site_ids, batches, exact_session, progress=opts.progress, start=start,
-                                 checkpoint=checkpoint, checkpoint_every=opts.checkpoint_every, outputs=outputs)
+            return run_batches(session, [s.site_id for s in sites], batches, exact_session, progress=opts.progress,
+                               start=start, checkpoint=writer.checkpoint, checkpoint_every=opts.checkpoint_every,
+                               outputs=outputs)
     except Interrupted as e:
         raise RunInterrupted(
             f"interrupted by {signal.Signals(e.signum).name} after {e.result.batches_done} of {len(batches)} "
-            f"batches; their statistics are in {ckpt}", exit_code=128 + e.signum) from None
-    if not finished:  # the merged state goes to the checkpoint first, so a failed final write loses nothing
-        checkpoint(result)
+            f"batches; their statistics are in {writer.ckpt}", exit_code=128 + e.signum) from None
+
+
+def _save(out: Path, result: RunResult, finished: bool, writer: _Writer):
+    """The merged state to the checkpoint first (so a failed final write loses nothing), then the run
+    file; the checkpoint deleted after. Returns what :meth:`_Writer.save` returns.
+
+    Raises:
+        ResumableError: the run file could not be written; every batch is in the checkpoint.
+    """
+    if not finished:
+        writer.checkpoint(result)
     try:
-        meta, peak, roles, topk_tokens = save(out, result, {})
+        saved = writer.save(out, result, {})
     except OutputError as e:
-        raise ResumableError(f"{e}; every batch is measured and kept in {ckpt}") from None
-    ckpt.unlink(missing_ok=True)
-    print_summary(console, peak, roles, infos, result.stats, meta, topk_tokens.get(peak.site_id), weights,
-                  attention_shares(result.sums))
+        raise ResumableError(f"{e}; every batch is measured and kept in {writer.ckpt}") from None
+    writer.ckpt.unlink(missing_ok=True)
+    return saved
+
+
+def _print(console: Console, out: Path, result: RunResult, saved, writer: _Writer) -> None:
+    meta, peak, roles, topk_tokens = saved
+    print_summary(console, peak, roles, writer.infos, result.stats, meta, topk_tokens.get(peak.site_id),
+                  writer.weights, attention_shares(result.sums))
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
         f"wrote {literal(out)}"
     )
-    return out
 
 
 def _check_vocabulary(tokenizer: Tokenizer, tok_path: Path, ids: list[np.ndarray], rows: int | None,
