@@ -353,10 +353,33 @@ def compare_torch(
             tokenizer), not writable, or of another kind without ``force``; its write failed.
     """
     if console is None:
-        console = plain_console()
-        if not console.is_terminal:  # piped or redirected: room for the table rather than 80 columns
-            console = plain_console(width=max(console.width, 132))
+        console = _wide_console()
     run = read_run(Path(run_path))
+    ckpt, out, tok_path, corpus = _check_options(run, checkpoint, out, dtype, rtol, corpus, tokenizer, force)
+    chosen, n_tokens, batches = _replay_batches(run, tok_path, corpus, tokenizer)
+    model, model_type, family, points, skipped = _hook_model(run, ckpt, dtype, console)
+    result = torch_site_stats(model, batches, points, progress=progress)
+    sites = compare_sites(run, result.stats, points, rtol)
+    flagged = [c.site_id for c in sites if not c.agree]
+    info = _info(run, ckpt, model_type, family, dtype, rtol, len(chosen), n_tokens, sites, skipped, flagged,
+                 result.seconds)
+    write_comparison(out, info, sites, skipped)
+    cmp = Comparison(sites, skipped, info, out, flagged)
+    print_comparison(console, cmp)
+    return cmp
+
+
+def _wide_console() -> Console:
+    """The plain console, widened to 132 columns when piped or redirected (room for the table)."""
+    console = plain_console()
+    if not console.is_terminal:
+        console = plain_console(width=max(console.width, 132))
+    return console
+
+
+def _check_options(run: _Run, checkpoint: str | Path, out: str | Path | None, dtype: str, rtol: float,
+                   corpus: str | None, tokenizer: str | None, force: bool) -> tuple[Path, Path, Path, str]:
+    """The checkpoint, output, tokenizer and corpus paths, after checking the options and that ``out`` is no input."""
     if dtype not in DTYPES:
         raise AnalyzerError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if not (rtol > 0):
@@ -371,7 +394,12 @@ def compare_torch(
     check_output(out, kind="compare-torch", force=force, recognise=is_comparison_file, inputs={
         "the run file": run.path, "the checkpoint": ckpt, "the tokenizer": tok_path,
         "the corpus": [] if corpus == DEFAULT else corpus})
+    return ckpt, out, tok_path, corpus
 
+
+def _replay_batches(run: _Run, tok_path: Path, corpus: str, tokenizer: str | None) -> tuple[list, int, list]:
+    """The run's passages tokenised again (checked against the run), their token count and batches."""
+    meta = run.meta
     # A --tokenizer of the user's is held to the run's token count below; the run's own to its sha256 too.
     again = replay(meta, run.samples, tok_path, corpus, check_tokenizer=tokenizer is None,
                    hint="pass --corpus with the run's corpus")
@@ -381,7 +409,12 @@ def compare_torch(
         raise AnalyzerError(f"the tokenizer gives {n_tokens} tokens, the run had {int(meta['n_tokens'])}: "
                             "pass --tokenizer with the run's tokenizer")
     batches = list(length_sorted_batches(ids, chosen, int(meta.get("batch_size", 8))))
+    return chosen, n_tokens, batches
 
+
+def _hook_model(run: _Run, ckpt: Path, dtype: str, console: Console):
+    """The checkpoint loaded, its family table, and the hook points of the run's sites (with those skipped)."""
+    meta = run.meta
     model, model_type = load_checkpoint(ckpt, dtype)
     family = choose_family(model_type, meta.get("family"))
     if meta.get("family") not in (None, "structure", family.name):
@@ -390,11 +423,16 @@ def compare_torch(
     points, skipped = hook_points(family, run.sites, (n for n, _ in model.named_modules()))
     if not points:
         raise AnalyzerError(f"no site of {run.path} maps to a module of {ckpt} ({next(iter(skipped.values()), '')})")
-    result = torch_site_stats(model, batches, points, progress=progress)
-    sites = compare_sites(run, result.stats, points, rtol)
-    flagged = [c.site_id for c in sites if not c.agree]
+    return model, model_type, family, points, skipped
+
+
+def _info(run: _Run, ckpt: Path, model_type: str, family: Family, dtype: str, rtol: float, n_samples: int,
+          n_tokens: int, sites: list[SiteComparison], skipped: dict[str, str], flagged: list[str],
+          seconds: float) -> dict:
+    """The root attributes of the comparison file."""
+    meta = run.meta
     worst = max(sites, key=lambda c: c.worst)
-    info = {
+    return {
         "maxact_version": maxact.__version__,
         "checkpoint": str(ckpt.resolve()),
         "model_type": model_type,
@@ -406,7 +444,7 @@ def compare_torch(
         "torch_dtype": dtype,
         "rtol": float(rtol),
         "corpus": meta["corpus"],
-        "n_samples": len(chosen),
+        "n_samples": n_samples,
         "n_tokens": n_tokens,
         "max_length": int(meta["max_length"]),
         "bos": meta["bos"],
@@ -417,10 +455,6 @@ def compare_torch(
         "n_location_differs": sum(not c.location_agree for c in sites),
         "worst_rel_diff": worst.worst,
         "worst_site": worst.site_id,
-        "torch_seconds": result.seconds,
+        "torch_seconds": seconds,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_comparison(out, info, sites, skipped)
-    cmp = Comparison(sites, skipped, info, out, flagged)
-    print_comparison(console, cmp)
-    return cmp
