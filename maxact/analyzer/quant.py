@@ -75,23 +75,7 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     run_path = Path(run_path)
     if threads is not None and threads < 0:
         raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {threads}")
-    f = read_groups(run_path, lambda name: name == "corpus/sample_index" or (
-        name.startswith("sites/") and name.endswith("/absmax")))
-    try:
-        meta = f.attrs
-        samples = f.groups["corpus"].data["sample_index"]
-        known = list(f.groups["sites"].groups)
-        absmax = {sid: float(f.groups["sites"].groups[sid].data["absmax"]) for sid in known}
-        peak = f.groups["summary"].attrs["global_site"]
-    except KeyError as e:
-        raise AnalyzerError(f"{run_path} is not a run file of `analyzer run` ({e})") from e
-    if site_ids is None:
-        site_ids = [peak] + [s for s in known if s.endswith(".residual") and s != peak]
-    unknown = [s for s in site_ids if s not in known]
-    if unknown:
-        raise AnalyzerError(f"sites not in {run_path}: {', '.join(unknown)} (known: {', '.join(known[:6])}, ...)")
-    if len(samples) < 2:
-        raise AnalyzerError("the run has fewer than 2 passages: nothing to split into calibration and evaluation")
+    meta, samples, absmax, site_ids = _read_run(run_path, site_ids)
     path = Path(model_path or meta["model_path"])
     ids = replay(meta, samples, find_tokenizer(path, meta["tokenizer"])).ids  # the run's corpus and tokenizer
     calib = [j for j in range(len(samples)) if j % 2 == 0]
@@ -109,8 +93,45 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     if not pipeline.roles.standard:
         console.print(f"inputs: {pipeline.roles.describe()}", markup=False, highlight=False)
     exact = lambda: session_for(variant="exact", study=True)[0]  # noqa: E731
-    cal = run_batches(session, sids, list(length_sorted_batches([ids[j] for j in calib],
-                      [int(samples[j]) for j in calib], batch)), exact, progress=progress)
+    scales = _calibrate(session, sids, _batches(ids, samples, calib, batch), exact, progress)
+    session, _ = session_for(reducer=fake_quant_reducer(scales))
+    results = _evaluate(run_sums(session, _batches(ids, samples, evalu, batch), progress=progress), sids, scales)
+    corr = {m: spearman([absmax[s] for s in sids], [results[s][m]["sqnr_db"] for s in sids]) for m in SCALES}
+    write_quant(run_path, results, corr, len(calib), len(evalu))
+    _print(console, results, corr, absmax)
+    return results
+
+
+def _read_run(run_path: Path, site_ids: list[str] | None) -> tuple[dict, np.ndarray, dict[str, float], list[str]]:
+    """The run's attributes, passages, each site's max |x| and the sites to check (checked to be in the run)."""
+    f = read_groups(run_path, lambda name: name == "corpus/sample_index" or (
+        name.startswith("sites/") and name.endswith("/absmax")))
+    try:
+        meta = f.attrs
+        samples = f.groups["corpus"].data["sample_index"]
+        known = list(f.groups["sites"].groups)
+        absmax = {sid: float(f.groups["sites"].groups[sid].data["absmax"]) for sid in known}
+        peak = f.groups["summary"].attrs["global_site"]
+    except KeyError as e:
+        raise AnalyzerError(f"{run_path} is not a run file of `analyzer run` ({e})") from e
+    if site_ids is None:
+        site_ids = [peak] + [s for s in known if s.endswith(".residual") and s != peak]
+    unknown = [s for s in site_ids if s not in known]
+    if unknown:
+        raise AnalyzerError(f"sites not in {run_path}: {', '.join(unknown)} (known: {', '.join(known[:6])}, ...)")
+    if len(samples) < 2:
+        raise AnalyzerError("the run has fewer than 2 passages: nothing to split into calibration and evaluation")
+    return meta, samples, absmax, site_ids
+
+
+def _batches(ids: list[np.ndarray], samples: np.ndarray, rows: list[int], batch: int) -> list:
+    """The length-sorted batches of the passages at positions ``rows`` of the run."""
+    return list(length_sorted_batches([ids[j] for j in rows], [int(samples[j]) for j in rows], batch))
+
+
+def _calibrate(session, sids: list[str], batches: list, exact, progress: bool) -> dict[str, dict[str, float]]:
+    """Each site's INT8 scales (max |x|, 99.9th percentile, over ``QMAX``) on ``batches``; AnalyzerError if not > 0."""
+    cal = run_batches(session, sids, batches, exact, progress=progress)
     scales = {
         sid: {"maxabs": cal.stats[sid].absmax / QMAX, "p999": hist_quantile(cal.stats[sid].study.hist, 0.999) / QMAX}
         for sid in sids
@@ -118,9 +139,12 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     for sid in sids:
         if not all(np.isfinite(v) and v > 0 for v in scales[sid].values()):
             raise AnalyzerError(f"{sid}: calibration gave no usable scale ({scales[sid]})")
-    session, _ = session_for(reducer=fake_quant_reducer(scales))
-    sums = run_sums(session, list(length_sorted_batches([ids[j] for j in evalu], [int(samples[j]) for j in evalu],
-                                                         batch)), progress=progress)
+    return scales
+
+
+def _evaluate(sums: dict, sids: list[str],
+              scales: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """site id -> scale name -> the INT8 metrics of the fake-quantised evaluation sums."""
 
     def total(sid, name):
         return sums[f"maxact/{sid}/{name}"]
@@ -135,9 +159,6 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
                                    int(vals["zeros"]))
             metrics["scale"] = scales[sid][m]
             results[sid][m] = metrics
-    corr = {m: spearman([absmax[s] for s in sids], [results[s][m]["sqnr_db"] for s in sids]) for m in SCALES}
-    write_quant(run_path, results, corr, len(calib), len(evalu))
-    _print(console, results, corr, absmax)
     return results
 
 
