@@ -97,10 +97,36 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
     if not paths:
         raise AnalyzerError("give the shard files to merge")
     runs = [read_run(p) for p in paths]
-    names = [str(p) for p in paths]
     first = runs[0]
     ref = identity(first.meta, [s.site_id for s in first.sites])
-    count = _shard(first, names[0])[1]
+    order = _in_shard_order(runs, [str(p) for p in paths], ref)
+    samples = _samples(order, ref)
+    stats, sums = {}, {}
+    for r in order:
+        stats, sums = merge_all(stats, r.stats), merge_outputs(sums, attention_outputs(r.attention))
+    token_of = _token_texts(order)
+    sites = first.sites
+    peak = global_peak(sites, stats)
+    peak.token = token_of[tuple(int(v) for v in peak.location[:2])]
+    absmax_tokens = {sid: token_of[tuple(int(v) for v in st.absmax_location[:2])] for sid, st in stats.items()}
+    topk_tokens = {sid: [token_of[(int(s), int(p))] for s, p, _ in st.study.topk_location]
+                   for sid, st in stats.items() if st.study is not None}
+    meta = _merged_meta(first, order, ref)
+    count, n_run, n_tokens = len(order), meta["n_samples"], meta["n_tokens"]
+    roles = role_absmax(sites, stats)
+    attention = attention_shares(sums)
+    write_run(out, meta, sites, first.site_attrs, stats, peak, roles,
+              extra_datasets={"corpus/sample_index": np.sort(samples)}, topk_tokens=topk_tokens,
+              weights=first.weights, attention=attention, fused_attention=first.fused_attention,
+              absmax_tokens=absmax_tokens)
+    print_summary(console, peak, roles, sites, stats, meta, topk_tokens.get(peak.site_id), first.weights, attention)
+    console.print(f"merged {count} shards ({n_run} passages, {n_tokens:,} tokens); wrote {literal(out)}")
+    return out
+
+
+def _in_shard_order(runs: list[StoredRun], names: list[str], ref: dict) -> list[StoredRun]:
+    """The shards ordered by index, after checking they are one run's, each once, none missing."""
+    count = _shard(runs[0], names[0])[1]
     by_index: dict[int, int] = {}  # shard index -> position in ``runs``
     for j, (run, name) in enumerate(zip(runs, names, strict=True)):
         diff = first_difference(ref, identity(run.meta, [s.site_id for s in run.sites]))
@@ -115,35 +141,38 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
     missing = [f"{i}/{count}" for i in range(1, count + 1) if i not in by_index]
     if missing:
         raise AnalyzerError(f"shard {', '.join(missing)} missing: give all {count} shard files of the run")
-    order = [runs[by_index[i]] for i in range(1, count + 1)]
+    return [runs[by_index[i]] for i in range(1, count + 1)]
 
+
+def _samples(order: list[StoredRun], ref: dict) -> np.ndarray:
+    """The shards' passages in shard order, after checking they are the run's, each once."""
     samples = np.concatenate([r.sample_index for r in order])
     n_run = int(ref["run_n_samples"])
     if len(np.unique(samples)) != len(samples) or len(samples) != n_run:
         raise AnalyzerError(f"the shards hold {len(samples)} passages ({len(np.unique(samples))} distinct), "
                             f"the run {n_run}: they are not the shards of one run")
-    stats, sums = {}, {}
-    for r in order:
-        stats, sums = merge_all(stats, r.stats), merge_outputs(sums, attention_outputs(r.attention))
-    token_of = {}  # (sample, position) -> token text, from every shard (their samples are disjoint)
+    return samples
+
+
+def _token_texts(order: list[StoredRun]) -> dict[tuple[int, int], str]:
+    """(sample, position) -> token text, from every shard (their samples are disjoint)."""
+    token_of = {}
     for r in order:
         for sid, st in r.stats.items():
             token_of[tuple(int(v) for v in st.absmax_location[:2])] = r.absmax_tokens[sid]
             if sid in r.topk_tokens:
                 for (s, p, _), text in zip(st.study.topk_location, r.topk_tokens[sid], strict=True):
                     token_of[(int(s), int(p))] = text
+    return token_of
 
-    sites = first.sites
-    peak = global_peak(sites, stats)
-    peak.token = token_of[tuple(int(v) for v in peak.location[:2])]
-    absmax_tokens = {sid: token_of[tuple(int(v) for v in st.absmax_location[:2])] for sid, st in stats.items()}
-    topk_tokens = {sid: [token_of[(int(s), int(p))] for s, p, _ in st.study.topk_location]
-                   for sid, st in stats.items() if st.study is not None}
+
+def _merged_meta(first: StoredRun, order: list[StoredRun], ref: dict) -> dict:
+    """The root attributes of the whole run: the first shard's, its counts and times summed over the shards."""
     meta = {k: v for k, v in first.meta.items() if k not in PARTIAL_ATTRS}
     seconds = float(sum(float(r.meta["wall_seconds"]) for r in order))
     n_tokens = int(sum(int(r.meta["n_tokens"]) for r in order))
     meta.update(
-        n_samples=n_run,
+        n_samples=int(ref["run_n_samples"]),
         corpus_sha256=ref["run_corpus_sha256"],
         n_tokens=n_tokens,
         exact_batches=int(sum(int(r.meta["exact_batches"]) for r in order)),
@@ -151,12 +180,4 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
         tokens_per_second=n_tokens / seconds if seconds > 0 else float("nan"),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    roles = role_absmax(sites, stats)
-    attention = attention_shares(sums)
-    write_run(out, meta, sites, first.site_attrs, stats, peak, roles,
-              extra_datasets={"corpus/sample_index": np.sort(samples)}, topk_tokens=topk_tokens,
-              weights=first.weights, attention=attention, fused_attention=first.fused_attention,
-              absmax_tokens=absmax_tokens)
-    print_summary(console, peak, roles, sites, stats, meta, topk_tokens.get(peak.site_id), first.weights, attention)
-    console.print(f"merged {count} shards ({n_run} passages, {n_tokens:,} tokens); wrote {literal(out)}")
-    return out
+    return meta
