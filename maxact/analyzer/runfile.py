@@ -134,66 +134,91 @@ def write_run(
         OutputError: the write failed (a full disk: the errno's text in the message).
     """
     path = Path(path)
-    topk_tokens = topk_tokens or {}
-    texts = [peak.token, *(absmax_tokens or {}).values(), *(t for ts in topk_tokens.values() for t in ts)]
-    escape = any("\0" in t for t in texts)
-    stored = escape_text if escape else str
-    topk_tokens = {sid: [stored(t) for t in ts] for sid, ts in topk_tokens.items()}
+    escape, stored, topk_tokens = _stored_texts(peak, absmax_tokens, topk_tokens or {})
     with _in_memory(path) as f:
         for k, v in meta.items():
             if k != TEXT_ESCAPE_ATTR:  # a property of this file's texts (below), not of the run
                 f.attrs[k] = _attr(v)
         if escape:
             f.attrs[TEXT_ESCAPE_ATTR] = TEXT_ESCAPE
-        g_sites = f.create_group("sites", track_order=True)
-        g_quant = f.create_group("quant")
-        for site in sites:
-            st = stats[site.site_id]
-            g = g_sites.create_group(site.site_id)
-            for k, v in site_attrs[site.site_id].items():
-                g.attrs[k] = _attr(v)
-            _write_site(g, st)
-            if absmax_tokens is not None:
-                g.create_dataset("absmax_token", data=stored(absmax_tokens[site.site_id]),
-                                 dtype=h5py.string_dtype())
-            if st.study is not None:
-                _write_study(g, st, topk_tokens.get(site.site_id))
-            q = g_quant.create_group(site.site_id)
-            for fmt, ratio in headroom(st.absmax).items():
-                q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
-        for fmt, top in FORMAT_MAX.items():
-            over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
-            g_quant.attrs[f"overflow_{fmt}"] = np.array(over, dtype=h5py.string_dtype())
-        g_static = f.create_group("static")
-        for w in weights:
-            g = g_static.create_group(w.key)
-            g.attrs["kind"] = w.kind
-            g.attrs["tensor"] = w.tensor
-            g.attrs["layer"] = w.layer
-            g.attrs["shape"] = np.array(w.shape, dtype=np.int64)
-            g.create_dataset("max_abs", data=np.float64(w.max_abs))
-            if w.kind == "norm":
-                g.create_dataset("gamma_max", data=np.float64(w.max_abs))
-                g.create_dataset("gamma_argmax", data=np.int64(w.gamma_argmax))
-        g_att = f.create_group("attention")
-        fused = [f"layers.{i}" for i in fused_attention]
-        g_att.attrs["not_measurable"] = np.array(fused, dtype=h5py.string_dtype())
-        for layer, a in (attention or {}).items():
-            g = g_att.create_group(f"layers.{layer}")
-            for k, v in a.items():
-                g.create_dataset(k, data=v)
-        s = f.create_group("summary")
-        s.attrs["global_absmax"] = peak.absmax
-        s.attrs["global_signed"] = peak.signed
-        s.attrs["global_site"] = peak.site_id
-        s.attrs["global_role"] = peak.role
-        s.attrs["global_layer"] = -1 if peak.layer is None else peak.layer
-        s.attrs["global_location"] = peak.location.astype(np.int64)
-        s.attrs["global_token"] = stored(peak.token)
-        dt = np.dtype([("role", h5py.string_dtype()), ("absmax", np.float64), ("site", h5py.string_dtype())])
-        s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
+        _write_sites(f, sites, site_attrs, stats, stored, absmax_tokens, topk_tokens)
+        _write_static(f.create_group("static"), weights)
+        _write_attention(f.create_group("attention"), attention or {}, fused_attention)
+        _write_summary(f.create_group("summary"), peak, roles, stored)
         for name, data in (extra_datasets or {}).items():
             f.create_dataset(name, data=data)
+
+
+def _stored_texts(peak: Peak, absmax_tokens: Mapping[str, str] | None, topk_tokens: Mapping[str, Sequence[str]]):
+    """Whether the token texts are escaped (one holds a NUL), how one is stored, and the top-k texts as stored."""
+    texts = [peak.token, *(absmax_tokens or {}).values(), *(t for ts in topk_tokens.values() for t in ts)]
+    escape = any("\0" in t for t in texts)
+    stored = escape_text if escape else str
+    return escape, stored, {sid: [stored(t) for t in ts] for sid, ts in topk_tokens.items()}
+
+
+def _write_sites(f: h5py.File, sites: Sequence[SiteInfo], site_attrs: Mapping[str, Mapping[str, object]],
+                 stats: Mapping[str, SiteStats], stored: Callable[[str], str],
+                 absmax_tokens: Mapping[str, str] | None, topk_tokens: Mapping[str, Sequence[str]]) -> None:
+    """``/sites/<site_id>`` in model order, and beside each its ``/quant/<site_id>`` headroom, then the overflows."""
+    g_sites = f.create_group("sites", track_order=True)
+    g_quant = f.create_group("quant")
+    for site in sites:
+        st = stats[site.site_id]
+        g = g_sites.create_group(site.site_id)
+        for k, v in site_attrs[site.site_id].items():
+            g.attrs[k] = _attr(v)
+        _write_site(g, st)
+        if absmax_tokens is not None:
+            g.create_dataset("absmax_token", data=stored(absmax_tokens[site.site_id]),
+                             dtype=h5py.string_dtype())
+        if st.study is not None:
+            _write_study(g, st, topk_tokens.get(site.site_id))
+        q = g_quant.create_group(site.site_id)
+        for fmt, ratio in headroom(st.absmax).items():
+            q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
+    for fmt, top in FORMAT_MAX.items():
+        over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
+        g_quant.attrs[f"overflow_{fmt}"] = np.array(over, dtype=h5py.string_dtype())
+
+
+def _write_static(g_static: h5py.Group, weights: Sequence[WeightStat]) -> None:
+    """``/static/<key>``: each weight's kind, tensor, layer, shape and max |w| (and a norm's gamma argmax)."""
+    for w in weights:
+        g = g_static.create_group(w.key)
+        g.attrs["kind"] = w.kind
+        g.attrs["tensor"] = w.tensor
+        g.attrs["layer"] = w.layer
+        g.attrs["shape"] = np.array(w.shape, dtype=np.int64)
+        g.create_dataset("max_abs", data=np.float64(w.max_abs))
+        if w.kind == "norm":
+            g.create_dataset("gamma_max", data=np.float64(w.max_abs))
+            g.create_dataset("gamma_argmax", data=np.int64(w.gamma_argmax))
+
+
+def _write_attention(g_att: h5py.Group, attention: Mapping[int, Mapping[str, np.ndarray]],
+                     fused_attention: Sequence[int]) -> None:
+    """``/attention/layers.<i>`` per measured layer, and the fused layers in attribute ``not_measurable``."""
+    fused = [f"layers.{i}" for i in fused_attention]
+    g_att.attrs["not_measurable"] = np.array(fused, dtype=h5py.string_dtype())
+    for layer, a in attention.items():
+        g = g_att.create_group(f"layers.{layer}")
+        for k, v in a.items():
+            g.create_dataset(k, data=v)
+
+
+def _write_summary(s: h5py.Group, peak: Peak, roles: Sequence[tuple[str, float, str]],
+                   stored: Callable[[str], str]) -> None:
+    """``/summary``: the global peak's attributes and the ``role_absmax`` table."""
+    s.attrs["global_absmax"] = peak.absmax
+    s.attrs["global_signed"] = peak.signed
+    s.attrs["global_site"] = peak.site_id
+    s.attrs["global_role"] = peak.role
+    s.attrs["global_layer"] = -1 if peak.layer is None else peak.layer
+    s.attrs["global_location"] = peak.location.astype(np.int64)
+    s.attrs["global_token"] = stored(peak.token)
+    dt = np.dtype([("role", h5py.string_dtype()), ("absmax", np.float64), ("site", h5py.string_dtype())])
+    s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
 
 
 @contextlib.contextmanager
