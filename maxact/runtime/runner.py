@@ -114,17 +114,23 @@ def run_batches(
         Interrupted: SIGINT or SIGTERM arrived while ``checkpoint`` was given; the loop stopped
             after the batch it was running, and ``checkpoint`` has been called.
     """
-    exact: Session | None = None
-    state = start or RunResult(stats={}, n_tokens=0, seconds=0.0)
-    stats, sums, n_exact, done_tokens = dict(state.stats), dict(state.sums), state.exact_batches, state.n_tokens
-    total_tokens = sum(b.n_tokens for b in batches)
-    began = last_checkpoint = time.perf_counter()
-    wait = checkpoint_every
+    loop = _Loop(start, checkpoint_every)
+    with _progress_bar(progress) as bar, _stop_at_batch_end(checkpoint is not None) as received:
+        task = bar.add_task("run", total=sum(b.n_tokens for b in batches), completed=loop.done_tokens, rate="")
+        for i in range(loop.state.batches_done, len(batches)):
+            batch = batches[i]
+            out = session.run(batch) if outputs is None else next(outputs)
+            out = loop.exact_if_nonfinite(out, batch, site_ids, exact_session)
+            loop.add(batch, out, site_ids)
+            bar.update(task, advance=batch.n_tokens, rate=f"{loop.rate():,.0f} tok/s")
+            if checkpoint is None or i + 1 == len(batches):
+                continue  # a signal during the last batch lets the run finish
+            loop.checkpoint_if_due(checkpoint, i + 1, received)
+    return loop.result(len(batches))
 
-    def result(batches_done: int) -> RunResult:
-        return RunResult(stats=stats, n_tokens=int(done_tokens), seconds=state.seconds + time.perf_counter() - began,
-                         exact_batches=n_exact, sums=sums, batches_done=batches_done)
 
+def _progress_bar(progress: bool) -> Progress:
+    """The measuring bar: batches done, tokens, tokens/s and time left (disabled without ``progress``)."""
     columns = (
         TextColumn("[bold]measuring"),
         BarColumn(),
@@ -133,38 +139,63 @@ def run_batches(
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar, \
-            _stop_at_batch_end(checkpoint is not None) as received:
-        task = bar.add_task("run", total=total_tokens, completed=done_tokens, rate="")
-        for i in range(state.batches_done, len(batches)):
-            batch = batches[i]
-            out = session.run(batch) if outputs is None else next(outputs)
-            if any(out[output_name(sid, NONFINITE_TOKENS.name)] for sid in site_ids):
-                if exact_session is None:
-                    raise FloatingPointError("a site holds NaN or Inf and no exact session was given")
-                exact = exact or exact_session()
-                out = exact.run(batch)
-                n_exact += 1
-            new = {}
-            valid = batch.valid
-            for sid in site_ids:
-                part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
-                new[sid] = SiteStats.from_batch(part, batch.sample_index, valid)
-            stats, sums = merge_all(stats, new), merge_outputs(sums, out)
-            done_tokens += batch.n_tokens
-            rate = (done_tokens - state.n_tokens) / max(time.perf_counter() - began, 1e-9)
-            bar.update(task, advance=batch.n_tokens, rate=f"{rate:,.0f} tok/s")
-            if checkpoint is None or i + 1 == len(batches):
-                continue  # a signal during the last batch lets the run finish
-            if received or time.perf_counter() - last_checkpoint >= wait:
-                began_writing = time.perf_counter()
-                checkpoint(result(i + 1))
-                last_checkpoint = time.perf_counter()
-                if checkpoint_every > 0:  # writing takes at most ~5 % of the run
-                    wait = max(checkpoint_every, 19 * (last_checkpoint - began_writing))
-            if received:
-                raise Interrupted(received[0], result(i + 1))
-    return result(len(batches))
+    return Progress(*columns, disable=not progress, transient=False)
+
+
+class _Loop:
+    """The batch loop's merged state (from ``start`` on), its exact session, and when to checkpoint."""
+
+    def __init__(self, start: RunResult | None, checkpoint_every: float):
+        self.exact: Session | None = None
+        self.state = state = start or RunResult(stats={}, n_tokens=0, seconds=0.0)
+        self.stats, self.sums, self.n_exact, self.done_tokens = (dict(state.stats), dict(state.sums),
+                                                                 state.exact_batches, state.n_tokens)
+        self.checkpoint_every = self.wait = checkpoint_every
+        self.began = self.last_checkpoint = time.perf_counter()
+
+    def result(self, batches_done: int) -> RunResult:
+        """The result of the first ``batches_done`` batches."""
+        return RunResult(stats=self.stats, n_tokens=int(self.done_tokens),
+                         seconds=self.state.seconds + time.perf_counter() - self.began,
+                         exact_batches=self.n_exact, sums=self.sums, batches_done=batches_done)
+
+    def exact_if_nonfinite(self, out: Mapping[str, np.ndarray], batch: Batch, site_ids: Sequence[str],
+                           exact_session: Callable[[], Session] | None) -> Mapping[str, np.ndarray]:
+        """``out``, or the batch redone by the exact session where a site holds NaN or Inf at a valid position."""
+        if not any(out[output_name(sid, NONFINITE_TOKENS.name)] for sid in site_ids):
+            return out
+        if exact_session is None:
+            raise FloatingPointError("a site holds NaN or Inf and no exact session was given")
+        self.exact = self.exact or exact_session()
+        out = self.exact.run(batch)
+        self.n_exact += 1
+        return out
+
+    def add(self, batch: Batch, out: Mapping[str, np.ndarray], site_ids: Sequence[str]) -> None:
+        """Merge the statistics and sums of one batch's outputs into the state."""
+        new = {}
+        valid = batch.valid
+        for sid in site_ids:
+            part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
+            new[sid] = SiteStats.from_batch(part, batch.sample_index, valid)
+        self.stats, self.sums = merge_all(self.stats, new), merge_outputs(self.sums, out)
+        self.done_tokens += batch.n_tokens
+
+    def rate(self) -> float:
+        """Tokens per second measured since the loop began (this run's tokens only)."""
+        return (self.done_tokens - self.state.n_tokens) / max(time.perf_counter() - self.began, 1e-9)
+
+    def checkpoint_if_due(self, checkpoint: Callable[[RunResult], None], batches_done: int,
+                          received: list[int]) -> None:
+        """Checkpoint when a signal arrived or the wait has passed (then raise Interrupted on a signal)."""
+        if received or time.perf_counter() - self.last_checkpoint >= self.wait:
+            began_writing = time.perf_counter()
+            checkpoint(self.result(batches_done))
+            self.last_checkpoint = time.perf_counter()
+            if self.checkpoint_every > 0:  # writing takes at most ~5 % of the run
+                self.wait = max(self.checkpoint_every, 19 * (self.last_checkpoint - began_writing))
+        if received:
+            raise Interrupted(received[0], self.result(batches_done))
 
 
 def run_sums(session: Session, batches: Sequence[Batch], progress: bool = True) -> dict[str, np.ndarray]:
