@@ -224,9 +224,26 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
             f"the residual stream has {len(chain.steps)} additions, not two per layer; "
             "layers are counted as pairs of additions"
         )
-    n_layers = chain.n_layers
+    family, named = _named_by_family(graph, model_type, want_logits)  # method 1: names
+    sites = _checked_named(named, chain, disagreements)
+    # Method 2: structure. The embedding and every residual step, the norms after them, the branches.
+    _add_embedding(chain, sites)
+    named_ids = {s.site_id: s for s in sites}
+    _add_residual_steps(chain, sites, disagreements)
+    _add_stream_norms(chain, sites, named_ids, disagreements)
+    _add_branch_sites(flow, chain, sites, named_ids, disagreements)
+    return Discovery(
+        sites=_one_site_per_tensor(sites),
+        chain=chain,
+        n_layers=chain.n_layers,
+        family=family.name if family else None,
+        disagreements=disagreements,
+        flow=flow,
+    )
 
-    # Method 1: names. Pick the family whose table matches the most sites.
+
+def _named_by_family(graph: ir.Graph, model_type: str | None, want_logits: bool) -> tuple[Family | None, list[Site]]:
+    """The family table and the sites its scope names find (the config's family, else the best-matching table)."""
     # The config's model_type names the family where it is known; else the table matching the
     # most sites (ties: the earlier table).
     best: tuple[int, Family | None, list[Site]] = (0, None, [])
@@ -237,7 +254,12 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
         if len(named) > best[0]:
             best = (len(named), fam, named)
     _, family, named = best
+    return family, named
 
+
+def _checked_named(named: list[Site], chain: ResidualChain, disagreements: list[str]) -> list[Site]:
+    """The named sites that agree with the residual stream (layer in range, the embedding its start)."""
+    n_layers = chain.n_layers
     sites: list[Site] = []
     for site in named:
         if site.layer is not None and site.layer >= n_layers:
@@ -253,12 +275,18 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
             )
             continue
         sites.append(site)
+    return sites
 
-    # Method 2: structure. The embedding and every residual step.
+
+def _add_embedding(chain: ResidualChain, sites: list[Site]) -> None:
+    """The residual stream's start as the embedding site, where no name gave one."""
     if not any(s.role == "embedding" for s in sites):
         prod = chain.embedding.producer()
         sites.append(Site("embedding", None, chain.embedding, evidence=(prod.name or "",)))
-    named_ids = {s.site_id: s for s in sites}
+
+
+def _add_residual_steps(chain: ResidualChain, sites: list[Site], disagreements: list[str]) -> None:
+    """A site per residual step (noting a step whose name gives another layer)."""
     for k, step in enumerate(chain.steps):
         layer = chain.step_layer(k)
         role = "residual_post_attn" if chain.per_layer == 2 and k % 2 == 0 else "residual"
@@ -272,8 +300,11 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
             )
         sites.append(Site(role, layer, step_output(step), evidence=(step.name or "", f"residual step {k}")))
 
-    # The norm that opens the branch after each step. (With a parallel residual both branches'
-    # norms read the same stream: names alone tell them apart.)
+
+def _add_stream_norms(chain: ResidualChain, sites: list[Site], named_ids: dict[str, Site],
+                      disagreements: list[str]) -> None:
+    """The norm that opens the branch after each step, where no name gave it (noting a different one)."""
+    # With a parallel residual both branches' norms read the same stream: names alone tell them apart.
     for k, node, value, how in _stream_norms(chain) if chain.per_layer == 2 else ():
         if k == len(chain.steps) - 1:
             norm_role, norm_layer = "final_norm", None
@@ -290,7 +321,10 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
                 f"outputs {norm.tensor!r}"
             )
 
-    # Method 2, inside the branches: projections, attention, activation and norms by structure.
+
+def _add_branch_sites(flow: nx.DiGraph, chain: ResidualChain, sites: list[Site], named_ids: dict[str, Site],
+                      disagreements: list[str]) -> None:
+    """Projections, attention, activation and norms inside the branches by structure, where no name gave them."""
     depth = residual_depth(flow, chain)
     structural = branch_sites(flow, chain, depth)
     final = final_norm_site(chain, want_logits=True)
@@ -308,16 +342,10 @@ def discover_sites(model: ir.Model, want_logits: bool = False, model_type: str |
                 f"{found.tensor!r} ({b.evidence})"
             )
 
-    # Two sites on one tensor (e.g. o_proj output == self_attn output): keep the first role.
+
+def _one_site_per_tensor(sites: list[Site]) -> list[Site]:
+    """The sites in model order, one per tensor (e.g. o_proj output == self_attn output: the first role)."""
     unique: dict[int, Site] = {}
     for s in sorted(sites, key=lambda s: s.sort_key):
         unique.setdefault(id(s.value), s)
-    sites = sorted(unique.values(), key=lambda s: s.sort_key)
-    return Discovery(
-        sites=sites,
-        chain=chain,
-        n_layers=n_layers,
-        family=family.name if family else None,
-        disagreements=disagreements,
-        flow=flow,
-    )
+    return sorted(unique.values(), key=lambda s: s.sort_key)
