@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from rich.console import Console
-from rich.text import Text
 from tokenizers import Tokenizer
 
 import maxact
@@ -430,9 +429,8 @@ def _check_vocabulary(tokenizer: Tokenizer, tok_path: Path, ids: list[np.ndarray
                              f"{rows} rows (ids 0..{rows - 1}): give the model's own tokenizer with --tokenizer")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != rows:
-        console.print(Text.assemble(("warning:", "yellow"), f" the tokenizer {tok_path} has {size} tokens, the "
-                                    f"model's embedding table {rows} rows: is it the model's own tokenizer?"),
-                      soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] the tokenizer {literal(tok_path)} has {size} tokens, the model's "
+                      f"embedding table {rows} rows: is it the model's own tokenizer?", soft_wrap=True)
 
 
 def _load_checkpoint(path: Path, run_meta: dict[str, object], site_ids: list[str], batches: list) -> RunResult:
