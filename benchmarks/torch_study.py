@@ -3,7 +3,7 @@
 The study's own method is forward hooks on the PyTorch model with the statistics computed from
 the hooked tensors. :func:`study_batch` computes, in torch, for one site tensor over the real
 tokens of one batch, the outputs that the instrumented graph's ``--stats full`` reductions give
-(:data:`maxact.passes.instrument.STATISTICS` and ``STUDY_STATISTICS``: extremes and location,
+(:func:`maxact.statistics.site_outputs`: extremes and location,
 sums, per-channel max |x|, top-k, Sun et al. 2024 per-token max/median ratio, log10 histogram),
 under the same names, so :meth:`maxact.runtime.merge.SiteStats.from_batch` and ``merge`` take
 them unchanged. The main statistics are those of :func:`maxact.analyzer.torch_hooks.reduce_batch`
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from maxact.passes.instrument import HIST_BINS, HIST_LOW, HIST_PER_DECADE, SUN_MIN_ABS, SUN_MIN_RATIO, TOP_K
+from maxact.statistics import HIST_BINS, HIST_LOW, HIST_PER_DECADE, SUN_MIN_ABS, SUN_MIN_RATIO, TOP_K
 
 
 def study_batch(x, mask) -> dict[str, np.ndarray]:

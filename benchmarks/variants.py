@@ -159,9 +159,9 @@ def variant_e(spec: dict) -> dict:
     loop = time.perf_counter() - start
     for h in handles:
         h.remove()
-    summary = {sid: {"absmax": st.absmax, "max": st.max, "min": st.min, "sun_max_ratio": st.study.sun_max_ratio,
-                     "sun_n_pass": st.study.sun_n_pass, "topk_abs_last": float(st.study.topk_abs[-1]),
-                     "hist_total": int(st.study.hist.sum()), "count": st.count}
+    summary = {sid: {"absmax": st.absmax, "max": st.max, "min": st.min, "sun_max_ratio": st.sun_max_ratio,
+                     "sun_n_pass": st.sun_n_pass, "topk_abs_last": float(st.topk_abs[-1]),
+                     "hist_total": st.hist_zero + int(st.hist_log10.sum()), "count": st.count}
                for sid, st in stats.items()}
     return {"tokens": sum(b.n_tokens for b in batches), "loop_seconds": loop, "sites": summary,
             "n_hooked": len(points), "skipped": skipped, "torch_threads": torch.get_num_threads()}

@@ -3,7 +3,8 @@
 Layers, lowest first; a module imports only from its own layer or below (``tests/test_architecture.py``):
 
 - ground: ``errors`` (the user errors), ``outputs`` (safe output files), ``text`` (terminal text),
-  ``formats`` (number-format limits), ``model_file`` (reading an ONNX file and its external data);
+  ``formats`` (number-format limits), ``model_file`` (reading an ONNX file and its external data),
+  ``statistics`` (every statistic declared once: dtype, shape, graph outputs, merge rule);
 - ``discovery``: read-only analyses of a graph (sites, residual chain, branches, family and
   operator tables, graph inputs, past inputs, weights, attention layers);
 - ``passes``: graph rewrites (fused residual sums, instrumentation, attention and fake-quantisation

@@ -143,3 +143,19 @@ def test_report_on_a_corpus_that_has_shrunk_says_so(tmp_path, capsys):
     page = (tmp_path / "report" / "report.md").read_text()
     assert f"because the corpus '{corpus}' has shrunk since the run (the run read passage 5, it now holds 1)" in page
     assert {p: sha256(p) for p in before} == before
+
+
+def test_a_graph_of_opset_below_13_exits_2_before_anything_is_written(tmp_path, capsys):
+    import onnx
+
+    folder = tmp_path / "old"
+    shutil.copytree(BUILTIN, folder)
+    model = onnx.load(folder / "model.onnx")
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 12
+    onnx.save(model, folder / "model.onnx")
+    before = sorted(p.name for p in folder.iterdir())
+    out = tmp_path / "old.h5"
+    assert main(["run", str(folder / "model.onnx"), "--samples", "2", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "opset is 12; maxact needs 13 or later" in err and "\n" not in err
+    assert not out.exists() and sorted(p.name for p in folder.iterdir()) == before

@@ -224,3 +224,20 @@ def test_gpt2_every_site_has_a_module_and_agrees(tmp_path):
     wte, wpe = model.transformer.wte.weight.detach().numpy(), model.transformer.wpe.weight.detach().numpy()
     emb = max(np.abs(wte[ids] + wpe[: len(ids)]).max() for ids in _passages(run_file).values())
     assert next(c for c in cmp.sites if c.site_id == "embedding").torch["absmax"] == pytest.approx(emb, rel=1e-6)
+
+
+def test_reduce_batch_makes_every_main_output_of_the_graph_in_its_dtype_and_shape():
+    """The PyTorch counterpart of the in-graph reducers: the same outputs (maxact.statistics), so
+    SiteStats.from_batch reads both alike."""
+    torch = pytest.importorskip("torch", reason="needs the export extra (torch)")
+    from maxact.analyzer.torch_hooks import reduce_batch
+    from maxact.statistics import site_outputs
+
+    x = np.random.default_rng(1).normal(size=(2, 3, 6)).astype(np.float32)
+    out = reduce_batch(torch.as_tensor(x), torch.ones(2, 3, dtype=torch.bool))
+    expected = site_outputs(study=False)
+    assert list(out) == [o.name for o in expected]
+    for o in expected:
+        value = np.asarray(out[o.name])
+        assert value.shape == tuple(6 if d == "width" else d for d in o.shape), o.name
+        assert np.can_cast(value.dtype, o.dtype, "same_kind"), (o.name, value.dtype, o.dtype)

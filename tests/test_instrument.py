@@ -7,8 +7,9 @@ import pytest
 
 from maxact.discovery.sites import Site
 from maxact.passes import instrument
-from maxact.passes.instrument import STATISTICS, TOKEN_MASK, InstrumentPass, output_name
+from maxact.passes.instrument import TOKEN_MASK, InstrumentPass, output_name
 from maxact.runtime.merge import SiteStats
+from maxact.statistics import site_outputs
 
 
 def _identity_model(opset: int, width: int | str = 6):
@@ -25,7 +26,7 @@ def _run(opset, x, mask, variant="exact"):
     model, y = _identity_model(opset)
     site = Site("residual", 0, y)
     InstrumentPass([site], variant=variant)(model)
-    names = [output_name("layers.0.residual", s.name) for s in STATISTICS]
+    names = [output_name("layers.0.residual", s.name) for s in site_outputs(study=False)]
     assert [v.name for v in model.graph.outputs][: len(names)] == names
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
@@ -100,7 +101,9 @@ def test_absmax_location_and_merge_over_batches():
 
 def test_merge_keeps_the_lowest_location_among_equal_maxima():
     def stats(absmax, loc):
-        return SiteStats(absmax, -1.0, absmax, np.array(loc), np.zeros(2, np.float32), 1, 0.0, 0.0, 0.0, 0, 0)
+        return SiteStats(dict(max=absmax, min=-1.0, absmax=absmax, absmax_location=np.array(loc),
+                              per_channel_absmax=np.zeros(2, np.float32), count=1, sum=0.0, sum_sq=0.0, abs_sum=0.0,
+                              nan_count=0, inf_count=0))
 
     a, b = stats(5.0, [7, 0, 1]), stats(5.0, [3, 9, 0])
     assert tuple(a.merge(b).absmax_location) == (3, 9, 0)

@@ -308,3 +308,20 @@ def test_the_check_finds_a_missing_row_and_an_undocumented_dataset(doc, full_run
         "dataset /sites/embedding/extra (float64, shape ()) is not documented",
         "dataset /sites/{site}/absmax_token is missing in /sites/final_norm",
     ]
+
+
+@pytest.mark.parametrize("table, group", [("SITE_STATISTICS", "/sites/{site}"),
+                                          ("ATTENTION_STATISTICS", "/attention/{layer}")])
+def test_every_declared_statistic_has_its_row_with_the_same_dtype_shape_and_merge(doc, table, group):
+    """maxact.statistics (what the code reads) against docs/run-file.md (what consumers read)."""
+    import maxact.statistics as statistics
+
+    rows = {r.path: r for r in doc.rows}
+    for s in getattr(statistics, table):
+        row = rows.get(f"{group}/{s.name}")
+        assert row is not None, f"{s.name} is declared but has no row {group}/{s.name}"
+        shape = "[" + ", ".join(str(d) for d in s.shape) + "]"
+        assert (row.dtype, row.shape, row.merge) == (s.dtype, shape, s.merge), s.name
+        assert s.level in {lv for lv, _ in row.levels}, s.name
+        assert any(opt for _, opt in row.levels) == s.optional, s.name
+    assert set(statistics.MERGE_RULES) <= doc.merges

@@ -42,7 +42,7 @@ def _expected_texts(run_file, corpus_path):
     row = {int(k): j for j, k in enumerate(stored.sample_index)}
     text = lambda s, p: token_text(tok, int(ids[row[int(s)]][int(p)]))  # noqa: E731
     absmax = {sid: text(*st.absmax_location[:2]) for sid, st in stored.stats.items()}
-    topk = {sid: [text(s, p) for s, p, _ in st.study.topk_location] for sid, st in stored.stats.items()}
+    topk = {sid: [text(s, p) for s, p, _ in st.topk_location] for sid, st in stored.stats.items()}
     return stored, absmax, topk, text
 
 

@@ -38,7 +38,12 @@ from maxact.errors import AnalyzerError
 from maxact.exporters.hf import check_weights
 from maxact.outputs import check_output
 from maxact.runtime.batching import length_sorted_batches
+from maxact.runtime.merge import SiteStats
+from maxact.statistics import SITE_STATISTICS
 from maxact.text import literal, plain_console
+
+#: The statistics compared with PyTorch's, name -> how (``relative``, ``exact``, ``reported``).
+_COMPARED = {s.name: s.compare for s in SITE_STATISTICS if s.compare}
 
 DTYPES = ("fp32", "fp16", "bf16")
 #: Exit status of ``compare-torch`` when a site disagrees (the design's command-line contract).
@@ -56,8 +61,10 @@ class SiteComparison:
     Attributes:
         site_id, role, layer: as in the run file (layer None at model level).
         module, tap: the PyTorch module read and how (``output`` or ``input``).
-        onnx, torch: ``max``, ``min``, ``absmax`` (float64), ``nan_count``, ``inf_count`` (int) and
-            ``location`` (int64 ``[sample, position, channel]`` of max |x|) of each side.
+        onnx, torch: each side's statistics that compare-torch compares (``compare`` in
+            :data:`maxact.statistics.SITE_STATISTICS`): ``max``, ``min``, ``absmax`` (float),
+            ``nan_count``, ``inf_count`` (int) and ``absmax_location`` (int64 ``[sample, position,
+            channel]`` of max |x|).
         rel_diff: ``|torch absmax - onnx absmax| / onnx absmax``; ``rel_diff_max``,
             ``rel_diff_min``: the signed max's and min's difference on the same scale (the ONNX
             max |x|), so a near-zero extreme does not inflate it.
@@ -122,9 +129,8 @@ def read_run(path: Path) -> _Run:
         AnalyzerError: missing file, or not a run file of ``analyzer run``.
     """
     path = Path(path)
-    ranges = ("max", "min", "absmax", "nan_count", "inf_count", "absmax_location")
     f = read_groups(path, lambda name: name == "corpus/sample_index" or (
-        name.startswith("sites/") and name.rsplit("/", 1)[1] in ranges))
+        name.startswith("sites/") and name.rsplit("/", 1)[1] in _COMPARED))
     try:
         meta = f.attrs
         samples = f.groups["corpus"].data["sample_index"]
@@ -132,11 +138,7 @@ def read_run(path: Path) -> _Run:
         for sid, g in f.groups["sites"].groups.items():
             layer = int(g.attrs["layer"])
             sites.append((sid, str(g.attrs["role"]), None if layer < 0 else layer))
-            onnx[sid] = {
-                **{k: float(g.data[k]) for k in ("max", "min", "absmax")},
-                **{k: int(g.data[k]) for k in ("nan_count", "inf_count")},
-                "location": g.data["absmax_location"].astype(np.int64),
-            }
+            onnx[sid] = dict(SiteStats.from_stored({k: g.data[k] for k in _COMPARED}))
     except KeyError as e:
         raise AnalyzerError(f"{path} is not a run file of `analyzer run` ({e})") from e
     missing = [k for k in ("corpus", "tokenizer", "bos", "max_length", "n_tokens", "model_path") if k not in meta]
@@ -224,14 +226,12 @@ def compare_sites(run: _Run, torch_stats: dict, points, rtol: float) -> list[Sit
         if sid not in where:
             continue
         o, st = run.onnx[sid], torch_stats[sid]
-        t = {"max": st.max, "min": st.min, "absmax": st.absmax, "nan_count": st.nan_count,
-             "inf_count": st.inf_count, "location": st.absmax_location.astype(np.int64)}
+        t = {k: st[k] for k in _COMPARED}
         scale = abs(o["absmax"])
-        rd = _rel(t["absmax"], o["absmax"], scale)
-        rmax, rmin = _rel(t["max"], o["max"], scale), _rel(t["min"], o["min"], scale)
-        agree = max(rd, rmax, rmin) <= rtol and (o["nan_count"], o["inf_count"]) == (t["nan_count"], t["inf_count"])
-        out.append(SiteComparison(sid, role, layer, where[sid].module, where[sid].tap, o, t, rd, rmax, rmin, agree,
-                                  bool(np.array_equal(o["location"], t["location"]))))
+        rel = {k: _rel(t[k], o[k], scale) for k, how in _COMPARED.items() if how == "relative"}
+        agree = max(rel.values()) <= rtol and all(o[k] == t[k] for k, how in _COMPARED.items() if how == "exact")
+        out.append(SiteComparison(sid, role, layer, where[sid].module, where[sid].tap, o, t, rel["absmax"], rel["max"],
+                                  rel["min"], agree, bool(np.array_equal(o["absmax_location"], t["absmax_location"]))))
     return out
 
 
@@ -254,9 +254,8 @@ def write_comparison(path: Path, meta: dict, sites: list[SiteComparison], skippe
         g = top.groups[c.site_id] = Group(attrs={"role": c.role, "layer": -1 if c.layer is None else c.layer,
                                                  "module": c.module, "tap": c.tap, "order": order})
         for side, d in (("onnx", c.onnx), ("torch", c.torch)):
-            g.data.update({f"{side}_{k}": np.float64(d[k]) for k in ("max", "min", "absmax")})
-            g.data.update({f"{side}_{k}": np.int64(d[k]) for k in ("nan_count", "inf_count")})
-            g.data[f"{side}_absmax_location"] = d["location"]
+            g.data.update({f"{side}_{s.name}": np.asarray(d[s.name], dtype=s.dtype) for s in SITE_STATISTICS
+                           if s.name in _COMPARED})
         g.data.update({k: np.float64(getattr(c, k)) for k in ("rel_diff", "rel_diff_max", "rel_diff_min", "ratio")})
         g.data.update(agree=np.bool_(c.agree), location_agree=np.bool_(c.location_agree))
     write_groups(path, Group(attrs=dict(meta), groups={COMPARISON_GROUP: top}))
@@ -279,7 +278,7 @@ def print_comparison(console: Console, cmp: Comparison) -> None:
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("location", overflow="fold")
     for c in cmp.sites:
-        loc = "same" if c.location_agree else f"{_loc(c.onnx['location'])} vs {_loc(c.torch['location'])}"
+        loc = "same" if c.location_agree else f"{_loc(c.onnx['absmax_location'])} vs {_loc(c.torch['absmax_location'])}"
         table.add_row(literal(c.site_id), literal(c.role), "" if c.layer is None else str(c.layer),
                       f"{c.onnx['absmax']:.6g}", f"{c.torch['absmax']:.6g}", f"{c.ratio:.6f}", f"{c.worst:.2e}", loc,
                       style=None if c.agree else "red")

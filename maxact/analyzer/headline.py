@@ -9,11 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from maxact.discovery.patterns import ROLE_ORDER
-from maxact.passes.attention import MAX_PREFIX, PREFIX
 from maxact.runtime.merge import SiteStats
+from maxact.statistics import ATTENTION_STATISTICS, derived
 
-#: A head whose mean attention on the first token exceeds this is a sink ("no-op") head.
-SINK_SHARE = 0.9
 
 @dataclass
 class SiteInfo:
@@ -66,45 +64,7 @@ def role_absmax(sites: Sequence[SiteInfo], stats: Mapping[str, SiteStats]) -> li
     return [(r, *best[r]) for r in sorted(best, key=lambda r: ROLE_ORDER.get(r, 999))]
 
 
-def attention_shares(sums: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
-    """layer -> ``first_token_share``, ``top_key_share`` (float64 ``[heads]``, means over valid
-    queries), ``sink_heads`` (heads whose first-token share exceeds :data:`SINK_SHARE`),
-    ``n_queries``, the sums ``first_token_sum`` and ``top_key_sum`` (float64 ``[heads]``) and,
-    where the value vectors are visible, ``value_absmax_first_token`` and ``value_absmax_top_key``
-    (float32 ``[heads]``), from the merged attention outputs of a run."""
-    layers: dict[int, dict[str, np.ndarray]] = {}
-    for name, value in sums.items():
-        prefix = next((x for x in (PREFIX, MAX_PREFIX) if name.startswith(x)), None)
-        rest = name[len(prefix):] if prefix else ""
-        if not rest.startswith("layers."):
-            continue
-        layer_part, stat = rest.split("/")
-        layers.setdefault(int(layer_part.split(".")[1]), {})[stat] = np.asarray(value)
-    out = {}
-    for layer, d in sorted(layers.items()):
-        n = float(d["n_queries"])
-        first = d["first_token_sum"] / n
-        out[layer] = {
-            "first_token_share": first,
-            "top_key_share": d["top_key_sum"] / n,
-            "sink_heads": np.flatnonzero(first > SINK_SHARE).astype(np.int64),
-            "n_queries": np.int64(n),
-            "first_token_sum": d["first_token_sum"],  # kept so that run files merge exactly
-            "top_key_sum": d["top_key_sum"],
-        }
-        for k in ("value_absmax_first_token", "value_absmax_top_key"):
-            if k in d:
-                out[layer][k] = d[k]
-    return out
-
-
-def attention_outputs(shares: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The merged attention outputs (the input of :func:`attention_shares`) back from its result."""
-    sums = {}
-    for layer, d in shares.items():
-        for stat in ("first_token_sum", "top_key_sum", "n_queries"):
-            sums[f"{PREFIX}layers.{layer}/{stat}"] = d[stat]
-        for stat in ("value_absmax_first_token", "value_absmax_top_key"):
-            if stat in d:
-                sums[f"{MAX_PREFIX}layers.{layer}/{stat}"] = d[stat]
-    return sums
+def attention_shares(measured: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
+    """layer -> its measured attention statistics and the derived ones (``first_token_share``,
+    ``top_key_share``, ``sink_heads``; :data:`maxact.statistics.ATTENTION_STATISTICS`), by layer."""
+    return {layer: {**d, **derived(ATTENTION_STATISTICS, d, ("full",))} for layer, d in sorted(measured.items())}

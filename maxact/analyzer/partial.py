@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from maxact.analyzer.headline import attention_outputs, attention_shares, global_peak, role_absmax
+from maxact.analyzer.headline import attention_shares, global_peak, role_absmax
 from maxact.analyzer.runfile import PARTIAL_ROOT_ATTRS, StoredRun, is_run_file, read_run, write_run
 from maxact.analyzer.summary import print_summary
 from maxact.errors import AnalyzerError, RunFileError
 from maxact.outputs import check_output
-from maxact.runtime.merge import merge_all, merge_outputs
+from maxact.runtime.merge import merge_all, merge_attention
 from maxact.text import literal, plain_console
 
 #: Root attributes that must be equal in every part of one run: the options first (a difference is
@@ -101,20 +101,20 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
     ref = identity(first.meta, [s.site_id for s in first.sites])
     order = _in_shard_order(runs, [str(p) for p in paths], ref)
     samples = _samples(order, ref)
-    stats, sums = {}, {}
+    stats, measured = {}, {}
     for r in order:
-        stats, sums = merge_all(stats, r.stats), merge_outputs(sums, attention_outputs(r.attention))
+        stats, measured = merge_all(stats, r.stats), merge_attention(measured, r.attention)
     token_of = _token_texts(order)
     sites = first.sites
     peak = global_peak(sites, stats)
     peak.token = token_of[tuple(int(v) for v in peak.location[:2])]
     absmax_tokens = {sid: token_of[tuple(int(v) for v in st.absmax_location[:2])] for sid, st in stats.items()}
-    topk_tokens = {sid: [token_of[(int(s), int(p))] for s, p, _ in st.study.topk_location]
-                   for sid, st in stats.items() if st.study is not None}
+    topk_tokens = {sid: [token_of[(int(s), int(p))] for s, p, _ in st.topk_location]
+                   for sid, st in stats.items() if st.has_study}
     meta = _merged_meta(first, order, ref)
     count, n_run, n_tokens = len(order), meta["n_samples"], meta["n_tokens"]
     roles = role_absmax(sites, stats)
-    attention = attention_shares(sums)
+    attention = attention_shares(measured)
     write_run(out, meta, sites, first.site_attrs, stats, peak, roles,
               extra_datasets={"corpus/sample_index": np.sort(samples)}, topk_tokens=topk_tokens,
               weights=first.weights, attention=attention, fused_attention=first.fused_attention,
@@ -161,7 +161,7 @@ def _token_texts(order: list[StoredRun]) -> dict[tuple[int, int], str]:
         for sid, st in r.stats.items():
             token_of[tuple(int(v) for v in st.absmax_location[:2])] = r.absmax_tokens[sid]
             if sid in r.topk_tokens:
-                for (s, p, _), text in zip(st.study.topk_location, r.topk_tokens[sid], strict=True):
+                for (s, p, _), text in zip(st.topk_location, r.topk_tokens[sid], strict=True):
                     token_of[(int(s), int(p))] = text
     return token_of
 

@@ -114,7 +114,9 @@ class Pipeline:
         """The model instrumented as ``how`` says, and the sites it measures (model order).
 
         Raises:
-            ValueError: from :class:`~maxact.passes.instrument.InstrumentPass` (an opset below 13).
+            ModelFileError: the graph does not meet :meth:`InstrumentPass.requires
+                <maxact.passes.instrument.InstrumentPass.requires>` (an opset below 13, a graph
+                instrumented already).
         """
         if self._spare is None:
             self._spare = self.model.clone()  # structure only: the weight tensors are shared
@@ -123,8 +125,13 @@ class Pipeline:
             model = self._spare.clone()
             found = _discover(self.path, model, self.roles, self.want_logits)
         sites = [s for s in found.sites if how.site_ids is None or s.site_id in how.site_ids]
-        InstrumentPass(sites, variant=how.variant, float32=how.float32, study=how.study, reducer=how.reducer,
-                       attention=find_attention(found)[0] if how.attention else ())(model)
+        instrument = InstrumentPass(sites, variant=how.variant, float32=how.float32, study=how.study,
+                                    reducer=how.reducer, attention=find_attention(found)[0] if how.attention else ())
+        try:
+            instrument(model)
+        except ir.passes.PreconditionError as e:
+            raise ModelFileError(f"{self.path}: {e}: export the model again with opset 13 or later "
+                                 "(`analyzer export` does)") from None
         return model, sites
 
     def session(self, how: Variant, provider: str = "cpu", threads: int | None = None) -> tuple[Session, list[Site]]:

@@ -8,7 +8,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from maxact.analyzer.distribution import hist_quantile
 from maxact.analyzer.pipeline import Pipeline, Variant, load_model
 from maxact.analyzer.replay import replay
 from maxact.analyzer.runfile import read_groups, write_quant
@@ -18,6 +17,7 @@ from maxact.errors import AnalyzerError
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
 from maxact.runtime.batching import length_sorted_batches
 from maxact.runtime.runner import run_batches, run_sums
+from maxact.statistics import full_hist, hist_quantile
 from maxact.text import literal, plain_console
 
 SCALES = ("maxabs", "p999")
@@ -133,7 +133,7 @@ def _calibrate(session, sids: list[str], batches: list, exact, progress: bool) -
     """Each site's INT8 scales (max |x|, 99.9th percentile, over ``QMAX``) on ``batches``; AnalyzerError if not > 0."""
     cal = run_batches(session, sids, batches, exact, progress=progress)
     scales = {
-        sid: {"maxabs": cal.stats[sid].absmax / QMAX, "p999": hist_quantile(cal.stats[sid].study.hist, 0.999) / QMAX}
+        sid: {"maxabs": cal.stats[sid].absmax / QMAX, "p999": hist_quantile(full_hist(cal.stats[sid]), 0.999) / QMAX}
         for sid in sids
     }
     for sid in sids:

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 import maxact
 from maxact.analyzer.components import ComponentMap, build_component_map
 from maxact.analyzer.corpus import DEFAULT, Corpus, load_corpus, select_samples
-from maxact.analyzer.headline import SiteInfo, attention_outputs, attention_shares, global_peak, role_absmax
+from maxact.analyzer.headline import SiteInfo, attention_shares, global_peak, role_absmax
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
 from maxact.analyzer.pipeline import Pipeline, Variant, load_model
 from maxact.analyzer.runfile import file_sha256, is_run_file, read_run, write_run
@@ -317,8 +317,8 @@ class _Writer:
         samples = np.sort(np.concatenate([b.sample_index for b in self.batches[: result.batches_done]]))
         peak = global_peak(self.infos, result.stats)
         peak.token = token_at(*peak.location[:2])
-        topk_tokens = {sid: [token_at(s_, p_) for s_, p_, _ in st.study.topk_location]
-                       for sid, st in result.stats.items() if st.study is not None}
+        topk_tokens = {sid: [token_at(s_, p_) for s_, p_, _ in st.topk_location]
+                       for sid, st in result.stats.items() if st.has_study}
         roles = role_absmax(self.infos, result.stats)
         meta = {
             **self.run_meta,
@@ -334,7 +334,8 @@ class _Writer:
                         n_samples=len(samples), corpus_sha256=self.passages.corpus.sha256(samples.tolist()))
         write_run(path, meta, self.infos, self.site_attrs, result.stats, peak, roles,
                   extra_datasets={"corpus/sample_index": samples.astype(np.int64)}, topk_tokens=topk_tokens,
-                  weights=self.weights, attention=attention_shares(result.sums), fused_attention=self.fused_attention,
+                  weights=self.weights, attention=attention_shares(result.attention),
+                  fused_attention=self.fused_attention,
                   absmax_tokens={sid: token_at(*st.absmax_location[:2]) for sid, st in result.stats.items()})
         return meta, peak, roles, topk_tokens
 
@@ -406,7 +407,7 @@ def _save(out: Path, result: RunResult, finished: bool, writer: _Writer):
 def _print(console: Console, out: Path, result: RunResult, saved, writer: _Writer) -> None:
     meta, peak, roles, topk_tokens = saved
     print_summary(console, peak, roles, writer.infos, result.stats, meta, topk_tokens.get(peak.site_id),
-                  writer.weights, attention_shares(result.sums))
+                  writer.weights, attention_shares(result.attention))
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
         f"wrote {literal(out)}"
@@ -455,4 +456,4 @@ def _load_checkpoint(path: Path, run_meta: dict[str, object], site_ids: list[str
         raise AnalyzerError(f"{path} holds other passages than this run's first {done} batches: delete it")
     return RunResult(stats=stored.stats, n_tokens=int(stored.meta["n_tokens"]),
                      seconds=float(stored.meta["wall_seconds"]), exact_batches=int(stored.meta["exact_batches"]),
-                     sums=attention_outputs(stored.attention), batches_done=done)
+                     attention=stored.attention, batches_done=done)

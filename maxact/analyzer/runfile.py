@@ -24,14 +24,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from maxact.analyzer.distribution import QUANTILES, hist_quantile
 from maxact.analyzer.headline import Peak, SiteInfo
 from maxact.discovery.patterns import ROLE_ORDER
 from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
 from maxact.formats import FORMAT_MAX, headroom
 from maxact.outputs import temporary_path, write_atomically
-from maxact.runtime.merge import SiteStats, StudyStats
+from maxact.runtime.merge import MEASURED, SiteStats
+from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, derived
 
 
 def model_order(site_id: str, role: str, layer: int | None) -> tuple:
@@ -119,8 +119,10 @@ def write_run(
         extra_datasets: more datasets to store, path -> array (e.g. ``corpus/sample_index``).
         topk_tokens: site id -> the text of the token at each top-k location.
         weights: static weight statistics, written under ``/static/<key>``.
-        attention: layer -> first_token_share, top_key_share, sink_heads, n_queries
-            (``/attention/layers.<i>``); ``fused_attention``: layers whose attention is a fused
+        attention: layer -> its statistics, measured and derived
+            (:func:`maxact.analyzer.headline.attention_shares`), written under
+            ``/attention/layers.<i>`` as :data:`maxact.statistics.ATTENTION_STATISTICS` declares
+            them; ``fused_attention``: layers whose attention is a fused
             operator (not measurable), listed in ``/attention`` attribute ``not_measurable``.
         absmax_tokens: site id -> the text of the token at its absmax location (``absmax_token``).
 
@@ -168,12 +170,9 @@ def _write_sites(f: h5py.File, sites: Sequence[SiteInfo], site_attrs: Mapping[st
         g = g_sites.create_group(site.site_id)
         for k, v in site_attrs[site.site_id].items():
             g.attrs[k] = _attr(v)
-        _write_site(g, st)
-        if absmax_tokens is not None:
-            g.create_dataset("absmax_token", data=stored(absmax_tokens[site.site_id]),
-                             dtype=h5py.string_dtype())
-        if st.study is not None:
-            _write_study(g, st, topk_tokens.get(site.site_id))
+        texts = {"absmax_token": None if absmax_tokens is None else stored(absmax_tokens[site.site_id]),
+                 "topk_token": topk_tokens.get(site.site_id)}
+        _write_site(g, st, texts)
         q = g_quant.create_group(site.site_id)
         for fmt, ratio in headroom(st.absmax).items():
             q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
@@ -203,8 +202,9 @@ def _write_attention(g_att: h5py.Group, attention: Mapping[int, Mapping[str, np.
     g_att.attrs["not_measurable"] = np.array(fused, dtype=h5py.string_dtype())
     for layer, a in attention.items():
         g = g_att.create_group(f"layers.{layer}")
-        for k, v in a.items():
-            g.create_dataset(k, data=v)
+        for s in ATTENTION_STATISTICS:
+            if s.name in a:
+                g.create_dataset(s.name, data=np.asarray(a[s.name], dtype=s.dtype))
 
 
 def _write_summary(s: h5py.Group, peak: Peak, roles: Sequence[tuple[str, float, str]],
@@ -238,42 +238,20 @@ def _in_memory(path: Path) -> Iterator[h5py.File]:
     write_atomically(path, image)
 
 
-def _write_site(g: h5py.Group, st: SiteStats) -> None:
-    """The main statistics of one site (and the moments derived from them)."""
-    for name in ("max", "min", "absmax", "sum", "sum_sq", "abs_sum"):
-        g.create_dataset(name, data=np.float64(getattr(st, name)))
-    for name in ("count", "nan_count", "inf_count"):
-        g.create_dataset(name, data=np.int64(getattr(st, name)))
-    for name in ("mean", "std", "rms", "abs_mean"):
-        g.create_dataset(name, data=np.float64(getattr(st, name)))
-    g.create_dataset("absmax_location", data=st.absmax_location.astype(np.int64))
-    g.create_dataset("per_channel_absmax", data=st.per_channel_absmax.astype(np.float32))
-
-
-def _write_study(g: h5py.Group, st: SiteStats, tokens: Sequence[str] | None) -> None:
-    """The study's datasets of one site: top-k, Sun et al. 2024, histogram and its quantiles."""
-    s = st.study
-    g.create_dataset("topk_abs", data=s.topk_abs.astype(np.float32))
-    g.create_dataset("topk_signed", data=s.topk_signed.astype(np.float32))
-    g.create_dataset("topk_location", data=s.topk_location.astype(np.int64))
-    if tokens is not None:
-        g.create_dataset("topk_token", data=np.array(list(tokens), dtype=h5py.string_dtype()))
-    g.create_dataset("sun_peak_abs", data=np.float64(st.absmax))
-    g.create_dataset("sun_peak_token_median", data=np.float64(s.sun_peak_token_median))
-    g.create_dataset("sun_max_ratio", data=np.float64(s.sun_max_ratio))
-    g.create_dataset("sun_mean_ratio", data=np.float64(s.sun_mean_ratio))
-    g.create_dataset("sun_std_ratio", data=np.float64(s.sun_std_ratio))
-    g.create_dataset("sun_n_tokens", data=np.int64(s.sun_n_tokens))
-    g.create_dataset("sun_n_ratio", data=np.int64(s.sun_n_ratio))
-    g.create_dataset("sun_ratio_sum", data=np.float64(s.sun_ratio_sum))  # kept so that run files merge exactly
-    g.create_dataset("sun_ratio_sum_sq", data=np.float64(s.sun_ratio_sum_sq))
-    g.create_dataset("sun_n_pass", data=np.int64(s.sun_n_pass))
-    g.create_dataset("hist_log10", data=s.hist[1:].astype(np.int64))
-    g.create_dataset("hist_zero", data=np.int64(s.hist[0]))
-    total = int(s.hist.sum())
-    g.create_dataset("zero_frac", data=np.float64(s.hist[0] / total if total else np.nan))
-    for name, q in QUANTILES.items():
-        g.create_dataset(name, data=np.float64(hist_quantile(s.hist, q)))
+def _write_site(g: h5py.Group, st: SiteStats, texts: Mapping[str, object]) -> None:
+    """Every statistic of one site and its derived values (:data:`maxact.statistics.SITE_STATISTICS`),
+    in its declared dtype; the token texts of ``texts`` (as stored) where given."""
+    levels = ("main", "full") if st.has_study else ("main",)
+    values = {**st, **derived(SITE_STATISTICS, st, levels)}
+    for s in SITE_STATISTICS:
+        if s.level not in levels:
+            continue
+        if not s.is_text:
+            g.create_dataset(s.name, data=np.asarray(values[s.name], dtype=s.dtype))
+        elif texts.get(s.name) is not None:
+            text = texts[s.name]
+            data = text if s.shape == () else np.array(list(text), dtype=h5py.string_dtype())
+            g.create_dataset(s.name, data=data, dtype=h5py.string_dtype())
 
 
 @dataclass
@@ -283,9 +261,9 @@ class StoredRun:
     Attributes:
         meta: root attributes (strings as ``str``, numbers as numpy scalars).
         sites: the sites in model order; ``site_attrs``: site id -> its group's attributes.
-        stats: site id -> :class:`SiteStats`, exactly as merged (every field bit-identical).
-        attention: ``/attention``: layer -> its datasets (``first_token_sum``, ``n_queries``, ...),
-            which :func:`maxact.analyzer.headline.attention_outputs` turns back into merged outputs.
+        stats: site id -> :class:`SiteStats`, exactly as merged (every statistic bit-identical).
+        attention: ``/attention``: layer -> its measured statistics (``first_token_sum``,
+            ``n_queries``, ...; not the derived shares), as merged.
         topk_tokens, absmax_tokens: site id -> token texts at the top-k and absmax locations.
         weights: ``/static``; ``fused_attention``: layers listed as not measurable.
         sample_index: int64 ``[n_samples]``, ``/corpus/sample_index``.
@@ -363,13 +341,14 @@ def read_run(path: Path) -> StoredRun:
                 run.absmax_tokens[sid] = _dataset(g["absmax_token"], text)
                 if "topk_token" in g:
                     run.topk_tokens[sid] = list(_dataset(g["topk_token"], text))
-                    study = run.stats[sid].study
-                    if study is None or len(run.topk_tokens[sid]) != len(study.topk_location):
+                    st = run.stats[sid]
+                    if not st.has_study or len(run.topk_tokens[sid]) != len(st.topk_location):
                         raise ValueError("topk_token and topk_location differ in length")
             where = "/attention"
             for name, g in f["attention"].items():
                 where = f"/attention/{name}"
-                run.attention[int(name.split(".")[1])] = {k: g[k][()] for k in g}
+                run.attention[int(name.split(".")[1])] = {s.name: g[s.name][()] for s in ATTENTION_STATISTICS
+                                                          if s.outputs and s.name in g}
             run.fused_attention = [int(x.split(".")[1]) for x in f["attention"].attrs["not_measurable"]]
             where = "/static"
             for key, g in f["static"].items():
@@ -389,29 +368,9 @@ def read_run(path: Path) -> StoredRun:
 
 
 def _read_site(g: h5py.Group) -> SiteStats:
-    """The :class:`SiteStats` that :func:`_write_site` and :func:`_write_study` wrote."""
-    study = None
-    if "hist_log10" in g:
-        study = StudyStats(
-            topk_abs=g["topk_abs"][()],
-            topk_signed=g["topk_signed"][()],
-            topk_location=g["topk_location"][()],
-            sun_peak_token_median=float(g["sun_peak_token_median"][()]),
-            sun_max_ratio=float(g["sun_max_ratio"][()]),
-            sun_ratio_sum=float(g["sun_ratio_sum"][()]),
-            sun_ratio_sum_sq=float(g["sun_ratio_sum_sq"][()]),
-            sun_n_ratio=int(g["sun_n_ratio"][()]),
-            sun_n_tokens=int(g["sun_n_tokens"][()]),
-            sun_n_pass=int(g["sun_n_pass"][()]),
-            hist=np.concatenate([[g["hist_zero"][()]], g["hist_log10"][()]]).astype(np.int64),
-        )
-    return SiteStats(
-        **{k: float(g[k][()]) for k in ("max", "min", "absmax", "sum", "sum_sq", "abs_sum")},
-        **{k: int(g[k][()]) for k in ("count", "nan_count", "inf_count")},
-        absmax_location=g["absmax_location"][()],
-        per_channel_absmax=g["per_channel_absmax"][()],
-        study=study,
-    )
+    """The :class:`SiteStats` that :func:`_write_site` wrote (the study's where ``hist_log10`` is there)."""
+    levels = ("main", "full") if "hist_log10" in g else ("main",)
+    return SiteStats.from_stored({s.name: g[s.name][()] for s in MEASURED if s.level in levels})
 
 
 @dataclass

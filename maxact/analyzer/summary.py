@@ -8,9 +8,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from maxact.analyzer.headline import SINK_SHARE, Peak, SiteInfo
+from maxact.analyzer.headline import Peak, SiteInfo
 from maxact.formats import FORMAT_MAX
 from maxact.runtime.merge import SiteStats
+from maxact.statistics import SINK_SHARE
 from maxact.text import literal
 
 
@@ -69,18 +70,18 @@ def print_summary(
 
 
 def _print_study(console, peak: Peak, sites, stats, tokens) -> None:
-    studied = [x for x in sites if stats[x.site_id].study is not None]
+    studied = [x for x in sites if stats[x.site_id].has_study]
     if not studied:
         return
-    passing = [x for x in studied if stats[x.site_id].study.sun_n_pass]
-    best = max(studied, key=lambda x: stats[x.site_id].study.sun_max_ratio)
-    st = stats[best.site_id].study
+    passing = [x for x in studied if stats[x.site_id].sun_n_pass]
+    best = max(studied, key=lambda x: stats[x.site_id].sun_max_ratio)
+    st = stats[best.site_id]
     console.print(
         f"massive activations (Sun et al. 2024: |x| > 100 and > 1000x the token's median |x|): "
-        f"{sum(stats[x.site_id].study.sun_n_pass for x in passing):,} token-sites at {len(passing)} sites; "
+        f"{sum(stats[x.site_id].sun_n_pass for x in passing):,} token-sites at {len(passing)} sites; "
         f"largest ratio {st.sun_max_ratio:.4g} at {literal(best.site_id)}"
     )
-    top = stats[peak.site_id].study
+    top = stats[peak.site_id]
     table = Table(title=f"top values at {literal(peak.site_id)}")
     for col in ("rank", "value", "sample", "position", "channel", "token"):
         table.add_column(col)

@@ -147,7 +147,8 @@ def reduce_batch(x, mask) -> dict[str, np.ndarray]:
         mask: bool ``[batch, seq]``, True at real tokens.
 
     Returns:
-        The outputs :meth:`maxact.runtime.merge.SiteStats.from_batch` reads: ``max``, ``min``,
+        The graph's ``main`` outputs (:func:`maxact.statistics.site_outputs`), in their order,
+        which :meth:`maxact.runtime.merge.SiteStats.from_batch` reads: ``max``, ``min``,
         ``absmax``, ``absmax_token`` (index among the valid tokens), ``absmax_channel``,
         ``per_channel_absmax`` (float32 ``[width]``), ``count``, ``sum``, ``sum_sq``,
         ``abs_sum``, ``nan_count``, ``inf_count``.

@@ -7,28 +7,37 @@ at each valid query's top key. The layers are found by :func:`maxact.discovery.a
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 
 from maxact.discovery.attention import AttentionProbs
-from maxact.passes.reductions import ReductionBuilder, Statistic
+from maxact.passes.reductions import ReductionBuilder
 
-PREFIX = "maxact_attn/"  # per-batch sums, added up over batches
-MAX_PREFIX = "maxact_attn_max/"  # per-batch maxima, merged by max
-
-
-def attention_name(layer: int, stat: str, merge: str = "sum") -> str:
-    """Output name of an attention statistic; ``merge`` is ``"sum"`` or ``"max"`` over batches."""
-    return f"{PREFIX if merge == 'sum' else MAX_PREFIX}layers.{layer}/{stat}"
+PREFIX = "maxact_attn/"
+_NAME = re.compile(rf"{re.escape(PREFIX)}layers\.(\d+)/(\w+)")
 
 
-def attention_reducer(b: ReductionBuilder, att: AttentionProbs, valid_index: ir.Value) -> dict:
+def attention_name(layer: int, stat: str) -> str:
+    """Graph output name of an attention statistic of a layer."""
+    return f"{PREFIX}layers.{layer}/{stat}"
+
+
+def attention_statistic(name: str) -> tuple[int, str] | None:
+    """(layer, statistic) of a graph output named by :func:`attention_name`; None for another output."""
+    m = _NAME.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def attention_reducer(b: ReductionBuilder, att: AttentionProbs, valid_index: ir.Value) -> dict[str, ir.Value]:
     """Per head: sums over the valid queries of ``P[..., 0]`` and ``max_key P``, the number of
     valid queries, and (where ``V`` is known) the max |value| over the head dimension at the first
     token and at the valid queries' top keys; ``P [batch, heads, query, key]``.
 
     Returns:
-        name -> (value, :class:`Statistic`, merge) with merge ``"sum"`` or ``"max"``.
+        statistic name -> value, for the measured statistics of
+        :data:`maxact.statistics.ATTENTION_STATISTICS`.
     """
     f32, f64 = ir.DataType.FLOAT, ir.DataType.DOUBLE
     p = b.op("Cast", [att.value], to=f32)
@@ -42,11 +51,7 @@ def attention_reducer(b: ReductionBuilder, att: AttentionProbs, valid_index: ir.
         return b.reduce("ReduceSum", b.op("Cast", [valid_queries(x)], to=f64), [0])  # [heads]
 
     n = b.op("Gather", [b.op("Shape", [valid_index]), b.const(np.array(0, np.int64), "zero_index")], axis=0)
-    out = {
-        "first_token_sum": (per_head_sum(first), Statistic("first_token_sum", f64, ("heads",)), "sum"),
-        "top_key_sum": (per_head_sum(top), Statistic("top_key_sum", f64, ("heads",)), "sum"),
-        "n_queries": (n, Statistic("n_queries", ir.DataType.INT64, ()), "sum"),
-    }
+    out = {"first_token_sum": per_head_sum(first), "top_key_sum": per_head_sum(top), "n_queries": n}
     if att.values is not None:
         v_abs = b.reduce("ReduceMax", b.op("Abs", [b.op("Cast", [att.values], to=f32)]), [3])  # [b, h, key]
         # Every row of a batch holds at least one real token, and it is at position 0.
@@ -54,8 +59,6 @@ def attention_reducer(b: ReductionBuilder, att: AttentionProbs, valid_index: ir.
         top_key = b.op("ArgMax", [p], axis=3, keepdims=1, select_last_index=0)  # [b, h, q, 1]
         at_top = b.op("GatherElements", [v_abs, b.op("Squeeze", [top_key, b.const(np.array([3], np.int64), "axis3")])],
                       axis=2)  # [b, h, q]
-        out["value_absmax_first_token"] = (b.reduce("ReduceMax", at_first, [0]),
-                                           Statistic("value_absmax_first_token", f32, ("heads",)), "max")
-        out["value_absmax_top_key"] = (b.reduce("ReduceMax", valid_queries(at_top), [0]),
-                                       Statistic("value_absmax_top_key", f32, ("heads",)), "max")
+        out["value_absmax_first_token"] = b.reduce("ReduceMax", at_first, [0])
+        out["value_absmax_top_key"] = b.reduce("ReduceMax", valid_queries(at_top), [0])
     return out

@@ -13,7 +13,19 @@ import onnx_ir.passes.common as common_passes
 
 from maxact.discovery.sites import Site
 from maxact.passes.attention import attention_name, attention_reducer
-from maxact.passes.reductions import ReductionBuilder, Statistic
+from maxact.passes.reductions import ReductionBuilder, graph_dtype
+from maxact.statistics import (
+    ATTENTION_STATISTICS,
+    HIST_BINS,
+    HIST_LOW,
+    HIST_PER_DECADE,
+    NONFINITE_TOKENS,
+    SUN_MIN_ABS,
+    SUN_MIN_RATIO,
+    TOP_K,
+    by_name,
+    site_outputs,
+)
 
 #: Name of the graph input the instrumented graph adds: ``bool [batch, seq]``, True where a
 #: position holds a real token (the attention mask), False at padding.
@@ -21,53 +33,7 @@ TOKEN_MASK = "maxact_token_mask"
 OUTPUT_PREFIX = "maxact/"
 
 
-#: Per-batch statistics of a site ``x [batch, seq, width]`` over its valid (unpadded) positions,
-#: reduced in float32 (sums of per-token partial sums in float64). Both graph variants
-#: (``exact`` and ``fast``) produce these outputs.
-STATISTICS: tuple[Statistic, ...] = (
-    Statistic("max", ir.DataType.FLOAT, ()),  # signed max over valid, non-NaN x
-    Statistic("min", ir.DataType.FLOAT, ()),  # signed min over valid, non-NaN x
-    Statistic("absmax", ir.DataType.FLOAT, ()),  # max |x| over valid, non-NaN x
-    Statistic("absmax_token", ir.DataType.INT64, ()),  # index among the valid tokens (row-major) of the first such |x|
-    Statistic("absmax_channel", ir.DataType.INT64, ()),  # its channel
-    Statistic("per_channel_absmax", ir.DataType.FLOAT, ("width",)),  # max |x| per channel
-    Statistic("count", ir.DataType.INT64, ()),  # number of valid, finite elements
-    Statistic("sum", ir.DataType.DOUBLE, ()),  # sum of valid, finite x
-    Statistic("sum_sq", ir.DataType.DOUBLE, ()),  # sum of x^2 over valid, finite x
-    Statistic("abs_sum", ir.DataType.DOUBLE, ()),  # sum of |x| over valid, finite x
-    Statistic("nan_count", ir.DataType.INT64, ()),  # NaNs at valid positions
-    Statistic("inf_count", ir.DataType.INT64, ()),  # +-Inf at valid positions
-)
-#: Only in the ``fast`` variant: number of valid tokens of the site holding a NaN or Inf. When it
-#: is not 0, the batch's statistics of every site must be taken from the ``exact`` variant.
-NONFINITE_TOKENS = Statistic("nonfinite_tokens", ir.DataType.INT64, ())
-
-
-#: Histogram of log10 |x|: 512 bins of 1/32 decade over [1e-8, 1e8) (values beyond 1e8 in the last
-#: bin), plus one bin in front for |x| < 1e-8 (zero, in practice).
-HIST_BINS, HIST_LOW, HIST_PER_DECADE = 512, -8.0, 32
-TOP_K = 100
-
-#: The study's statistics (``--stats full``), per batch:
-STUDY_STATISTICS: tuple[Statistic, ...] = (
-    # Top-k |x| (k = 100, fewer in a batch with fewer values), largest first.
-    Statistic("topk_abs", ir.DataType.FLOAT, ("k",)),
-    Statistic("topk_signed", ir.DataType.FLOAT, ("k",)),
-    Statistic("topk_token", ir.DataType.INT64, ("k",)),  # index among the valid tokens
-    Statistic("topk_channel", ir.DataType.INT64, ("k",)),
-    # Sun et al. 2024, per token: ratio = max|x| / median|x| over the width (lower median, as
-    # torch.median); tokens whose median is 0 have no ratio.
-    Statistic("sun_peak_token_median", ir.DataType.FLOAT, ()),  # median |x| of the absmax token
-    Statistic("sun_max_ratio", ir.DataType.FLOAT, ()),
-    Statistic("sun_ratio_sum", ir.DataType.DOUBLE, ()),
-    Statistic("sun_ratio_sum_sq", ir.DataType.DOUBLE, ()),
-    Statistic("sun_n_ratio", ir.DataType.INT64, ()),  # tokens with a ratio
-    Statistic("sun_n_tokens", ir.DataType.INT64, ()),
-    Statistic("sun_n_pass", ir.DataType.INT64, ()),  # tokens with max|x| > 100 and ratio > 1000
-    # Counts per bin: [0] is |x| < 1e-8, [1 + j] is bin j of the log10 histogram.
-    Statistic("hist", ir.DataType.INT64, (HIST_BINS + 1,)),
-)
-SUN_MIN_ABS, SUN_MIN_RATIO = 100.0, 1000.0
+_ATTENTION = by_name(ATTENTION_STATISTICS)
 
 
 def output_name(site_id: str, stat: str) -> str:
@@ -326,8 +292,8 @@ class InstrumentPass(ir.passes.InPlacePass):
     1. A bool input ``maxact_token_mask [batch, seq]`` is added. Each site's valid tokens are
        gathered as rows ``[n_valid, width]`` (row-major order of the mask), so padding never
        counts and no full-size mask is applied.
-    2. For every site, the reductions of :data:`STATISTICS` are added and become graph outputs
-       named ``maxact/<site_id>/<statistic>``: per-token reductions over the last axis first,
+    2. For every site, the reductions of :func:`maxact.statistics.site_outputs` are added and
+       become graph outputs named ``maxact/<site_id>/<output>``: per-token reductions over the last axis first,
        then over the tokens. Variant ``fast`` assumes finite values and reports
        ``nonfinite_tokens`` so the caller can redo a batch with variant ``exact``, which counts
        NaN and Inf and keeps them out of extremes (NaN) and sums (both).
@@ -348,17 +314,27 @@ class InstrumentPass(ir.passes.InPlacePass):
         self.float32 = float32
         self.study = study
         self.keep_outputs = set(keep_outputs)
-        # reducer(b, site, rows) -> {name: (value, Statistic)} replaces the statistics above.
+        # reducer(b, site, rows) -> {name: (value, statistics.Output)} replaces the statistics above.
         self.reducer = reducer
         # [AttentionProbs]: layers whose softmax is reduced to first-token / top-key shares.
         self.attention = list(attention)
 
+    def requires(self, model: ir.Model) -> None:
+        """Preconditions: default-domain opset 13 or later (the reductions' forms), and a graph
+        that is not instrumented already.
+
+        Raises:
+            onnx_ir.passes.PreconditionError: naming the one that fails.
+        """
+        opset = model.graph.opset_imports.get("", 0)
+        if opset < 13:
+            raise ir.passes.PreconditionError(f"the graph's default-domain opset is {opset}; maxact needs 13 or later")
+        if any(v.name == TOKEN_MASK for v in model.graph.inputs):
+            raise ir.passes.PreconditionError(f"the graph is instrumented already (it has the input {TOKEN_MASK})")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        opset = graph.opset_imports.get("", 0)
-        if opset < 13:
-            raise ValueError(f"default-domain opset {opset} < 13 is not supported")
-        b = ReductionBuilder(opset)
+        b = ReductionBuilder(graph.opset_imports[""])
         mask = ir.val(TOKEN_MASK, dtype=ir.DataType.BOOL, shape=ir.Shape(["batch_size", "sequence_length"]))
         graph.inputs.append(mask)
         flat_mask = b.op("Reshape", [mask, b.const(np.array([-1], np.int64), "flat")])
@@ -367,9 +343,7 @@ class InstrumentPass(ir.passes.InPlacePass):
         token_rows = b.op("Concat", [n_tokens, b.const(np.array([-1], np.int64), "flat")], axis=0)
 
         reductions = _fast_reductions if self.variant == "fast" else _exact_reductions
-        specs = STATISTICS + ((NONFINITE_TOKENS,) if self.variant == "fast" else ())
-        if self.study:
-            specs += STUDY_STATISTICS
+        specs = site_outputs(self.study, self.variant)
         new_outputs: list[ir.Value] = []
         placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
         for site in self.sites:
@@ -395,7 +369,7 @@ class InstrumentPass(ir.passes.InPlacePass):
             for spec in site_specs:
                 value = stats[spec.name]
                 value.name = output_name(site.site_id, spec.name)
-                value.dtype = spec.dtype
+                value.dtype = graph_dtype(spec)
                 shape = [f"{site.site_id}_{d}" if isinstance(d, str) else d for d in spec.shape]
                 value.shape = ir.Shape(shape)
                 new_outputs.append(value)
@@ -404,9 +378,10 @@ class InstrumentPass(ir.passes.InPlacePass):
                 b.tape = ir.tape.Tape()
                 made = attention_reducer(b, probs, valid_index)
                 placed.append((probs.matmul or probs.value.producer(), b.tape.nodes))
-                for name, (value, spec, merge) in made.items():
-                    value.name = attention_name(probs.layer, name, merge)
-                    value.dtype = spec.dtype
+                for name, value in made.items():
+                    spec = _ATTENTION[name].outputs[0]
+                    value.name = attention_name(probs.layer, name)
+                    value.dtype = graph_dtype(spec)
                     value.shape = ir.Shape([f"layers.{probs.layer}_{d}" if isinstance(d, str) else d
                                             for d in spec.shape])
                     new_outputs.append(value)

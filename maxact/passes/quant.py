@@ -12,7 +12,8 @@ import numpy as np
 import onnx_ir as ir
 
 from maxact.discovery.sites import Site
-from maxact.passes.reductions import ReductionBuilder, Statistic
+from maxact.passes.reductions import ReductionBuilder
+from maxact.statistics import Output
 
 QMAX = 127
 _F64, _I64 = ir.DataType.DOUBLE, ir.DataType.INT64
@@ -39,7 +40,7 @@ def fake_quant_reducer(scales: Mapping[str, Mapping[str, float]]):
         out = {}
 
         def stat(name, value, dtype):
-            out[name] = (value, Statistic(name, dtype, ()))
+            out[name] = (value, Output(name, dtype.numpy().name))
 
         def count(mask):
             return b.total(b.reduce("ReduceSum", b.op("Cast", [mask], to=ir.DataType.FLOAT), [-1]), _I64)

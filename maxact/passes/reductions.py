@@ -1,29 +1,20 @@
-"""The builder of in-graph reduction nodes and the :class:`Statistic` type of their outputs,
-shared by the instrumentation (sites, attention) and the fake quantisation.
+"""The builder of in-graph reduction nodes, shared by the instrumentation (sites, attention) and
+the fake quantisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from maxact.statistics import Output
 
-@dataclass(frozen=True)
-class Statistic:
-    """One per-batch reduction output of a site.
 
-    Attributes:
-        name: the statistic's name (the output is ``maxact/<site_id>/<name>``).
-        dtype: its dtype in the graph.
-        shape: its shape (``"width"`` for the channel dimension).
-    """
-
-    name: str
-    dtype: ir.DataType
-    shape: tuple
+def graph_dtype(output: Output) -> ir.DataType:
+    """The ONNX data type of a reducer's output."""
+    return ir.DataType.from_numpy(np.dtype(output.dtype))
 
 
 class ReductionBuilder:

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from maxact.analyzer.runfile import Group, model_order, read_datasets, read_groups
+from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
 from maxact.formats import FORMAT_MAX
+from maxact.statistics import SITE_STATISTICS
 
-#: Scalar datasets read from every ``/sites/<site_id>`` group when present.
-SITE_SCALARS = ("absmax", "max", "min", "sun_max_ratio", "sun_n_pass")
+#: Scalar datasets read from every ``/sites/<site_id>`` group when present (``report`` ``every``
+#: in :data:`maxact.statistics.SITE_STATISTICS`); ``absmax_location`` is read beside them.
+SITE_SCALARS = tuple(s.name for s in SITE_STATISTICS if s.report == "every" and s.shape == ())
 #: Datasets read only for the sites named by :func:`detail_sites` (the global peak's site and the
 #: residual site of the peak layer): top-k with locations and token texts, per-channel maxima.
-DETAIL_DATASETS = ("topk_abs", "topk_signed", "topk_location", "topk_token", "per_channel_absmax")
+DETAIL_DATASETS = tuple(s.name for s in SITE_STATISTICS if s.report == "detail")
 #: The formats whose limits the figures draw (of :data:`maxact.formats.FORMAT_MAX`).
 FORMAT_LIMITS = {k: FORMAT_MAX[k] for k in ("fp16", "fp8_e4m3", "fp8_e5m2")}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -60,19 +63,6 @@ class Site:
 
 
 @dataclass
-class Weight:
-    """One ``/static`` entry: ``kind`` ``projection`` or ``norm``, ``layer`` (-1 when none), ``shape``,
-    ``max_abs`` = max |W| (for a norm, its largest |gamma|) and, for norms, ``gamma_argmax``."""
-
-    key: str
-    kind: str
-    layer: int
-    shape: tuple[int, ...]
-    max_abs: float
-    gamma_argmax: int = -1
-
-
-@dataclass
 class RunData:
     """What the report knows of one run, read from its HDF5 file only.
 
@@ -92,7 +82,7 @@ class RunData:
     meta: dict[str, object]
     sites: list[Site]
     summary: dict[str, object]
-    weights: list[Weight]
+    weights: list[WeightStat]
     quant_attrs: dict[str, object]
     sink_heads: dict[int, list[int]]
     sample_index: np.ndarray
@@ -195,9 +185,9 @@ def _read(f: Group, path: Path) -> RunData:
         layer = int(g.attrs.get("layer", -1))
         if layer < 0 and (m := _LAYER.search(key)):
             layer = int(m.group(1))
-        weights.append(Weight(key, str(g.attrs.get("kind", "")), layer,
-                              tuple(int(v) for v in g.attrs.get("shape", ())), _scalar(g.data["max_abs"]),
-                              int(g.data["gamma_argmax"]) if "gamma_argmax" in g.data else -1))
+        weights.append(WeightStat(key, str(g.attrs.get("kind", "")), str(g.attrs.get("tensor", "")),
+                                  tuple(int(v) for v in g.attrs.get("shape", ())), _scalar(g.data["max_abs"]),
+                                  int(g.data["gamma_argmax"]) if "gamma_argmax" in g.data else -1, layer))
     sinks = {int(name.split(".")[1]): [int(h) for h in g.data["sink_heads"]]
              for name, g in f.groups.get("attention", Group()).groups.items() if "sink_heads" in g.data}
     corpus = f.groups.get("corpus", Group()).data

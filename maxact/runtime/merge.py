@@ -1,193 +1,129 @@
-"""Per-site partial statistics of one batch, and their exact merge across batches."""
+"""Per-site partial statistics of one batch, and their exact merge across batches, by the rules
+that :mod:`maxact.statistics` declares for each statistic."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from maxact.passes.attention import MAX_PREFIX, PREFIX
+from maxact.passes.attention import attention_statistic
+from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TOP_K, Statistic, by_name
+
+#: The site statistics made from graph outputs (merged), and the derived ones (computed on reading).
+MEASURED = tuple(s for s in SITE_STATISTICS if s.outputs)
+_MEASURED = by_name(MEASURED)
+_DERIVED = {s.name: s for s in SITE_STATISTICS if s.derive is not None}
+_ATTENTION = by_name(ATTENTION_STATISTICS)
 
 
-@dataclass
-class StudyStats:
-    """The study's statistics of one site (top-k, Sun et al. 2024, log10 histogram).
+def _value(stat: Statistic, raw: object) -> object:
+    """``raw`` as the statistic holds it: a Python float or int for a scalar, else a numpy array
+    of its dtype."""
+    if stat.shape == ():
+        return float(raw) if stat.dtype.startswith("float") else int(raw)
+    return np.asarray(raw, dtype=stat.dtype)
 
-    Attributes:
-        topk_abs, topk_signed: float32 ``[k]``, the k largest |x| (largest first) and their values.
-        topk_location: int64 ``[k, 3]`` (sample, position, channel); ties ordered by location.
-        sun_peak_token_median: median |x| over the width of the token holding the site's absmax.
-        sun_max_ratio: largest per-token max|x| / median|x|; ``sun_ratio_sum`` and
-            ``sun_ratio_sum_sq`` (float64) over the ``sun_n_ratio`` tokens with a nonzero median.
-        sun_n_tokens: tokens seen; ``sun_n_pass``: tokens with max|x| > 100 and ratio > 1000.
-        hist: int64 ``[513]``; ``hist[0]`` counts |x| < 1e-8, ``hist[1 + j]`` bin j of 512 bins of
-            1/32 decade from 1e-8 (the last bin also holds |x| >= 1e8).
+
+def _merged(rule: str, a: object, b: object) -> object:
+    """Two parts merged by a ``max``, ``min`` or ``sum`` rule (element-wise for arrays)."""
+    if rule == "sum":
+        return a + b
+    if np.ndim(a):
+        return np.maximum(a, b) if rule == "max" else np.minimum(a, b)
+    return max(a, b) if rule == "max" else min(a, b)
+
+
+class SiteStats(Mapping):
+    """Statistics of one site over the positions seen so far: statistic name -> value for every
+    measured statistic of :data:`maxact.statistics.SITE_STATISTICS` (the ``full`` ones only with
+    ``--stats full``); scalars as Python floats and ints, arrays in their declared dtype.
+
+    Each statistic, and each derived value (``mean``, ``std``, ``sun_mean_ratio``, the quantiles,
+    ...), is also an attribute: ``st.absmax``, ``st.std``. Of equal maxima of |x| the
+    lexicographically smallest location is kept, so the result does not depend on batching.
     """
 
-    topk_abs: np.ndarray
-    topk_signed: np.ndarray
-    topk_location: np.ndarray
-    sun_peak_token_median: float
-    sun_max_ratio: float
-    sun_ratio_sum: float
-    sun_ratio_sum_sq: float
-    sun_n_ratio: int
-    sun_n_tokens: int
-    sun_n_pass: int
-    hist: np.ndarray
+    def __init__(self, values: Mapping[str, object]):
+        self.values = dict(values)
 
-    @classmethod
-    def from_batch(cls, out: Mapping[str, np.ndarray], sample_index: np.ndarray, valid) -> StudyStats:
-        tokens = np.asarray(out["topk_token"], dtype=np.int64)
-        loc = np.stack([sample_index[valid[0][tokens]], valid[1][tokens], out["topk_channel"]], axis=1)
-        top = cls(
-            topk_abs=np.asarray(out["topk_abs"], np.float32),
-            topk_signed=np.asarray(out["topk_signed"], np.float32),
-            topk_location=loc.astype(np.int64),
-            sun_peak_token_median=float(out["sun_peak_token_median"]),
-            sun_max_ratio=float(out["sun_max_ratio"]),
-            sun_ratio_sum=float(out["sun_ratio_sum"]),
-            sun_ratio_sum_sq=float(out["sun_ratio_sum_sq"]),
-            sun_n_ratio=int(out["sun_n_ratio"]),
-            sun_n_tokens=int(out["sun_n_tokens"]),
-            sun_n_pass=int(out["sun_n_pass"]),
-            hist=np.asarray(out["hist"], np.int64),
-        )
-        return top._ordered(len(top.topk_abs))
+    def __getitem__(self, name: str) -> object:
+        return self.values[name]
 
-    def _ordered(self, k: int) -> StudyStats:
-        loc = self.topk_location
-        order = np.lexsort((loc[:, 2], loc[:, 1], loc[:, 0], -self.topk_abs.astype(np.float64)))[:k]
-        self.topk_abs, self.topk_signed, self.topk_location = (
-            self.topk_abs[order], self.topk_signed[order], loc[order])
-        return self
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
 
-    def merge(self, other: StudyStats, peak_median: float, k: int = 100) -> StudyStats:
-        """Exact merge; ``peak_median`` is the median of the token that holds the merged absmax."""
-        return StudyStats(
-            topk_abs=np.concatenate([self.topk_abs, other.topk_abs]),
-            topk_signed=np.concatenate([self.topk_signed, other.topk_signed]),
-            topk_location=np.concatenate([self.topk_location, other.topk_location]),
-            sun_peak_token_median=peak_median,
-            sun_max_ratio=max(self.sun_max_ratio, other.sun_max_ratio),
-            sun_ratio_sum=self.sun_ratio_sum + other.sun_ratio_sum,
-            sun_ratio_sum_sq=self.sun_ratio_sum_sq + other.sun_ratio_sum_sq,
-            sun_n_ratio=self.sun_n_ratio + other.sun_n_ratio,
-            sun_n_tokens=self.sun_n_tokens + other.sun_n_tokens,
-            sun_n_pass=self.sun_n_pass + other.sun_n_pass,
-            hist=self.hist + other.hist,
-        )._ordered(k)
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getattr__(self, name: str) -> object:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        if name in _DERIVED and all(s.name in values for s in MEASURED if s.level == _DERIVED[name].level):
+            return _DERIVED[name].derive(values)
+        raise AttributeError(name)
 
     @property
-    def sun_mean_ratio(self) -> float:
-        return self.sun_ratio_sum / self.sun_n_ratio if self.sun_n_ratio else float("nan")
-
-    @property
-    def sun_std_ratio(self) -> float:
-        if not self.sun_n_ratio:
-            return float("nan")
-        return float(np.sqrt(max(self.sun_ratio_sum_sq / self.sun_n_ratio - self.sun_mean_ratio**2, 0.0)))
-
-
-@dataclass
-class SiteStats:
-    """Statistics of one site over the positions seen so far (see the design's HDF5 contract).
-
-    Attributes:
-        max, min: signed extremes over valid, non-NaN values (float64).
-        absmax: max |x| (float64); ``absmax_location`` its int64 ``[sample, position, channel]``
-            (sample = index of the passage in the corpus as read). Of equal maxima the
-            lexicographically smallest location is kept, so the result does not depend on batching.
-        per_channel_absmax: float32 ``[width]``, max |x| of each channel.
-        count: number of valid finite elements; ``sum``, ``sum_sq``, ``abs_sum`` over them (float64).
-        nan_count, inf_count: NaN and +-Inf elements at valid positions.
-    """
-
-    max: float
-    min: float
-    absmax: float
-    absmax_location: np.ndarray
-    per_channel_absmax: np.ndarray
-    count: int
-    sum: float
-    sum_sq: float
-    abs_sum: float
-    nan_count: int
-    inf_count: int
-    study: StudyStats | None = None
+    def has_study(self) -> bool:
+        """Whether the study's statistics (``--stats full``) are present."""
+        return "hist_zero" in self.values
 
     @classmethod
-    def from_batch(
-        cls, out: Mapping[str, np.ndarray], sample_index: np.ndarray, valid: tuple[np.ndarray, np.ndarray]
-    ) -> SiteStats:
-        """Build from one batch's outputs of :data:`maxact.passes.instrument.STATISTICS`.
+    def from_stored(cls, raw: Mapping[str, object]) -> SiteStats:
+        """Build from stored values (statistic name -> value as read from a run file)."""
+        return cls({name: _value(_MEASURED[name], value) for name, value in raw.items()})
+
+    @classmethod
+    def from_batch(cls, out: Mapping[str, np.ndarray], sample_index: np.ndarray,
+                   valid: tuple[np.ndarray, np.ndarray]) -> SiteStats:
+        """Build from one batch's outputs of a site (:func:`maxact.statistics.site_outputs`).
 
         Args:
-            out: statistic name -> array, as the instrumented graph returned them.
+            out: output name -> array, as the instrumented graph (or
+                :func:`maxact.analyzer.torch_hooks.reduce_batch`) returned them; the ``full``
+                statistics are made where their outputs are present.
             sample_index: int64 ``[batch]``, the corpus index of each row of the batch.
             valid: (rows, positions) of the valid tokens in row-major order, as
                 ``np.nonzero(attention_mask)`` gives them.
         """
-        token = int(out["absmax_token"])
-        b, t, c = valid[0][token], valid[1][token], int(out["absmax_channel"])
-        return cls(
-            max=float(out["max"]),
-            min=float(out["min"]),
-            absmax=float(out["absmax"]),
-            absmax_location=np.array([sample_index[b], t, c], dtype=np.int64),
-            per_channel_absmax=np.asarray(out["per_channel_absmax"], dtype=np.float32),
-            count=int(out["count"]),
-            sum=float(out["sum"]),
-            sum_sq=float(out["sum_sq"]),
-            abs_sum=float(out["abs_sum"]),
-            nan_count=int(out["nan_count"]),
-            inf_count=int(out["inf_count"]),
-            study=StudyStats.from_batch(out, sample_index, valid) if "hist" in out else None,
-        )
+        values = {}
+        for s in MEASURED:
+            if all(o.name in out for o in s.outputs):
+                raw = s.make(out, sample_index, valid) if s.make is not None else out[s.name]
+                values[s.name] = _value(s, raw)
+        return cls(_top_k(values, k=len(values.get("topk_abs", ()))))
 
     def merge(self, other: SiteStats) -> SiteStats:
-        """Exact merge: max of maxes, min of mins, sums of sums, element-wise channel maxima."""
-        other_wins = other.absmax > self.absmax or (
-            other.absmax == self.absmax and tuple(other.absmax_location) < tuple(self.absmax_location)
-        )
-        winner = other if other_wins else self
-        absmax, loc = winner.absmax, winner.absmax_location
-        study = None
-        if self.study is not None and other.study is not None:
-            study = self.study.merge(other.study, winner.study.sun_peak_token_median)
-        return SiteStats(
-            max=max(self.max, other.max),
-            min=min(self.min, other.min),
-            absmax=absmax,
-            absmax_location=loc,
-            per_channel_absmax=np.maximum(self.per_channel_absmax, other.per_channel_absmax),
-            count=self.count + other.count,
-            sum=self.sum + other.sum,
-            sum_sq=self.sum_sq + other.sum_sq,
-            abs_sum=self.abs_sum + other.abs_sum,
-            nan_count=self.nan_count + other.nan_count,
-            inf_count=self.inf_count + other.inf_count,
-            study=study,
-        )
+        """Exact merge by each statistic's rule (the statistics both sides have)."""
+        a, b = self.values, other.values
+        b_wins = b["absmax"] > a["absmax"] or (
+            b["absmax"] == a["absmax"] and tuple(b["absmax_location"]) < tuple(a["absmax_location"]))
+        winner = b if b_wins else a
+        merged = {}
+        for s in MEASURED:
+            if s.name not in a or s.name not in b:
+                continue
+            if s.merge in ("argmax", "at-argmax"):
+                merged[s.name] = winner[s.name]
+            elif s.merge == "top-k":
+                merged[s.name] = np.concatenate([a[s.name], b[s.name]])
+            else:
+                merged[s.name] = _merged(s.merge, a[s.name], b[s.name])
+        return SiteStats(_top_k(merged, k=TOP_K))
 
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else float("nan")
 
-    @property
-    def std(self) -> float:
-        if not self.count:
-            return float("nan")
-        return float(np.sqrt(max(self.sum_sq / self.count - self.mean**2, 0.0)))
+def _top_k(values: dict[str, object], k: int) -> dict[str, object]:
+    """``values`` with its ``top-k`` statistics ordered (largest |x| first, equal |x| by location)
+    and cut to ``k``."""
+    if "topk_abs" not in values:
+        return values
+    loc = values["topk_location"]
+    order = np.lexsort((loc[:, 2], loc[:, 1], loc[:, 0], -values["topk_abs"].astype(np.float64)))[:k]
+    return {name: v[order] if name in _TOP_K else v for name, v in values.items()}
 
-    @property
-    def rms(self) -> float:
-        return float(np.sqrt(self.sum_sq / self.count)) if self.count else float("nan")
 
-    @property
-    def abs_mean(self) -> float:
-        return self.abs_sum / self.count if self.count else float("nan")
+_TOP_K = {s.name for s in MEASURED if s.merge == "top-k"}
 
 
 def merge_all(parts: Mapping[str, SiteStats | None], new: Mapping[str, SiteStats]) -> dict[str, SiteStats]:
@@ -199,16 +135,24 @@ def merge_all(parts: Mapping[str, SiteStats | None], new: Mapping[str, SiteStats
     return merged
 
 
-def merge_outputs(totals: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Merge a batch's attention outputs ``out`` into ``totals`` (output name -> merged value).
-
-    ``maxact_attn/...`` outputs (sums and counts) are added, ``maxact_attn_max/...`` outputs
-    (maxima) are merged element-wise by max; other names in ``out`` are ignored.
-    """
-    merged = dict(totals)
+def attention_from_batch(out: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """layer -> statistic name -> value of one batch's attention outputs (other outputs ignored)."""
+    layers: dict[int, dict[str, np.ndarray]] = {}
     for name, value in out.items():
-        if name.startswith(PREFIX):
-            merged[name] = value if name not in merged else merged[name] + value
-        elif name.startswith(MAX_PREFIX):
-            merged[name] = value if name not in merged else np.maximum(merged[name], value)
+        if (found := attention_statistic(name)) is not None:
+            layer, stat = found
+            layers.setdefault(layer, {})[stat] = value
+    return layers
+
+
+def merge_attention(totals: Mapping[int, Mapping[str, np.ndarray]],
+                    new: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, dict[str, np.ndarray]]:
+    """Merge attention statistics ``new`` into ``totals`` (layer -> name -> value) by each
+    statistic's rule of :data:`maxact.statistics.ATTENTION_STATISTICS` (sums added, maxima
+    element-wise)."""
+    merged = {layer: dict(d) for layer, d in totals.items()}
+    for layer, d in new.items():
+        into = merged.setdefault(layer, {})
+        for stat, value in d.items():
+            into[stat] = value if stat not in into else _merged(_ATTENTION[stat].merge, into[stat], value)
     return merged

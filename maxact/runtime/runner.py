@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from maxact.passes.instrument import NONFINITE_TOKENS, STATISTICS, STUDY_STATISTICS, output_name
+from maxact.passes.instrument import output_name
 from maxact.runtime.batching import Batch
-from maxact.runtime.merge import SiteStats, merge_all, merge_outputs
+from maxact.runtime.merge import SiteStats, attention_from_batch, merge_all, merge_attention
 from maxact.runtime.session import Session
+from maxact.statistics import NONFINITE_TOKENS, site_outputs
+
+_OUTPUTS = site_outputs(study=True)
 
 
 @dataclass
@@ -27,8 +30,8 @@ class RunResult:
         n_tokens: real (unpadded) tokens processed.
         seconds: wall time of the batch loop (summed over resumed parts).
         exact_batches: batches redone with the exact graph because a site held NaN or Inf.
-        sums: other outputs: ``maxact_attn/...`` summed over the batches, ``maxact_attn_max/...``
-            merged by max (:func:`maxact.runtime.merge.merge_outputs`).
+        attention: layer -> the measured attention statistics merged over the batches
+            (:func:`maxact.runtime.merge.merge_attention`).
         batches_done: how many of the run's batches (in order) the statistics cover.
     """
 
@@ -36,7 +39,7 @@ class RunResult:
     n_tokens: int
     seconds: float
     exact_batches: int = 0
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     batches_done: int = 0
 
     @property
@@ -148,7 +151,7 @@ class _Loop:
     def __init__(self, start: RunResult | None, checkpoint_every: float):
         self.exact: Session | None = None
         self.state = state = start or RunResult(stats={}, n_tokens=0, seconds=0.0)
-        self.stats, self.sums, self.n_exact, self.done_tokens = (dict(state.stats), dict(state.sums),
+        self.stats, self.attention, self.n_exact, self.done_tokens = (dict(state.stats), dict(state.attention),
                                                                  state.exact_batches, state.n_tokens)
         self.checkpoint_every = self.wait = checkpoint_every
         self.began = self.last_checkpoint = time.perf_counter()
@@ -157,7 +160,7 @@ class _Loop:
         """The result of the first ``batches_done`` batches."""
         return RunResult(stats=self.stats, n_tokens=int(self.done_tokens),
                          seconds=self.state.seconds + time.perf_counter() - self.began,
-                         exact_batches=self.n_exact, sums=self.sums, batches_done=batches_done)
+                         exact_batches=self.n_exact, attention=self.attention, batches_done=batches_done)
 
     def exact_if_nonfinite(self, out: Mapping[str, np.ndarray], batch: Batch, site_ids: Sequence[str],
                            exact_session: Callable[[], Session] | None) -> Mapping[str, np.ndarray]:
@@ -172,13 +175,14 @@ class _Loop:
         return out
 
     def add(self, batch: Batch, out: Mapping[str, np.ndarray], site_ids: Sequence[str]) -> None:
-        """Merge the statistics and sums of one batch's outputs into the state."""
+        """Merge the site and attention statistics of one batch's outputs into the state."""
         new = {}
         valid = batch.valid
         for sid in site_ids:
-            part = {s.name: out[k] for s in STATISTICS + STUDY_STATISTICS if (k := output_name(sid, s.name)) in out}
+            part = {o.name: out[k] for o in _OUTPUTS if (k := output_name(sid, o.name)) in out}
             new[sid] = SiteStats.from_batch(part, batch.sample_index, valid)
-        self.stats, self.sums = merge_all(self.stats, new), merge_outputs(self.sums, out)
+        self.stats = merge_all(self.stats, new)
+        self.attention = merge_attention(self.attention, attention_from_batch(out))
         self.done_tokens += batch.n_tokens
 
     def rate(self) -> float:
