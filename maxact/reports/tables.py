@@ -111,8 +111,8 @@ def verdict_table(run: RunData) -> Table:
     """The verdict of one run: per format its largest finite value and whether the run fits it
     (the explanation of its ratios is :data:`maxact.analyzer.verdict.VERDICT_NOTE`, shown once)."""
     rows = [[v.label, v.limit, v.text] for v in run_verdict(run)]
-    peak = run.summary
-    return Table(f"Verdict: {run.name} (global max |x| {float(peak['global_absmax']):.6g} at {peak['global_site']})",
+    s = run.summary
+    return Table(f"Verdict: {run.name} (global max |x| {float(s['global_absmax']):.6g} at {s['global_site']})",
                  ["format", "largest finite", "verdict"], rows, ["", ".6g", ""], align_left={0, 2})
 
 
@@ -266,11 +266,10 @@ def cross_model(runs: Sequence[RunData], parameters: Callable[[RunData], tuple[i
     rows = [[r.name, str(r.meta.get("family", "")), parameter_text(parameters(r)), float(r.summary["global_absmax"]),
              str(r.summary["global_site"]), str(r.summary["global_role"]), residual_share(r),
              *[v.text for v in run_verdict(r)]] for r in runs]
-    n_verdict = len(CROSS_COLUMNS) - 7
     note = ("residual share = the share of layers whose largest |x| lies on the residual stream (roles residual "
             "and residual_post_attn). Parameters: counted from the ONNX file's floating-point initializers "
             "(≥: only the run file's /static weights, without the embedding, because the model file is absent). "
             "The format columns are the verdict (see its note at the top).")
     return Table("Cross-model table (in the form of the study's table)", list(CROSS_COLUMNS), rows,
-                 ["", "", "", ".6g", "", "", ".3f", *[""] * n_verdict], note,
+                 ["", "", "", ".6g", "", "", ".3f", *[""] * (len(CROSS_COLUMNS) - 7)], note,
                  {0, 1, 4, 5, *range(7, len(CROSS_COLUMNS))})
