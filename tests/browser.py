@@ -31,13 +31,15 @@ def find_chromium() -> str | None:
 @dataclass
 class PageCheck:
     """What loading the page showed: ``broken_images`` (their src), ``errors`` (console errors,
-    uncaught exceptions, failed resource loads), the number of images and of tables."""
+    uncaught exceptions, failed resource loads), the number of images and of tables, and the values
+    of the ``expressions`` given to :func:`check_page`."""
 
     broken_images: list[str]
     errors: list[str]
     n_images: int
     n_tables: int
     screenshot: bytes = field(default=b"", repr=False)
+    values: list = field(default_factory=list)
 
 
 class _Pipe:
@@ -85,8 +87,10 @@ class _Pipe:
             self.events.append(m)
 
 
-def check_page(page: Path, chromium: str, screenshot: bool = False, width: int = 1280) -> PageCheck:
-    """Open ``page`` (a local HTML file) in headless Chromium and collect broken images and errors.
+def check_page(page: Path, chromium: str, screenshot: bool = False, width: int = 1280, height: int = 900,
+               expressions: tuple[str, ...] = ()) -> PageCheck:
+    """Open ``page`` (a local HTML file) in headless Chromium with a ``width`` x ``height`` viewport
+    and collect broken images and errors, and the value of each JavaScript ``expression`` (JSON-able).
 
     Raises:
         RuntimeError / TimeoutError: Chromium did not start or did not answer.
@@ -102,7 +106,7 @@ def check_page(page: Path, chromium: str, screenshot: bool = False, width: int =
 
     proc = subprocess.Popen(
         [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe", "--no-first-run",
-         f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank"],
+         f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=child_fds, close_fds=False,
     )
@@ -114,8 +118,12 @@ def check_page(page: Path, chromium: str, screenshot: bool = False, width: int =
         sid = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             pipe.send(f"{domain}.enable", session=sid)
+        pipe.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                         "mobile": False}, session=sid)
         pipe.send("Page.navigate", {"url": Path(page).resolve().as_uri()}, session=sid)
         pipe.wait_event("Page.loadEventFired")
+        values = [pipe.send("Runtime.evaluate", {"expression": e, "returnByValue": True}, session=sid)["result"]
+                  .get("value") for e in expressions]
         result = pipe.send("Runtime.evaluate", {"expression": _BROKEN_IMAGES, "returnByValue": True}, session=sid)
         broken = json.loads(result["result"]["value"])
         counts = pipe.send("Runtime.evaluate", {"expression": "[document.images.length, "
@@ -142,7 +150,7 @@ def check_page(page: Path, chromium: str, screenshot: bool = False, width: int =
                 errors.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}".strip())
             elif m == "Network.loadingFailed":
                 errors.append(f"load failed: {p.get('errorText')}")
-        return PageCheck(broken, errors, int(n_images), int(n_tables), shot)
+        return PageCheck(broken, errors, int(n_images), int(n_tables), shot, values)
     finally:
         try:
             pipe.send("Browser.close", timeout=10)

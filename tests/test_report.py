@@ -53,9 +53,11 @@ def md_table(md: str, title_start: str) -> list[list[str]]:
 
 
 def test_cross_model_table_equals_the_files(runs, report):
-    rows = md_table((report / "report.md").read_text(), "Cross-model table")
+    md = (report / "report.md").read_text()
+    rows = md_table(md, "Cross-model table")
     assert rows[0] == ["model", "family", "parameters", "global max |x|", "site of the global max",
-                       "role of the global max", "residual share"]
+                       "role of the global max", "residual share", "fp16", "bf16", "fp8 e4m3", "fp8 e5m2",
+                       "INT8 per-tensor"]
     assert len(rows) == 3
     # parameters, counted a second way: onnx's own loader over every float initializer
     proto = onnx.load(default_model_path())
@@ -77,10 +79,11 @@ def test_cross_model_table_equals_the_files(runs, report):
                     best[layer] = (a, g.attrs["role"])
             share = np.mean([r in ("residual", "residual_post_attn") for _, r in best.values()])
             assert float(row[6]) == pytest.approx(share, abs=5e-4)
+            assert row[7:] == [r[2] for r in md_table(md, f"Verdict: {row[0]}")[1:]]
     assert n_params == 260032  # stories260K's name
 
 
-def test_role_int8_and_headroom_tables_equal_the_file(runs, report):
+def test_role_int8_and_range_use_tables_equal_the_file(runs, report):
     md = (report / "report.md").read_text()
     full = runs[0]
     with h5py.File(full) as f:
@@ -92,8 +95,8 @@ def test_role_int8_and_headroom_tables_equal_the_file(runs, report):
             value, sid = roles[row[0]]
             assert row[3] == sid and float(row[1]) == pytest.approx(value, rel=1e-5)
             for fmt in ("fp16", "fp8_e4m3", "fp8_e5m2"):
-                stored = f[f"quant/{sid}/headroom_{fmt}"][()]
-                assert row[head.index(f"headroom {fmt}")] == f"{stored:.3g}"
+                stored = f[f"quant/{sid}/range_use_{fmt}"][()]
+                assert row[head.index(f"range use {fmt.replace('_', ' ')}")] == f"{stored:.3g}"
             seen += 1
         assert seen == len(roles)
         int8 = md_table(md, "INT8 fake quantisation")

@@ -26,7 +26,7 @@ KINDS = {"group", "dataset", "attribute"}
 
 @dataclass(frozen=True)
 class Row:
-    """One documented entry, its enumerated placeholders expanded (``headroom_{format}`` -> 4 rows)."""
+    """One documented entry, its enumerated placeholders expanded (``range_use_{format}`` -> 4 rows)."""
 
     path: str  # as in the doc after expansion, e.g. /sites/{site}/absmax or /sites/{site}@role
     kind: str

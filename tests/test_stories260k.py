@@ -108,8 +108,8 @@ def test_study_statistics_match_full_tensors(stories_run, stories_export):
             assert g["hist_log10"][()].sum() + g["hist_zero"][()] == g["count"][()]
 
 
-def test_static_weights_and_headroom_match_the_checkpoint(stories_run):
-    """/static against the PyTorch state dict; /quant headroom against max |x| / format max."""
+def test_static_weights_and_range_use_match_the_checkpoint(stories_run):
+    """/static against the PyTorch state dict; /quant range use against max |x| / format max."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(require_stories())).eval()
@@ -130,7 +130,7 @@ def test_static_weights_and_headroom_match_the_checkpoint(stories_run):
         assert static["final_norm/gamma_argmax"][()] == np.abs(model.model.norm.weight.detach().numpy()).argmax()
         for sid, g in f["sites"].items():
             for fmt, top in fmt_max.items():
-                assert f[f"quant/{sid}/headroom_{fmt}"][()] == pytest.approx(g["absmax"][()] / top, rel=1e-12)
+                assert f[f"quant/{sid}/range_use_{fmt}"][()] == pytest.approx(g["absmax"][()] / top, rel=1e-12)
         for fmt, top in fmt_max.items():
             over = sorted(s for s, g in f["sites"].items() if g["absmax"][()] > top)
             assert sorted(f["quant"].attrs[f"overflow_{fmt}"]) == over

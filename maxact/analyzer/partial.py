@@ -82,7 +82,7 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
     added in another order and agree to float64 rounding. The root attributes are the single
     run's (``n_samples``, ``corpus_sha256`` and ``/corpus/sample_index`` cover every shard;
     ``wall_seconds`` is the sum over the shards, ``created`` the time of the merge); ``model_path``
-    is the first file's. ``/quant`` holds the headroom only (run ``analyzer quant`` on the result).
+    is the first file's. ``/quant`` holds the range use only (run ``analyzer quant`` on the result).
 
     ``force`` allows replacing an existing ``out`` that is not a run file (never a shard).
 
@@ -119,7 +119,8 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
               extra_datasets={"corpus/sample_index": np.sort(samples)}, topk_tokens=topk_tokens,
               weights=first.weights, attention=attention, fused_attention=first.fused_attention,
               absmax_tokens=absmax_tokens)
-    print_summary(console, peak, roles, sites, stats, meta, topk_tokens.get(peak.site_id), first.weights, attention)
+    print_summary(console, peak, roles, sites, stats, meta, topk_tokens.get(peak.site_id), first.weights, attention,
+                  run_path=out)
     console.print(f"merged {count} shards ({n_run} passages, {n_tokens:,} tokens); wrote {literal(out)}")
     return out
 

@@ -407,7 +407,7 @@ def _save(out: Path, result: RunResult, finished: bool, writer: _Writer):
 def _print(console: Console, out: Path, result: RunResult, saved, writer: _Writer) -> None:
     meta, peak, roles, topk_tokens = saved
     print_summary(console, peak, roles, writer.infos, result.stats, meta, topk_tokens.get(peak.site_id),
-                  writer.weights, attention_shares(result.attention))
+                  writer.weights, attention_shares(result.attention), run_path=out)
     console.print(
         f"{result.n_tokens:,} tokens in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s); "
         f"wrote {literal(out)}"

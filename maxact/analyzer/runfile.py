@@ -28,7 +28,7 @@ from maxact.analyzer.headline import Peak, SiteInfo
 from maxact.discovery.patterns import ROLE_ORDER
 from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
-from maxact.formats import FORMAT_MAX, headroom
+from maxact.formats import FORMAT_MAX, range_use
 from maxact.outputs import temporary_path, write_atomically
 from maxact.runtime.merge import MEASURED, SiteStats
 from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, derived
@@ -162,7 +162,7 @@ def _stored_texts(peak: Peak, absmax_tokens: Mapping[str, str] | None, topk_toke
 def _write_sites(f: h5py.File, sites: Sequence[SiteInfo], site_attrs: Mapping[str, Mapping[str, object]],
                  stats: Mapping[str, SiteStats], stored: Callable[[str], str],
                  absmax_tokens: Mapping[str, str] | None, topk_tokens: Mapping[str, Sequence[str]]) -> None:
-    """``/sites/<site_id>`` in model order, and beside each its ``/quant/<site_id>`` headroom, then the overflows."""
+    """``/sites/<site_id>`` in model order, and beside each its ``/quant/<site_id>`` range use, then the overflows."""
     g_sites = f.create_group("sites", track_order=True)
     g_quant = f.create_group("quant")
     for site in sites:
@@ -174,8 +174,8 @@ def _write_sites(f: h5py.File, sites: Sequence[SiteInfo], site_attrs: Mapping[st
                  "topk_token": topk_tokens.get(site.site_id)}
         _write_site(g, st, texts)
         q = g_quant.create_group(site.site_id)
-        for fmt, ratio in headroom(st.absmax).items():
-            q.create_dataset(f"headroom_{fmt}", data=np.float64(ratio))
+        for fmt, ratio in range_use(st.absmax).items():
+            q.create_dataset(f"range_use_{fmt}", data=np.float64(ratio))
     for fmt, top in FORMAT_MAX.items():
         over = [x.site_id for x in sites if stats[x.site_id].absmax > top]
         g_quant.attrs[f"overflow_{fmt}"] = np.array(over, dtype=h5py.string_dtype())

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from maxact.analyzer.headline import Peak, SiteInfo
-from maxact.formats import FORMAT_MAX
+from maxact.analyzer.verdict import VERDICT_NOTE, verdict
+from maxact.formats import FORMAT_MAX, RANGE_USE_NOTE
 from maxact.runtime.merge import SiteStats
 from maxact.statistics import SINK_SHARE
 from maxact.text import literal
@@ -25,9 +26,13 @@ def print_summary(
     peak_topk_tokens: Sequence[str] | None = None,
     weights: Sequence = (),
     attention: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    run_path: object = "RUN.h5",
 ) -> None:
-    """Print the global peak, a per-role table, the massive-activation test, the peak site's top
-    values, and a warning for every site beyond fp16's range or holding NaN/Inf."""
+    """Print the verdict (:func:`print_verdict`), the global peak, a per-role table, the
+    massive-activation test, the peak site's top values, and a warning for every site beyond a
+    format's range or holding NaN/Inf. ``run_path`` is the run file written (named in the command
+    that gives the INT8 check)."""
+    print_verdict(console, peak, {x.site_id: stats[x.site_id].absmax for x in sites}, {}, run_path)
     console.print(
         f"[bold]{literal(meta['model_path'])}[/bold]: {meta['n_samples']} passages, {meta['n_tokens']:,} tokens, "
         f"{len(sites)} sites, {meta['n_layers']} layers, provider {literal(meta['provider'])}"
@@ -39,9 +44,9 @@ def print_summary(
         f"[bold]{literal(peak.site_id)}[/bold] ({layer}, role {literal(peak.role)}), sample {s}, token position {p} "
         f"{literal(repr(peak.token))}, channel {c}"
     )
-    table = Table(title="max |x| per role")
-    for col in ("role", "max |x|", "site", "fp16 headroom"):
-        table.add_column(col, justify="right" if col in ("max |x|", "fp16 headroom") else "left", no_wrap=True)
+    table = Table(title="max |x| per role", caption=RANGE_USE_NOTE, caption_justify="left")
+    for col in ("role", "max |x|", "site", "fp16 range use"):
+        table.add_column(col, justify="right" if col in ("max |x|", "fp16 range use") else "left", no_wrap=True)
     for role, value, sid in roles:
         table.add_row(literal(role), f"{value:.6g}", literal(sid), f"{value / FORMAT_MAX['fp16']:.3g}")
     console.print(table)
@@ -67,6 +72,20 @@ def print_summary(
     for x in bad:
         st = stats[x.site_id]
         console.print(f"[red]warning:[/red] {literal(x.site_id)} has {st.nan_count} NaN and {st.inf_count} Inf values")
+
+
+def print_verdict(console: Console, peak: Peak, absmax: Mapping[str, float],
+                  int8_sqnr: Mapping[str, Mapping[str, float]], run_path: object) -> None:
+    """Print the verdict table of :func:`maxact.analyzer.verdict.verdict` (arguments as there),
+    titled with the global peak, and the line that explains its ratios."""
+    table = Table(title=f"verdict: global max |x| = {peak.absmax:.6g} at {literal(peak.site_id)}",
+                  caption=VERDICT_NOTE, caption_justify="left")
+    table.add_column("format", no_wrap=True)
+    table.add_column("largest finite", justify="right", no_wrap=True)
+    table.add_column("verdict")
+    for v in verdict(absmax, int8_sqnr, run_path):
+        table.add_row(v.label, "" if v.limit is None else f"{v.limit:.6g}", literal(v.text))
+    console.print(table)
 
 
 def _print_study(console, peak: Peak, sites, stats, tokens) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,9 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 
 from maxact.discovery.patterns import ROLE_ORDER  # noqa: E402
 from maxact.reports.load import FORMAT_LIMITS, RunData, Site  # noqa: E402
@@ -33,7 +36,18 @@ _ROLE_LABEL = {
 _LIMIT_LABEL = {"fp16": "fp16 max 65504", "fp8_e4m3": "fp8 e4m3 max 448", "fp8_e5m2": "fp8 e5m2 max 57344"}
 _LIMIT_STYLE = {"fp16": ("tab:red", "--"), "fp8_e4m3": ("tab:purple", ":"), "fp8_e5m2": ("tab:brown", "-.")}
 DPI = 110
-plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.dpi": DPI, "savefig.dpi": DPI})
+#: The figures' font: DejaVu Sans, which matplotlib ships, so every machine draws the same glyphs (Latin,
+#: Greek, Cyrillic, symbols); a token's characters it has no glyph for are written as escapes instead.
+FONT = "DejaVu Sans"
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.dpi": DPI, "savefig.dpi": DPI,
+                     "font.family": FONT})
+
+
+@functools.cache
+def font_glyphs() -> frozenset[int]:
+    """The code points :data:`FONT` has a glyph for."""
+    path = font_manager.findfont(font_manager.FontProperties(family=FONT), fallback_to_default=False)
+    return frozenset(FT2Font(path).get_charmap())
 
 
 def magnitude(x: float) -> str:
@@ -42,9 +56,11 @@ def magnitude(x: float) -> str:
 
 
 def token_label(text: str, limit: int = 14) -> str:
-    """A token's text made safe for a figure label: escapes shown (``\\n``), quotes around it, no
-    mathtext (``$`` escaped), cut to ``limit`` characters."""
-    shown = repr(text)[1:-1] if text else "(empty)"
+    """A token's text made safe for a figure label: non-printable characters escaped as Python writes
+    them (``\\n``, ``\\u200b``), and so are those :data:`FONT` has no glyph for (``\\u65e5``, never a
+    missing-glyph box); quotes around it, no mathtext (``$`` escaped), cut to ``limit`` characters."""
+    glyphs = font_glyphs()
+    shown = "".join(c if ord(c) in glyphs else ascii(c)[1:-1] for c in repr(text)[1:-1]) if text else "(empty)"
     if len(shown) > limit:
         shown = shown[: limit - 1] + "…"
     return "'" + shown.replace("$", r"\$") + "'"

@@ -52,9 +52,16 @@ class Site:
     def absmax(self) -> float:
         return self.values["absmax"]
 
-    def headroom(self, fmt: str) -> float:
-        """max |x| over the format's largest finite value (> 1 overflows), as in ``/quant``."""
+    def range_use(self, fmt: str) -> float:
+        """max |x| over the format's largest finite value (> 1 overflows), as ``/quant`` stores it
+        (``range_use_<format>``; ``headroom_<format>`` in older files)."""
         return self.absmax / FORMAT_MAX[fmt]
+
+    @property
+    def int8_sqnr(self) -> dict[str, float]:
+        """scale -> SQNR in dB of ``analyzer quant``'s INT8 check (``int8_<scale>_sqnr_db``); empty when not checked."""
+        return {k[len("int8_"):-len("_sqnr_db")]: v for k, v in self.quant.items()
+                if k.startswith("int8_") and k.endswith("_sqnr_db")}
 
     @property
     def signed(self) -> float:

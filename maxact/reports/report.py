@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maxact.analyzer.verdict import VERDICT_NOTE
 from maxact.errors import AnalyzerError, OutputError
 from maxact.outputs import check_output
 from maxact.reports import figures, tables
@@ -162,7 +163,9 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
         params = {id(r): parameters_of(r) for r in runs}
         title = f"maxact report: {runs[0].name}" if len(runs) == 1 else f"maxact report: {len(runs)} models"
         blocks: list[Block] = [Text("Activation magnitudes measured by maxact on the ONNX graph, from the run "
-                                    "file(s) " + ", ".join(_shown(p.path) for p in runs) + ".")]
+                                    "file(s) " + ", ".join(_shown(p.path) for p in runs) + "."),
+                              Heading("Verdict", 2, "verdict"), *[tables.verdict_table(r) for r in runs],
+                              Text(VERDICT_NOTE)]
         if len(runs) > 1:
             blocks.append(Heading("Models", 2, "models"))
             blocks.append(tables.cross_model(runs, lambda r: params[id(r)]))

@@ -17,7 +17,7 @@ def slim_copy(src: Path, dst: Path) -> Path:
     ``int8_*`` datasets, ``/attention`` attributes and ``sink_heads``, and per site its attributes,
     ``absmax_location`` and the scalars of :data:`~maxact.reports.load.SITE_SCALARS`, plus the
     datasets of :data:`~maxact.reports.load.DETAIL_DATASETS` for the detail sites. Dropped: moments,
-    histograms and quantiles, per-channel maxima and top-k elsewhere, ``/quant`` headroom (the report
+    histograms and quantiles, per-channel maxima and top-k elsewhere, ``/quant`` range use (the report
     computes it from max |x|). A report made from the copy equals one made from ``src``. The copy
     carries the attribute :data:`SLIM_ATTR` (``src``'s name) and is written atomically
     (:func:`maxact.analyzer.runfile.write_slim_copy`).

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from maxact.analyzer.verdict import FORMAT_LABEL, INT8_LABEL, Verdict, verdict
 from maxact.discovery.patterns import ROLE_ORDER
-from maxact.formats import FORMAT_MAX
+from maxact.formats import FORMAT_MAX, RANGE_USE_NOTE
 from maxact.reports.load import RunData, Site
 
 #: Roles of the residual stream, for the residual share.
@@ -99,9 +100,25 @@ def static_parameter_count(run: RunData) -> int:
     return int(sum(int(np.prod(w.shape)) for w in run.weights if w.shape))
 
 
+def run_verdict(run: RunData) -> list[Verdict]:
+    """The run's verdict (:func:`maxact.analyzer.verdict.verdict`) from its sites' max |x| and, where
+    ``analyzer quant`` ran, their INT8 SQNR."""
+    return verdict({s.site_id: s.absmax for s in run.sites},
+                   {s.site_id: s.int8_sqnr for s in run.sites if s.int8_sqnr}, run.path)
+
+
+def verdict_table(run: RunData) -> Table:
+    """The verdict of one run: per format its largest finite value and whether the run fits it
+    (the explanation of its ratios is :data:`maxact.analyzer.verdict.VERDICT_NOTE`, shown once)."""
+    rows = [[v.label, v.limit, v.text] for v in run_verdict(run)]
+    s = run.summary
+    return Table(f"Verdict: {run.name} (global max |x| {float(s['global_absmax']):.6g} at {s['global_site']})",
+                 ["format", "largest finite", "verdict"], rows, ["", ".6g", ""], align_left={0, 2})
+
+
 def role_maxima(run: RunData) -> Table:
-    """Per role: max |x|, its site, location, and the headroom of fp16 and fp8 (max |x| / largest
-    finite value; > 1 overflows; the definition of the run's ``/quant`` headroom)."""
+    """Per role: max |x|, its site, location, and the range use of fp16 and fp8 (max |x| / largest
+    finite value; > 1 overflows; the run's ``/quant`` ``range_use_<format>``)."""
     best: dict[str, Site] = {}
     for s in run.sites:
         if s.role not in best or s.absmax > best[s.role].absmax:
@@ -110,11 +127,10 @@ def role_maxima(run: RunData) -> Table:
     rows = []
     for role in sorted(best, key=lambda r: ROLE_ORDER.get(r, 999)):
         s = best[role]
-        rows.append([role, s.absmax, s.signed, s.site_id, _loc(s), *[s.headroom(f) for f in fmts]])
-    cols = ["role", "max |x|", "signed", "site", "sample, position, channel", *[f"headroom {f}" for f in fmts]]
-    note = ("headroom = max |x| / the format's largest finite value (fp16 65504, fp8 e4m3 448, fp8 e5m2 57344; "
-            "bf16's is 3.4e38); above 1 the value overflows.")
-    return Table("Max |x| per role", cols, rows, ["", ".6g", "+.6g", "", "", *[".3g"] * len(fmts)], note,
+        rows.append([role, s.absmax, s.signed, s.site_id, _loc(s), *[s.range_use(f) for f in fmts]])
+    cols = ["role", "max |x|", "signed", "site", "sample, position, channel",
+            *[f"range use {FORMAT_LABEL[f]}" for f in fmts]]
+    return Table("Max |x| per role", cols, rows, ["", ".6g", "+.6g", "", "", *[".3g"] * len(fmts)], RANGE_USE_NOTE,
                  align_left={0, 3})
 
 
@@ -122,7 +138,7 @@ def overflow(run: RunData) -> Table:
     """Per number format: how many sites exceed its largest finite value, and which."""
     rows = []
     for fmt in ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2"):
-        over = [s.site_id for s in run.sites if s.headroom(fmt) > 1.0]
+        over = [s.site_id for s in run.sites if s.range_use(fmt) > 1.0]
         top = FORMAT_MAX[fmt]
         shown = ", ".join(over[:8]) + (f", … ({len(over)} in all)" if len(over) > 8 else "")
         rows.append([fmt, top, len(over), shown or "none"])
@@ -240,16 +256,20 @@ def residual_share(run: RunData) -> float:
 
 
 CROSS_COLUMNS = ["model", "family", "parameters", "global max |x|", "site of the global max", "role of the global max",
-                 "residual share"]
+                 "residual share", *FORMAT_LABEL.values(), INT8_LABEL]
 
 
 def cross_model(runs: Sequence[RunData], parameters: Callable[[RunData], tuple[int, bool] | None]) -> Table:
     """One row per run in the form of the study's table: model, family, parameters, global max |x|
-    and its site and role (from ``/summary``), residual share (:func:`residual_share`)."""
+    and its site and role (from ``/summary``), residual share (:func:`residual_share`), then the
+    verdict per format (:func:`run_verdict`)."""
     rows = [[r.name, str(r.meta.get("family", "")), parameter_text(parameters(r)), float(r.summary["global_absmax"]),
-             str(r.summary["global_site"]), str(r.summary["global_role"]), residual_share(r)] for r in runs]
+             str(r.summary["global_site"]), str(r.summary["global_role"]), residual_share(r),
+             *[v.text for v in run_verdict(r)]] for r in runs]
     note = ("residual share = the share of layers whose largest |x| lies on the residual stream (roles residual "
             "and residual_post_attn). Parameters: counted from the ONNX file's floating-point initializers "
-            "(≥: only the run file's /static weights, without the embedding, because the model file is absent).")
+            "(≥: only the run file's /static weights, without the embedding, because the model file is absent). "
+            "The format columns are the verdict (see its note at the top).")
     return Table("Cross-model table (in the form of the study's table)", list(CROSS_COLUMNS), rows,
-                 ["", "", "", ".6g", "", "", ".3f"], note, {0, 1, 4, 5})
+                 ["", "", "", ".6g", "", "", ".3f", *[""] * (len(CROSS_COLUMNS) - 7)], note,
+                 {0, 1, 4, 5, *range(7, len(CROSS_COLUMNS))})
