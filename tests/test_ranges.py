@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import struct
+import sys
 
 import h5py
 import numpy as np
@@ -259,3 +260,28 @@ def test_not_a_run_file(tmp_path, capsys):
     code, err = cli(capsys, "ranges", str(junk), "--format", "ort", "--out", str(tmp_path / "o.json"))
     assert code == 2 and err.startswith(f"error: {junk} is not an HDF5 file, so not a run file of `analyzer run`")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.h5"]
+
+
+def test_trt_cache_refuses_a_name_with_a_colon(run_file, tmp_path, capsys):
+    copy = tmp_path / "colon.h5"
+    shutil.copyfile(run_file, copy)
+    with h5py.File(copy, "a") as f:
+        f["sites/embedding"].attrs["tensor"] = "onnx::Gather_0"
+    code, err = cli(capsys, "ranges", str(copy), "--format", "trt-cache", "--out", str(tmp_path / "c.cache"))
+    assert (code, err) == (2, "error: --format trt-cache cannot name the tensor 'onnx::Gather_0': its readers split "
+                              "each line at the first ':'; use --format trt-table")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colon.h5"]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("torch", ["--format", "smoothquant", "--torch"],
+     "error: --torch writes with PyTorch, which is not installed: install torch, or leave out --torch for safetensors"),
+    ("gguf", ["--format", "imatrix"],
+     "error: --format imatrix writes with the gguf package, which is not installed: pip install gguf"),
+])
+def test_a_missing_writer_package_is_one_line(module, argv, message, run_file, tmp_path, capsys, monkeypatch):
+    run, _ = with_tensors_group(run_file, tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    code, err = cli(capsys, "ranges", str(run), *argv, "--out", str(tmp_path / "out"))
+    assert (code, err) == (2, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tensors.h5"]

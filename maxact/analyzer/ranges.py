@@ -24,8 +24,8 @@ class RangesError(AnalyzerError):
 
 
 #: The first line of the TensorRT calibration cache: TensorRT 8.6's version and its MinMax
-#: calibrator's name (TensorRT itself recalibrates when the line is not its own; readers of the
-#: ranges, such as Model Optimizer and onnxruntime's TensorRT EP, skip it).
+#: calibrator's name (the readers of the ranges, Model Optimizer and onnxruntime's TensorRT EP,
+#: skip it; TensorRT's own builder may refuse another version's header).
 TRT_CACHE_HEADER = "TRT-8601-MinMaxCalibration"
 #: llama.cpp's family names in the ``gguf`` package (``gguf.MODEL_ARCH``), by maxact family.
 GGUF_ARCH = {"llama": "LLAMA", "gemma2": "GEMMA2", "olmo2": "OLMO2", "phi3": "PHI3", "gpt_neox": "GPTNEOX",
@@ -84,7 +84,17 @@ def write_trt_table(run: RunRanges) -> bytes:
 
 def write_trt_cache(run: RunRanges) -> bytes:
     """TensorRT's calibration cache text: :data:`TRT_CACHE_HEADER`, then ``NAME: HEX`` per tensor,
-    HEX the big-endian float32 of the INT8 scale amax / 127."""
+    HEX the big-endian float32 of the INT8 scale amax / 127.
+
+    Raises:
+        RangesError: a tensor name holds ``:`` or a line break, which the readers take for the
+            separator (onnxruntime's TensorRT EP cuts each line at the first ``:``).
+    """
+    bad = [t.name for t in run.tensors if ":" in t.name or "\n" in t.name or "\r" in t.name]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RangesError(f"--format trt-cache cannot name the tensor {bad[0]!r}{more}: its readers split each line "
+                          "at the first ':'; use --format trt-table")
     lines = [TRT_CACHE_HEADER] + [f"{t.name}: {struct.pack('!f', amax(t) / 127).hex()}" for t in run.tensors]
     return ("\n".join(lines) + "\n").encode()
 
