@@ -677,9 +677,10 @@ class TensorRange:
 
     @property
     def rows(self) -> int:
-        """Tokens seen: ``count`` over the width when per-channel statistics are kept, else ``count``."""
-        width = len(self.per_channel_absmax) if self.per_channel_absmax is not None else 1
-        return self.count // max(width, 1)
+        """Tokens seen: ``count`` over the width when a per-channel statistic is kept, else ``count``
+        (elements that are NaN or Inf are not counted)."""
+        per_channel = self.per_channel_sum_sq if self.per_channel_sum_sq is not None else self.per_channel_absmax
+        return self.count // max(len(per_channel), 1) if per_channel is not None else self.count
 
 
 @dataclass
