@@ -322,3 +322,11 @@ def test_ort_ranges_equal_onnxruntime_minmax_calibration_at_the_sites(run_file, 
         lowest, highest = (np.asarray(v).item() for v in theirs[name].range_value)  # shape [1]
         assert ours[name].min == pytest.approx(lowest, rel=1e-5, abs=1e-7), name
         assert ours[name].max == pytest.approx(highest, rel=1e-5, abs=1e-7), name
+
+
+def test_the_command_offers_every_format():
+    from maxact.analyzer.ranges import FORMATS
+    from maxact.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["ranges"]
+    assert next(a for a in sub._actions if a.dest == "format").choices == tuple(FORMATS)
