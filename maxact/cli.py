@@ -88,6 +88,14 @@ def _compare_torch(args: argparse.Namespace) -> int:
     return EXIT_DISAGREE if cmp.flagged else 0
 
 
+def _ranges(args: argparse.Namespace) -> int:
+    from maxact.analyzer.ranges import write_ranges
+
+    out = write_ranges(args.run, args.format, args.out, torch_format=args.torch, force=args.force)
+    print(visible(f"wrote {out} ({args.format})"))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
@@ -103,6 +111,7 @@ examples:
   analyzer run model.onnx --stats full --out m.h5  every statistic of the study, on the whole built-in corpus
   analyzer quant m.h5                              the study's INT8 check, written into m.h5
   analyzer report m.h5 --out report/               report/index.html, report/report.md and figures
+  analyzer ranges m.h5 --format ort --out m.json   calibration ranges quantize_static reads
   analyzer export ./hf-folder onnx/ && analyzer run onnx/model.onnx
 
 Exit codes: 0 success, 2 a user error (one line on stderr, nothing written), 3 a site disagrees
@@ -229,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     _no_progress(c)
     _force(c, "a comparison file")
     c.set_defaults(func=_compare_torch)
+
+    rg = sub.add_parser("ranges", help="the ranges of RUN.h5 in a format a deployment tool reads (onnxruntime, "
+                                       "TensorRT, SmoothQuant, llama.cpp)")
+    rg.add_argument("run", help="a run file of `analyzer run` (only read)")
+    rg.add_argument("--format", required=True, choices=("ort", "trt-table", "trt-cache", "smoothquant", "imatrix"),
+                    help="ort: quantize_static's calibration_cache_path JSON; trt-table: the TensorRT EP's "
+                         "calibration.flatbuffers; trt-cache: TensorRT's calibration cache text; smoothquant: "
+                         "act_scales (safetensors); imatrix: llama.cpp's importance matrix (GGUF)")
+    rg.add_argument("--out", required=True, help="the file to write")
+    rg.add_argument("--torch", action="store_true",
+                    help="smoothquant: the torch.save dict SmoothQuant's scripts torch.load, instead of safetensors")
+    _force(rg, "an output of this --format")
+    rg.set_defaults(func=_ranges)
 
     rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
     rp.add_argument("runs", nargs="+", help="run files of `analyzer run` (several: a cross-model table too)")

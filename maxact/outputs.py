@@ -19,6 +19,7 @@ EXPORT_MARKER = "maxact-export.json"
 KINDS = {
     "run": ("file", "a run file of `analyzer run`", False),
     "compare-torch": ("file", "a comparison file of `analyzer compare-torch`", False),
+    "ranges": ("file", "an output of `analyzer ranges` in this --format", False),
     "report": ("folder", "a report folder of `analyzer report`", False),
     "export": ("folder", "an export folder of `analyzer export`", True),
 }
@@ -111,7 +112,8 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
             the command reads (a folder stands for each file in it).
         force: allow replacing an existing file or folder of another kind (never an input).
         recognise: for the file kinds, the test that an existing file is of ``kind``
-            (``maxact.analyzer.runfile.is_run_file`` or ``is_comparison_file``), see :func:`is_kind`.
+            (``maxact.analyzer.runfile.is_run_file``, ``is_comparison_file``,
+            ``maxact.analyzer.ranges.is_ranges_file``), see :func:`is_kind`.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from maxact.analyzer.headline import Peak, SiteInfo
-from maxact.discovery.patterns import ROLE_ORDER
+from maxact.discovery.patterns import FAMILIES, ROLE_ORDER
 from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
 from maxact.formats import FORMAT_MAX, range_use
@@ -605,3 +605,99 @@ def file_sha256(path: str | Path) -> str:
     """
     st = Path(path).stat()
     return _sha256_of(Path(path).resolve(), st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """The measured range of one tensor of the graph, as the deployment formats need it
+    (:mod:`maxact.analyzer.ranges`).
+
+    Attributes:
+        name: the ONNX value name.
+        min, max, absmax: signed min, signed max and max |x| over the valid positions.
+        count: finite elements seen.
+        per_channel_absmax: max |x| per hidden channel (the last axis) ``[width]``, or None.
+        per_channel_sum_sq: sum of x² per hidden channel ``[width]``, or None (not measured).
+        modules: the checkpoint's module paths of the projections that read this tensor as their
+            input (``model.layers.0.mlp.down_proj``), from the family table; empty when none or
+            when the run's family has no table.
+        site: the site id when the tensor is a role site, else None.
+    """
+
+    name: str
+    min: float
+    max: float
+    absmax: float
+    count: int
+    per_channel_absmax: np.ndarray | None = None
+    per_channel_sum_sq: np.ndarray | None = None
+    modules: tuple[str, ...] = ()
+    site: str | None = None
+
+    @property
+    def rows(self) -> int:
+        """Tokens seen: ``count`` over the width when a per-channel statistic is kept, else ``count``
+        (elements that are NaN or Inf are not counted)."""
+        per_channel = self.per_channel_sum_sq if self.per_channel_sum_sq is not None else self.per_channel_absmax
+        return self.count // max(len(per_channel), 1) if per_channel is not None else self.count
+
+
+@dataclass
+class RunRanges:
+    """The ranges of a run file (:func:`read_ranges`).
+
+    Attributes:
+        meta: root attributes (``family``, ``corpus``, ``n_samples``, ``max_length``, ...).
+        tensors: one :class:`TensorRange` per tensor, the role sites first in model order, then
+            the ``/tensors`` group's; a tensor in both is read from ``/tensors`` (which may hold more
+            statistics), keeping its site id and, when ``/tensors`` names none, the site's modules.
+    """
+
+    meta: dict[str, object]
+    tensors: list[TensorRange]
+
+
+#: The group of per-tensor ranges beside ``/sites`` (to come: ``analyzer run --tensors quantizable``):
+#: one subgroup per tensor with the attribute ``tensor`` (the ONNX name; HDF5 names cannot hold its
+#: slashes), optionally ``modules`` (the projections reading it), and the site datasets' names
+#: (``min``, ``max``, ``absmax``, ``count``, ``per_channel_absmax``) plus ``per_channel_sum_sq``.
+TENSORS_GROUP = "tensors"
+_RANGE_DATASETS = ("min", "max", "absmax", "count", "per_channel_absmax", "per_channel_sum_sq")
+
+
+def read_ranges(path: str | Path) -> RunRanges:
+    """Read the ranges of every measured tensor of a run file: each site of ``/sites`` (its
+    ``tensor`` attribute names the ONNX value) and, when present, each group of ``/tensors``.
+
+    Raises:
+        RunFileError: the file is missing or not a run file (:func:`read_groups`), or a site lacks
+            ``tensor``, ``min``, ``max``, ``absmax`` or ``count`` (named in the message).
+    """
+    root = read_groups(path, lambda name: name.rsplit("/", 1)[-1] in _RANGE_DATASETS)
+    family = next((f for f in FAMILIES if f.name == root.attrs.get("family")), None)
+    tensors: dict[str, TensorRange] = {}
+    where = "/sites"
+    try:
+        for sid, g in root.groups["sites"].groups.items():
+            where = f"/sites/{sid}"
+            layer = int(g.attrs["layer"])
+            modules = family.projections_reading(str(g.attrs["role"]), None if layer < 0 else layer) if family else ()
+            tensors.setdefault(str(g.attrs["tensor"]), _tensor_range(str(g.attrs["tensor"]), g, modules, sid))
+        for key, g in root.groups.get(TENSORS_GROUP, Group()).groups.items():
+            where = f"/{TENSORS_GROUP}/{key}"
+            name = str(g.attrs.get("tensor", key))
+            site = tensors.get(name)
+            modules = tuple(g.attrs.get("modules", ())) or (site.modules if site else ())
+            tensors[name] = _tensor_range(name, g, modules, site.site if site else None)
+    except (KeyError, TypeError, ValueError) as e:
+        detail = str(e.args[0] if isinstance(e, KeyError) and e.args else e)[:160]
+        raise RunFileError(f"{path}: {where} is missing or malformed ({type(e).__name__}: {detail}); it is not a "
+                           "complete run file of this maxact version: run `analyzer run` again") from e
+    return RunRanges(meta=root.attrs, tensors=list(tensors.values()))
+
+
+def _tensor_range(name: str, g: Group, modules: Sequence[str], site: str | None) -> TensorRange:
+    d = g.data
+    return TensorRange(name=name, min=float(d["min"]), max=float(d["max"]), absmax=float(d["absmax"]),
+                       count=int(d["count"]), per_channel_absmax=d.get("per_channel_absmax"),
+                       per_channel_sum_sq=d.get("per_channel_sum_sq"), modules=tuple(modules), site=site)

@@ -117,12 +117,24 @@ class Family:
     patterns: tuple[SitePattern, ...]
     # PyTorch taps of the residual-stream sites (found structurally in ONNX).
     residual_taps: tuple[SitePattern, ...] = ()
+    #: The projections (Linear modules, ``{i}`` the layer) that read each site role's tensor as
+    #: their input: the modules SmoothQuant's ``act_scales`` and llama.cpp's imatrix are keyed by.
+    projection_inputs: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def pattern(self, role: str) -> SitePattern | None:
         for p in self.patterns + self.residual_taps:
             if p.role == role:
                 return p
         return None
+
+    def projections_reading(self, role: str, layer: int | None) -> tuple[str, ...]:
+        """The module paths of the projections whose input is the tensor of the site ``role`` in
+        ``layer`` (None at model level), e.g. ``attn_norm`` -> the q, k and v projections; empty
+        when no projection of the table reads it."""
+        for r, modules in self.projection_inputs:
+            if r == role:
+                return tuple(m.format(i=layer) for m in modules)
+        return ()
 
 
 LLAMA = Family(
@@ -150,6 +162,13 @@ LLAMA = Family(
         SitePattern("residual_post_attn", "model.layers.{i}.post_attention_layernorm", tap="input"),
         SitePattern("residual", "model.layers.{i}"),
     ),
+    projection_inputs=(
+        ("attn_norm", tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),
+        ("attn_context", ("model.layers.{i}.self_attn.o_proj",)),
+        ("mlp_norm", ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj")),
+        ("mlp_product", ("model.layers.{i}.mlp.down_proj",)),
+        ("final_norm", ("lm_head",)),
+    ),
 )
 
 GPT2 = Family(
@@ -176,6 +195,14 @@ GPT2 = Family(
         SitePattern("residual_post_attn", "transformer.h.{i}.ln_2", tap="input"),
         SitePattern("residual", "transformer.h.{i}"),
     ),
+    projection_inputs=(
+        ("attn_norm", ("transformer.h.{i}.attn.c_attn",)),
+        ("attn_context", ("transformer.h.{i}.attn.c_proj",)),
+        ("mlp_norm", ("transformer.h.{i}.mlp.c_fc",)),
+        ("mlp_act", ("transformer.h.{i}.mlp.c_proj",)),  # the same tensor as mlp_product, kept as mlp_act
+        ("mlp_product", ("transformer.h.{i}.mlp.c_proj",)),
+        ("final_norm", ("lm_head",)),
+    ),
 )
 
 _LLAMA_ATTENTION = tuple(p for p in LLAMA.patterns if p.role.startswith("attn_") and p.role != "attn_norm")
@@ -200,6 +227,7 @@ GEMMA2 = Family(
         SitePattern("residual_post_attn", "model.layers.{i}.pre_feedforward_layernorm", tap="input"),
         SitePattern("residual", "model.layers.{i}"),
     ),
+    projection_inputs=LLAMA.projection_inputs,
 )
 
 # Norms after the branches only (OLMo 2): post_attention_layernorm normalises the attention output.
@@ -220,6 +248,8 @@ OLMO2 = Family(
         SitePattern("residual_post_attn", "model.layers.{i}.mlp", tap="input"),
         SitePattern("residual", "model.layers.{i}"),
     ),
+    # No norm before the branches: q, k, v, gate and up read the residual stream itself.
+    projection_inputs=tuple(e for e in LLAMA.projection_inputs if e[0] not in ("attn_norm", "mlp_norm")),
 )
 
 # Fused projections (Phi-3): qkv_proj, and gate_up_proj whose halves are gate and up.
@@ -239,6 +269,13 @@ PHI3 = Family(
         SitePattern("logits", "lm_head"),
     ),
     residual_taps=LLAMA.residual_taps,
+    projection_inputs=(
+        ("attn_norm", ("model.layers.{i}.self_attn.qkv_proj",)),
+        ("attn_context", ("model.layers.{i}.self_attn.o_proj",)),
+        ("mlp_norm", ("model.layers.{i}.mlp.gate_up_proj",)),
+        ("mlp_product", ("model.layers.{i}.mlp.down_proj",)),
+        ("final_norm", ("lm_head",)),
+    ),
 )
 
 # Parallel residual (GPT-NeoX, Pythia): both branches read the layer's input; one residual step.
@@ -259,6 +296,13 @@ GPT_NEOX = Family(
         SitePattern("logits", "embed_out"),
     ),
     residual_taps=(SitePattern("residual", "gpt_neox.layers.{i}"),),
+    projection_inputs=(
+        ("attn_norm", ("gpt_neox.layers.{i}.attention.query_key_value",)),
+        ("attn_context", ("gpt_neox.layers.{i}.attention.dense",)),
+        ("mlp_norm", ("gpt_neox.layers.{i}.mlp.dense_h_to_4h",)),
+        ("mlp_product", ("gpt_neox.layers.{i}.mlp.dense_4h_to_h",)),
+        ("final_norm", ("embed_out",)),
+    ),
 )
 
 
@@ -294,11 +338,20 @@ OPT = Family(
         _decoder("residual_post_attn", "decoder.layers.{i}.final_layer_norm", tap="input"),
         _decoder("residual", "decoder.layers.{i}"),
     ),
+    projection_inputs=(
+        ("attn_norm", tuple(f"model.decoder.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),
+        ("attn_context", ("model.decoder.layers.{i}.self_attn.out_proj",)),
+        ("mlp_norm", ("model.decoder.layers.{i}.fc1",)),
+        ("mlp_product", ("model.decoder.layers.{i}.fc2",)),
+        ("final_norm", ("lm_head",)),
+    ),
 )
 
 _LLAMA_ATTENTION_BLOCK = tuple(p for p in LLAMA.patterns if p.role in ("embedding", "attn_norm", "mlp_norm")) \
     + _LLAMA_ATTENTION
 _LLAMA_ENDS = tuple(p for p in LLAMA.patterns if p.role in ("final_norm", "logits"))
+# The experts of a MoE block see only their routed tokens: only the attention projections and the head.
+_LLAMA_ATTENTION_PROJECTIONS = tuple(e for e in LLAMA.projection_inputs if e[0] not in ("mlp_norm", "mlp_product"))
 
 # Mixture of experts: the router (a Linear to one logit per expert) and the block's output. The
 # experts' outputs are found by structure (one site per expert, ``moe_expert_output.expert<k>``).
@@ -312,6 +365,7 @@ MIXTRAL = Family(
         *_LLAMA_ENDS,
     ),
     residual_taps=LLAMA.residual_taps,
+    projection_inputs=_LLAMA_ATTENTION_PROJECTIONS,
 )
 
 QWEN_MOE = Family(
@@ -324,6 +378,7 @@ QWEN_MOE = Family(
         *_LLAMA_ENDS,
     ),
     residual_taps=LLAMA.residual_taps,
+    projection_inputs=_LLAMA_ATTENTION_PROJECTIONS,
 )
 
 # gpt-oss: the router module returns the routing weights, not its logits: the router site is
@@ -333,6 +388,7 @@ GPT_OSS = Family(
     model_types=("gpt_oss",),
     patterns=(*_LLAMA_ATTENTION_BLOCK, SitePattern("mlp_output", "model.layers.{i}.mlp"), *_LLAMA_ENDS),
     residual_taps=LLAMA.residual_taps,
+    projection_inputs=_LLAMA_ATTENTION_PROJECTIONS,
 )
 
 FAMILIES: tuple[Family, ...] = (LLAMA, GPT2, GEMMA2, OLMO2, PHI3, GPT_NEOX, OPT, MIXTRAL, QWEN_MOE, GPT_OSS)
