@@ -96,6 +96,20 @@ def _ranges(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from maxact.analyzer.evaluate import EvalOptions, evaluate
+    from maxact.analyzer.run import default_model_path
+
+    model = Path(args.model) if args.model and args.model != "default" else default_model_path()
+    evaluate(EvalOptions(
+        model=model, corpus=args.corpus, reference=Path(args.reference) if args.reference else None,
+        exclude=Path(args.exclude) if args.exclude else None, out=Path(args.out) if args.out else None,
+        samples=args.samples, max_length=args.max_length, batch_size=args.batch_size, bos=args.bos,
+        tokenizer=args.tokenizer, provider=args.provider, threads=args.threads, seed=args.seed, inputs=args.inputs,
+        progress=not args.no_progress, force=args.force))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
@@ -112,6 +126,8 @@ examples:
   analyzer quant m.h5                              the study's INT8 check, written into m.h5
   analyzer report m.h5 --out report/               report/index.html, report/report.md and figures
   analyzer ranges m.h5 --format ort --out m.json   calibration ranges quantize_static reads
+  analyzer eval q.onnx --reference model.onnx --exclude m.h5 --samples 16 --out q.json
+                                                   perplexity, KL and top-1 agreement on passages m.h5 did not see
   analyzer export ./hf-folder onnx/ && analyzer run onnx/model.onnx
 
 Exit codes: 0 success, 2 a user error (one line on stderr, nothing written), 3 a site disagrees
@@ -251,6 +267,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="smoothquant: the torch.save dict SmoothQuant's scripts torch.load, instead of safetensors")
     _force(rg, "an output of this --format")
     rg.set_defaults(func=_ranges)
+
+    ev = sub.add_parser("eval", help="perplexity of MODEL.onnx over corpus passages; with --reference also the "
+                                     "KL divergence and top-1 agreement of the next-token distributions")
+    ev.add_argument("model", nargs="?", default=None,
+                    help="the .onnx file (or its folder) with a 'logits' output; omitted or 'default': the built-in "
+                         "stories260K")
+    ev.add_argument("--corpus", help="as for run (default: the --exclude run's corpus, else 'default')")
+    ev.add_argument("--reference", metavar="REF.onnx",
+                    help="a graph of the same tokenizer (e.g. the fp32 one of an INT8 MODEL): mean KL(P_ref || "
+                         "P_model) and top-1 agreement")
+    ev.add_argument("--exclude", metavar="RUN.h5",
+                    help="evaluate only passages this run file did not measure (its corpus, checked by sha256)")
+    ev.add_argument("--out", metavar="EVAL.json", help="the JSON file to write (default: print only)")
+    ev.add_argument("--samples", type=int, help="evaluate only N passages, stratified over domains (as run picks)")
+    ev.add_argument("--max-length", type=int, help="truncate passages to N tokens (default: the --exclude run's, "
+                                                   "else 512)")
+    ev.add_argument("--batch-size", type=int, default=8, help="passages per batch")
+    ev.add_argument("--bos", choices=("none", "auto"), help="as for run (default: the --exclude run's, else none)")
+    ev.add_argument("--tokenizer", help="folder or tokenizer.json (default: beside the model)")
+    _session_options(ev)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the --samples choice")
+    _no_progress(ev)
+    _inputs(ev)
+    _force(ev, "an evaluation")
+    ev.set_defaults(func=_eval)
 
     rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
     rp.add_argument("runs", nargs="+", help="run files of `analyzer run` (several: a cross-model table too)")

@@ -20,6 +20,7 @@ KINDS = {
     "run": ("file", "a run file of `analyzer run`", False),
     "compare-torch": ("file", "a comparison file of `analyzer compare-torch`", False),
     "ranges": ("file", "an output of `analyzer ranges` in this --format", False),
+    "eval": ("file", "an evaluation of `analyzer eval`", False),
     "report": ("folder", "a report folder of `analyzer report`", False),
     "export": ("folder", "an export folder of `analyzer export`", True),
 }
@@ -113,7 +114,7 @@ def check_output(path: str | Path, *, kind: str, inputs: Mapping[str, str | Path
         force: allow replacing an existing file or folder of another kind (never an input).
         recognise: for the file kinds, the test that an existing file is of ``kind``
             (``maxact.analyzer.runfile.is_run_file``, ``is_comparison_file``,
-            ``maxact.analyzer.ranges.is_ranges_file``), see :func:`is_kind`.
+            ``maxact.analyzer.ranges.is_ranges_file``, ``maxact.analyzer.evaluate.is_eval_file``), see :func:`is_kind`.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.

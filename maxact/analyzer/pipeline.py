@@ -27,8 +27,9 @@ from maxact.passes.instrument import InstrumentPass
 from maxact.runtime.session import Session
 
 
-def load_model(path: Path) -> tuple[Path, ir.Model]:
-    """Load an ONNX model lazily (external data stays on disk), fused norms' residual sums exposed.
+def load_model(path: Path, expose_sums: bool = True) -> tuple[Path, ir.Model]:
+    """Load an ONNX model lazily (external data stays on disk), fused norms' residual sums exposed
+    (unless ``expose_sums`` is off: the graph as it is, for ``analyzer eval``).
 
     ``path`` may be a ``.onnx`` file or a folder holding ``model.onnx``.
 
@@ -45,7 +46,8 @@ def load_model(path: Path) -> tuple[Path, ir.Model]:
     model = read_model(path)  # external data checked to lie inside the model's folder
     if model.graph.num_nodes() == 0:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
-    ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
+    if expose_sums:
+        ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
     return path, model
 
 
