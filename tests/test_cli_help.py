@@ -32,7 +32,8 @@ def test_top_level_help_has_examples_and_exit_codes(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("command", ["run", "merge", "quant", "compare-torch", "report", "export", "ranges"])
+@pytest.mark.parametrize("command", ["run", "merge", "quant", "compare-torch", "report", "export", "ranges",
+                                     "eval"])
 def test_every_flag_has_help_and_shows_its_default(command, capsys):
     parser = _subparsers(build_parser())[command]
     for action in parser._actions:

@@ -221,3 +221,41 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(case, run_file, tmp_p
     assert err.strip() == expected
     assert {p: _sha(p) for p in inputs} == before
     assert sorted(tmp_path.rglob("*")) == listing  # nothing written, no temporary left
+
+
+def _feeds(n: int) -> list[dict[str, np.ndarray]]:
+    tok = Tokenizer.from_file(str(BUILTIN / "tokenizer.json"))
+    out = []
+    for text in load_corpus(str(TEST_CORPUS)).texts[:n]:
+        ids = np.array(tok.encode(text, add_special_tokens=False).ids[:32], dtype=np.int64)[None]
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]})
+    return out
+
+
+def test_qdq_and_int4_graphs_are_evaluated_against_the_fp32_one(tmp_path):
+    """A QDQ INT8 graph (quantize_static, MatMuls) and an int4 MatMulNBits graph: finite, close to fp32, not equal."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(_feeds(4))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    (tmp_path / "qdq").mkdir()
+    qdq = tmp_path / "qdq" / "model.onnx"
+    quantize_static(str(MODEL), str(qdq), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"])
+    shutil.copyfile(BUILTIN / "tokenizer.json", tmp_path / "qdq" / "tokenizer.json")
+    quantizer = MatMulNBitsQuantizer(onnx.load(MODEL), block_size=32, is_symmetric=True)
+    quantizer.process()
+    int4 = _copy_model(tmp_path / "int4", quantizer.model.model)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(qdq).graph.node)
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(int4).graph.node)
+    fp32 = _eval(samples=4, max_length=48)
+    for graph in (qdq, int4):
+        record = _eval(model=graph, samples=4, max_length=48, reference=MODEL)
+        assert record["n_tokens"] == fp32["n_tokens"]
+        assert 0 < record["mean_kl"] < 1.0 and 0.5 < record["top1_agreement"] < 1.0, (graph, record)
+        assert np.isfinite(record["perplexity"]) and record["perplexity"] != fp32["perplexity"]

@@ -91,7 +91,7 @@ class _Graph:
     once made, its session."""
 
     path: Path
-    model: ir.Model
+    model: ir.Model | None
     roles: InputRoles
     data_files: list[Path]
     vocab: int | None
@@ -99,13 +99,15 @@ class _Graph:
     session: Session | None = None
 
     def open(self, opts: EvalOptions) -> Session:
-        """The onnxruntime session of the graph (made once).
+        """The onnxruntime session of the graph (made once; the loaded graph is dropped after, as
+        onnxruntime holds its own copy).
 
         Raises:
             ProviderError, ModelLoadError, UnsupportedInputError: from :class:`Session`.
         """
         if self.session is None:
             self.session = Session(self.model, provider=opts.provider, threads=opts.threads, inputs=self.roles)
+            self.model = None
         return self.session
 
 
@@ -173,7 +175,7 @@ def _defaults(opts: EvalOptions, run_meta: dict | None) -> tuple[str, int, str]:
     """The corpus, max length and BOS policy: the options given, else the ``exclude`` run's, else the defaults."""
     run_meta = run_meta or {}
     corpus = opts.corpus or str(run_meta.get("corpus", DEFAULT))
-    max_length = opts.max_length or int(run_meta.get("max_length", 512))
+    max_length = int(run_meta.get("max_length", 512)) if opts.max_length is None else opts.max_length
     bos = opts.bos or str(run_meta.get("bos", "none"))
     return corpus, max_length, bos
 
@@ -204,7 +206,8 @@ def _check_options(opts: EvalOptions, model: _Graph, reference: _Graph | None, c
     Raises:
         AnalyzerError, OutputError: as :func:`evaluate` says.
     """
-    for flag, value in (("--batch-size", opts.batch_size), ("--max-length", opts.max_length or 1)):
+    max_length = 1 if opts.max_length is None else opts.max_length
+    for flag, value in (("--batch-size", opts.batch_size), ("--max-length", max_length)):
         if value < 1:
             raise AnalyzerError(f"{flag} must be at least 1, not {value}")
     if opts.seed < 0:
