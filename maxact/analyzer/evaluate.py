@@ -216,7 +216,7 @@ def _check_options(opts: EvalOptions, model: _Graph, reference: _Graph | None, c
         raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {opts.threads}")
     if opts.out is None:
         return None
-    read = {"the model file": model.path, "the tokenizer": opts.tokenizer or model.path.parent / "tokenizer.json",
+    read = {"the tokenizer": opts.tokenizer or model.path.parent / "tokenizer.json",
             "the corpus": [] if corpus == DEFAULT else corpus, "the --exclude run file": opts.exclude or []}
     for what, graph in (("the model", model), ("the reference", reference)):
         if graph is not None:
