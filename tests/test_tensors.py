@@ -1,0 +1,151 @@
+"""`analyzer run --tensors quantizable`: the tensors onnxruntime's quantize_static calibrates, measured in
+the same pass as the sites, over the valid tokens where the layout allows, stored in `/tensors`."""
+
+from __future__ import annotations
+
+import hashlib
+
+import h5py
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import BUILTIN, TEST_CORPUS
+from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.pipeline import load_model
+from maxact.analyzer.runfile import tensor_group_name
+from maxact.analyzer.tokenize import encode, load_tokenizer
+from maxact.cli import main
+from maxact.discovery.tensors import default_op_types, select_tensors
+
+MODEL = BUILTIN / "model.onnx"
+PROJECTION = "/model/layers.2/mlp/down_proj/MatMul_output_0"  # checked against numpy below
+PROJECTION_INPUT = "/model/layers.2/mlp/Mul_output_0"  # the activation input of down_proj
+
+
+def _run(out, *options: str):
+    assert main(["run", str(MODEL), "--corpus", str(TEST_CORPUS), "--samples", "6", "--no-progress",
+                 "--out", str(out), "--tensors", "quantizable", *options]) == 0
+    return out
+
+
+def _tensors(path) -> dict[str, dict[str, object]]:
+    """Tensor name -> dataset name -> value, and the group's attributes under ``@name``."""
+    with h5py.File(path) as f:
+        return {g.attrs["tensor"]: {**{n: g[n][()] for n in g}, **{f"@{k}": v for k, v in g.attrs.items()}}
+                for g in f["tensors"].values()}
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    """Six passages of different lengths in batches of 4 (so with padding), --stats full."""
+    return _run(tmp_path_factory.mktemp("batched") / "run.h5", "--batch-size", "4", "--stats", "full")
+
+
+@pytest.mark.parametrize("ops", [None, ("MatMul", "Gemm")])
+def test_the_selection_is_onnxruntimes(ops):
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    calibrater = MinMaxCalibrater(str(MODEL), op_types_to_calibrate=list(ops or default_op_types()))
+    theirs, _ = calibrater.select_tensors_to_calibrate(calibrater.model)
+    path, model = load_model(MODEL)
+    mine = select_tensors(path, model.graph, "input_ids", ops or default_op_types())
+    assert {t.name for t in mine} == theirs and len(mine) == len(theirs) > (20 if ops else 300)
+
+
+def _reference(path, names: list[str]) -> dict[str, np.ndarray]:
+    """Each tensor of ``names`` over the run's passages, each passage run alone (no padding) by
+    onnxruntime on the model file with the tensors as outputs: name -> [tokens, ...] concatenated."""
+    proto = onnx.load(str(MODEL))
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with h5py.File(path) as f:
+        samples = f["corpus/sample_index"][()]
+    corpus = load_corpus(str(TEST_CORPUS))
+    ids = encode(load_tokenizer(BUILTIN / "tokenizer.json"), [corpus.texts[k] for k in samples], "none", 512)
+    found: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for seq in ids:
+        feed = {"input_ids": seq[None], "attention_mask": np.ones_like(seq)[None],
+                "position_ids": np.arange(len(seq), dtype=np.int64)[None]}
+        for n, value in zip(names, session.run(names, feed), strict=True):
+            found[n].append(value[0].reshape(len(seq), -1))
+    return {n: np.concatenate(v).astype(np.float64) for n, v in found.items()}
+
+
+def test_ranges_and_channel_sums_equal_numpy_over_the_valid_tokens(batched):
+    stored = _tensors(batched)
+    assert stored[PROJECTION]["@masked"] == 1 and stored[PROJECTION]["@layout"] == "tokens"
+    ref = _reference(batched, [PROJECTION, PROJECTION_INPUT])
+    for name in (PROJECTION, PROJECTION_INPUT):
+        x, st = ref[name], stored[name]
+        np.testing.assert_allclose([st["max"], st["min"], st["absmax"]], [x.max(), x.min(), np.abs(x).max()],
+                                   rtol=1e-5, err_msg=name)
+        assert st["count"] == x.size and st["nonfinite_rows"] == 0
+        hist = np.concatenate([[st["hist_zero"]], st["hist_log10"]])
+        assert hist.sum() == x.size
+    # The projection input has the per-channel statistics; the output of down_proj does not.
+    x, st = ref[PROJECTION_INPUT], stored[PROJECTION_INPUT]
+    np.testing.assert_allclose(st["per_channel_absmax"], np.abs(x).max(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(st["per_channel_sum_sq"], (x * x).sum(axis=0), rtol=1e-5)
+    assert st["per_channel_sum_sq"].dtype == np.float64 and st["per_channel_sum_sq"].shape == (172,)
+    assert "per_channel_absmax" not in stored[PROJECTION] and "per_channel_sum_sq" not in stored[PROJECTION]
+
+
+def test_padding_is_excluded_from_masked_tensors(batched, tmp_path):
+    alone = _tensors(_run(tmp_path / "one.h5", "--batch-size", "1", "--stats", "full"))
+    padded = _tensors(batched)
+    assert alone.keys() == padded.keys()
+    masked = [n for n, st in padded.items() if st["@masked"] == 1]
+    assert len(masked) > 150
+    for name in masked:
+        a, b = alone[name], padded[name]
+        np.testing.assert_allclose([b["max"], b["min"]], [a["max"], a["min"]], rtol=1e-5, err_msg=name)
+        assert a["count"] == b["count"], name
+    # A tensor over every element sees the padding: more elements batched than alone.
+    scores = "/model/layers.0/self_attn/MatMul_output_0"  # Q @ K^T, [batch, heads, q, k]
+    assert padded[scores]["@masked"] == 0 and padded[scores]["count"] > alone[scores]["count"]
+
+
+def test_names_are_escaped_and_the_attributes_say_what_the_tensor_is(batched):
+    assert tensor_group_name("/a/b.c") == "%2Fa%2Fb.c" and tensor_group_name("50%/x") == "50%25%2Fx"
+    assert tensor_group_name(".") == "%2E"
+    with h5py.File(batched) as f:
+        g = f["tensors"][tensor_group_name(PROJECTION_INPUT)]
+        assert g.attrs["tensor"] == PROJECTION_INPUT and g.attrs["producer"] == "Mul"
+        assert list(g.attrs["consumers"]) == ["MatMul"]
+        assert f.attrs["tensors"] == "quantizable" and f.attrs["tensor_ops"] == ",".join(default_op_types())
+        assert f.attrs["n_tensors"] == len(f["tensors"])
+
+
+def test_tensor_ops_restricts_the_selection(tmp_path):
+    stored = _tensors(_run(tmp_path / "mm.h5", "--tensor-ops", "MatMul,Gemm"))
+    path, model = load_model(MODEL)
+    assert list(stored) == [t.name for t in select_tensors(path, model.graph, "input_ids", ("Gemm", "MatMul"))]
+    assert all("hist_log10" not in st for st in stored.values())  # --stats main: no histogram
+
+
+def _exit_code(argv: list[str]) -> int:
+    """``main(argv)``'s exit code, also where argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tensors", "quantizable", "--tensor-ops", "Nope"],
+     "error: --tensor-ops 'Nope': Nope is not an op type onnxruntime's quantiser quantises; choose from Add,"),
+    (["--tensors", "quantizable", "--tensor-ops", ","],
+     "error: --tensor-ops ',': give op types separated by commas, e.g. MatMul,Gemm"),
+    (["--tensor-ops", "MatMul"], "error: --tensor-ops chooses the tensors of --tensors: add --tensors quantizable"),
+    (["--tensors", "all"], "argument --tensors: invalid choice: 'all'"),
+])
+def test_bad_tensor_options_exit_2_with_one_line(tmp_path, capsys, options, message):
+    out = tmp_path / "run.h5"
+    before = hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    code = _exit_code(["run", str(MODEL), "--samples", "2", "--no-progress", "--out", str(out), *options])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+    assert hashlib.sha256(MODEL.read_bytes()).hexdigest() == before
