@@ -149,3 +149,47 @@ def test_bad_tensor_options_exit_2_with_one_line(tmp_path, capsys, options, mess
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
     assert hashlib.sha256(MODEL.read_bytes()).hexdigest() == before
+
+
+def test_a_nan_is_never_dropped_from_a_range():
+    from maxact.passes.tensors import tensor_output_name
+    from maxact.runtime.merge import merge_tensors, tensors_from_batch
+
+    def batch(mx, mn, bad):
+        out = {"max": np.float32(mx), "min": np.float32(mn), "absmax": np.float32(max(mx, -mn)),
+               "count": np.int64(10), "nonfinite_rows": np.int64(bad)}
+        return tensors_from_batch({tensor_output_name(0, k): v for k, v in out.items()}, ["t"])
+
+    clean, nan = batch(2.0, -1.0, 0), batch(1.0, -1.0, 1)  # a NaN that ReduceMax skipped: finite max and min
+    assert np.isnan(nan["t"]["max"]) and np.isnan(nan["t"]["min"]) and np.isnan(nan["t"]["absmax"])
+    for merged in (merge_tensors(clean, nan), merge_tensors(nan, clean)):  # in either order
+        assert np.isnan(merged["t"]["max"]) and merged["t"]["nonfinite_rows"] == 1 and merged["t"]["count"] == 20
+    inf = batch(np.inf, -1.0, 1)  # an Inf is its own range
+    assert inf["t"]["max"] == np.inf and inf["t"]["min"] == -1.0
+
+
+def test_a_nan_in_the_embedding_makes_the_embeddings_range_nan(tmp_path):
+    """The built-in model with one embedding row holding a NaN (as tests/test_nonfinite.py): the
+    batches are redone by the exact variant, which measures the tensors too."""
+    import onnx_ir as ir
+
+    tok = load_tokenizer(BUILTIN / "tokenizer.json")
+    model = ir.load(MODEL)
+    table = model.graph.initializers["model.embed_tokens.weight"]
+    weights = table.const_value.numpy().copy()
+    weights[tok.token_to_id("▁He"), 5] = np.nan
+    table.const_value = ir.tensor(weights, name=table.name)
+    (tmp_path / "m").mkdir()
+    ir.save(model, tmp_path / "m" / "model.onnx")
+    (tmp_path / "m" / "tokenizer.json").write_bytes((BUILTIN / "tokenizer.json").read_bytes())
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Once upon a time there was a cat.\n\nHe ran. He sat down. He smiled.\n\nThe sun was warm.")
+    out = tmp_path / "r.h5"
+    assert main(["run", str(tmp_path / "m" / "model.onnx"), "--corpus", str(corpus), "--batch-size", "2",
+                 "--no-progress", "--out", str(out), "--tensors", "quantizable"]) == 0
+    stored = _tensors(out)
+    embedding = stored["/model/embed_tokens/Gather_output_0"]
+    assert np.isnan(embedding["max"]) and np.isnan(embedding["min"]) and np.isnan(embedding["absmax"])
+    assert embedding["nonfinite_rows"] == 3  # the three valid tokens "▁He"
+    with h5py.File(out) as f:
+        assert f.attrs["exact_batches"] >= 1 and f["sites/embedding/nan_count"][()] == 3
