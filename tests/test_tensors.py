@@ -193,3 +193,35 @@ def test_a_nan_in_the_embedding_makes_the_embeddings_range_nan(tmp_path):
     assert embedding["nonfinite_rows"] == 3  # the three valid tokens "▁He"
     with h5py.File(out) as f:
         assert f.attrs["exact_batches"] >= 1 and f["sites/embedding/nan_count"][()] == 3
+
+
+def test_layouts_from_symbolic_dimensions():
+    from maxact.discovery.tensors import _layout
+
+    b, s = "batch_size", "sequence_length"
+    assert _layout([b, s, 64], b, s) == _layout([b, s], b, s) == "tokens"
+    assert _layout([f"{b}*{s}", 64], b, s) == _layout([f"{s}*{b}", 64], b, s) == "flat_tokens"
+    assert _layout([b, 8, s, s], b, s) == _layout([], b, s) == _layout(None, b, s) == "all"
+    assert _layout([b, s, 64], 1, 7) == "all"  # static ids dimensions name no token axis
+
+
+def test_a_flattened_token_layout_gives_the_same_statistics(batched, tmp_path, monkeypatch):
+    """A [batch * seq, width] tensor is reduced over the same valid rows: declare the projection
+    input ``flat_tokens`` (it is [batch, seq, 172]; the Reshape to [batch * seq, -1] is the same rows)."""
+    import dataclasses
+
+    import maxact.analyzer.run as run_module
+
+    select = run_module.select_tensors
+
+    def flat(*args):
+        return [dataclasses.replace(t, layout="flat_tokens") if t.name == PROJECTION_INPUT else t
+                for t in select(*args)]
+
+    monkeypatch.setattr(run_module, "select_tensors", flat)
+    stored = _tensors(_run(tmp_path / "flat.h5", "--batch-size", "4", "--stats", "full"))
+    assert stored[PROJECTION_INPUT]["@layout"] == "flat_tokens"
+    reference = _tensors(batched)[PROJECTION_INPUT]
+    for name, value in stored[PROJECTION_INPUT].items():
+        if not name.startswith("@"):
+            np.testing.assert_array_equal(value, reference[name], err_msg=name)
