@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quant", help="the study's INT8 check on the passages of RUN.h5, written into it")
     q.add_argument("run", help="a run file of `analyzer run`")
     q.add_argument("model", nargs="?", help="the .onnx file (default: the run's model_path)")
-    q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual)")
+    q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual), "
+                                   "or quantizable: every tensor of a run with --tensors quantizable")
     _session_options(q)
     _no_progress(q)
     _inputs(q, "; default: the run's")

@@ -230,9 +230,10 @@ def _run(out: Path, *options: str) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
-    """A ``--stats full --tensors quantizable`` run file with ``analyzer quant``'s results."""
+    """A ``--stats full --tensors quantizable`` run file with ``analyzer quant``'s results (sites and tensors)."""
     out = _run(tmp_path_factory.mktemp("full") / "run.h5", "--stats", "full", "--tensors", "quantizable")
     assert main(["quant", str(out), "--no-progress"]) == 0
+    assert main(["quant", str(out), "--sites", "quantizable", "--no-progress"]) == 0
     return out
 
 

@@ -225,3 +225,44 @@ def test_a_flattened_token_layout_gives_the_same_statistics(batched, tmp_path, m
     for name, value in stored[PROJECTION_INPUT].items():
         if not name.startswith("@"):
             np.testing.assert_array_equal(value, reference[name], err_msg=name)
+
+
+def test_quant_checks_the_tensors_as_it_checks_the_sites(batched, tmp_path, capsys):
+    """A site and the tensor of the same ONNX value get the same scales and metrics."""
+    import shutil
+
+    tensors, sites = shutil.copyfile(batched, tmp_path / "t.h5"), shutil.copyfile(batched, tmp_path / "s.h5")
+    with h5py.File(batched) as f:
+        groups = {g.attrs["tensor"]: k for k, g in f["tensors"].items()}
+        common = {sid: g.attrs["tensor"] for sid, g in f["sites"].items() if g.attrs["tensor"] in groups}
+    chosen = ["embedding", "layers.0.attn_q", "layers.2.residual"]
+    assert set(chosen) <= set(common)
+    assert main(["quant", str(tensors), "--sites", "quantizable", "--no-progress"]) == 0
+    assert "tensors checked" in capsys.readouterr().out
+    assert main(["quant", str(sites), "--sites", ",".join(chosen), "--no-progress"]) == 0
+    with h5py.File(tensors) as ft, h5py.File(sites) as fs:
+        g = ft["tensors"]
+        checked, skipped = list(g.attrs["int8_tensors"]), list(g.attrs["int8_skipped"])
+        assert sorted(checked + skipped) == sorted(groups) and len(checked) > 300
+        assert "/model/layers.0/self_attn/Where_2_output_0" in skipped  # the -inf attention mask
+        for sid in chosen:
+            mine, theirs = g[groups[common[sid]]], fs["quant"][sid]
+            for scale in ("maxabs", "p999"):
+                assert mine[f"int8_{scale}_scale"][()] == theirs[f"int8_{scale}_scale"][()], sid
+                for metric in ("sqnr_db", "rmse", "clip_rate", "zero_frac"):
+                    name = f"int8_{scale}_{metric}"
+                    np.testing.assert_allclose(mine[name][()], theirs[name][()], rtol=1e-5, err_msg=f"{sid} {name}")
+        assert "int8_sites" not in ft["quant"].attrs  # the sites' check is not run
+
+
+def test_quant_of_the_tensors_needs_a_run_with_them(tmp_path, capsys):
+    out = tmp_path / "run.h5"
+    assert main(["run", str(MODEL), "--corpus", str(TEST_CORPUS), "--samples", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert main(["quant", str(out), "--sites", "quantizable", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: --sites quantizable: {out} has no /tensors: measure them with `analyzer run "
+                           "... --tensors quantizable` first"), err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before and sorted(tmp_path.iterdir()) == [out]

@@ -535,6 +535,31 @@ def _write_group(g: h5py.Group, tree: Group) -> None:
         _write_group(g.create_group(name), sub)
 
 
+@contextlib.contextmanager
+def _edited(path: Path, what: str) -> Iterator[h5py.File]:
+    """The run file ``path`` open for editing: a copy is edited and renamed over it when the
+    ``with`` block ends without an error (else removed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{what}.tmp")
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_int8(g: h5py.Group, by_scale: Mapping[str, Mapping[str, float]]) -> None:
+    """``int8_<scale>_<metric>`` (float64) in ``g``, replacing those present."""
+    for m, metrics in by_scale.items():
+        for k, v in metrics.items():
+            name = f"int8_{m}_{k}"
+            if name in g:
+                del g[name]
+            g.create_dataset(name, data=np.float64(v))
+
+
 def write_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, float]]], corr: Mapping[str, float],
                 n_calib: int, n_eval: int) -> None:
     """Add ``analyzer quant``'s results to the run file ``path`` atomically (a copy is edited, then
@@ -546,28 +571,35 @@ def write_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, floa
         results: site id -> scale name -> metric name -> value. ``corr``: scale name -> Spearman
             correlation. ``n_calib``, ``n_eval``: the passages of each half.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.quant.tmp")
-    try:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            q = f.require_group("quant")
-            for sid, by_scale in results.items():
-                g = q.require_group(sid)
-                for m, metrics in by_scale.items():
-                    for k, v in metrics.items():
-                        name = f"int8_{m}_{k}"
-                        if name in g:
-                            del g[name]
-                        g.create_dataset(name, data=np.float64(v))
-            for m, r in corr.items():
-                q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
-            q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
-            q.attrs["int8_calibration_passages"] = n_calib
-            q.attrs["int8_evaluation_passages"] = n_eval
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _edited(path, "quant") as f:
+        q = f.require_group("quant")
+        for sid, by_scale in results.items():
+            _write_int8(q.require_group(sid), by_scale)
+        for m, r in corr.items():
+            q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
+        q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
+        q.attrs["int8_calibration_passages"] = n_calib
+        q.attrs["int8_evaluation_passages"] = n_eval
+
+
+def write_tensor_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                       skipped: Sequence[str], n_calib: int, n_eval: int) -> None:
+    """Add ``analyzer quant --sites quantizable``'s results to the run file ``path`` atomically:
+    ``/tensors/<escaped name>/int8_<scale>_<metric>`` (float64, replaced where present) and the
+    ``/tensors`` attributes ``int8_tensors`` (checked), ``int8_skipped`` (no usable scale),
+    ``int8_calibration_passages``, ``int8_evaluation_passages``.
+
+    Args:
+        results: tensor name -> scale name -> metric name -> value; ``skipped``: tensor names.
+    """
+    with _edited(path, "quant") as f:
+        g = f["tensors"]
+        for name, by_scale in results.items():
+            _write_int8(g[tensor_group_name(name)], by_scale)
+        g.attrs["int8_tensors"] = np.array(list(results), dtype=h5py.string_dtype())
+        g.attrs["int8_skipped"] = np.array(list(skipped), dtype=h5py.string_dtype())
+        g.attrs["int8_calibration_passages"] = n_calib
+        g.attrs["int8_evaluation_passages"] = n_eval
 
 
 #: Root attribute of a slim copy: what it is and where it came from.

@@ -281,7 +281,7 @@ class InstrumentPass(ir.passes.InPlacePass):
     4. For every tensor of ``tensors`` (:class:`~maxact.discovery.tensors.QuantTensor`, found by
        name), the outputs of :func:`maxact.statistics.tensor_outputs`, named
        ``maxact_tensor/<index>/<output>`` (:func:`~maxact.passes.tensors.tensor_output_name`), in
-       both variants, placed after the tensor's producer as well.
+       both variants (or the ``reducer``'s, as for sites), placed after the tensor's producer as well.
     5. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
        names them, and nodes that then feed nothing are deleted, so the run does not pay for the
        LM head.
@@ -297,7 +297,8 @@ class InstrumentPass(ir.passes.InPlacePass):
         self.float32 = float32
         self.study = study
         self.keep_outputs = set(keep_outputs)
-        # reducer(b, site, rows) -> {name: (value, statistics.Output)} replaces the statistics above.
+        # reducer(b, key, rows) -> {name: (value, statistics.Output)} replaces the statistics above
+        # (key: the site id, or a tensor's name).
         self.reducer = reducer
         # [AttentionProbs]: layers whose softmax is reduced to first-token / top-key shares.
         self.attention = list(attention)
@@ -338,7 +339,7 @@ class InstrumentPass(ir.passes.InPlacePass):
             cast = not (self.float32 and site.value.dtype == ir.DataType.FLOAT)
             rows = valid_rows(b, site.value, valid_index, cast=cast, token_rows=token_rows)
             if self.reducer is not None:
-                made = self.reducer(b, site, rows)
+                made = self.reducer(b, site.site_id, rows)
                 stats = {k: v for k, (v, _) in made.items()}
                 site_specs = tuple(spec for _, spec in made.values())
             else:
@@ -374,9 +375,14 @@ class InstrumentPass(ir.passes.InPlacePass):
         for index, tensor in enumerate(self.tensors):
             b.tape = ir.tape.Tape()
             value = values[tensor.name]
-            made = tensor_reducer(b, tensor, tensor_rows(b, tensor, value, valid_index, token_rows), self.study)
+            rows = tensor_rows(b, tensor, value, valid_index, token_rows)
+            if self.reducer is not None:
+                by_name = self.reducer(b, tensor.name, rows)
+                made, specs = {k: v for k, (v, _) in by_name.items()}, tuple(spec for _, spec in by_name.values())
+            else:
+                made, specs = tensor_reducer(b, tensor, rows, self.study), tensor_outputs(self.study, tensor.projection)
             placed.append((value.producer(), b.tape.nodes))
-            for spec in tensor_outputs(self.study, tensor.projection):
+            for spec in specs:
                 out = made[spec.name]
                 out.name = tensor_output_name(index, spec.name)
                 out.dtype = graph_dtype(spec)
