@@ -38,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
         ray_workers=args.ray_workers,
         inputs=args.inputs,
         force=args.force,
+        tensors=args.tensors,
+        tensor_ops=args.tensor_ops,
     )
     run(opts)
     return 0
@@ -207,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats", choices=("main", "full"), default="main",
                    help="main: extremes, locations, moments and per-channel maxima; full: also "
                         "every statistic of the study (top-k, Sun et al., histogram, attention shares; slower)")
+    r.add_argument("--tensors", choices=("quantizable",),
+                   help="quantizable: also measure min/max/max|x| (per-channel max|x| and sum of x^2 at projection "
+                        "inputs; with --stats full the log10 histogram) of every tensor onnxruntime's QDQ "
+                        "quantize_static calibrates, keyed by ONNX tensor name, in /tensors")
+    r.add_argument("--tensor-ops", metavar="OP,...",
+                   help="only the inputs and outputs of nodes of these op types (e.g. MatMul,Gemm); "
+                        "default: quantize_static's default op types")
     _no_progress(r)
     r.add_argument("--shard", type=_shard, metavar="I/N",
                    help="measure only shard I of N (1-based): batches I, I+N, I+2N, ... of the run's "
@@ -235,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quant", help="the study's INT8 check on the passages of RUN.h5, written into it")
     q.add_argument("run", help="a run file of `analyzer run`")
     q.add_argument("model", nargs="?", help="the .onnx file (default: the run's model_path)")
-    q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual)")
+    q.add_argument("--sites", help="comma-separated site ids (default: the global peak's site and every residual), "
+                                   "or quantizable: every tensor of a run with --tensors quantizable")
     _session_options(q)
     _no_progress(q)
     _inputs(q, "; default: the run's")

@@ -237,6 +237,48 @@ ATTENTION_STATISTICS: tuple[Statistic, ...] = (
 )
 
 
+def _range(name: str) -> Callable[[Mapping[str, np.ndarray], object, object], float]:
+    """The batch's ``name`` (``max``, ``min`` or ``absmax``) of a tensor, NaN where a row held a NaN
+    that the extremes hid: onnxruntime's ReduceMax/ReduceMin may skip NaN, so a batch whose
+    ``nonfinite_rows`` is not 0 while its max and min are finite held one."""
+    def make(out: Mapping[str, np.ndarray], *_) -> float:
+        hidden = int(out["nonfinite_rows"]) and np.isfinite(out["max"]) and np.isfinite(out["min"])
+        return float("nan") if hidden else float(out[name])
+    return make
+
+
+_TENSOR_RANGE = (Output("max", "float32"), Output("min", "float32"), Output("nonfinite_rows", "int64"))
+_SITE = {s.name: s for s in SITE_STATISTICS}
+
+#: The statistics of a tensor a QDQ quantiser calibrates (``analyzer run --tensors quantizable``,
+#: ``/tensors/<name>``), over its valid tokens where its layout is ``[batch, seq, ...]`` or
+#: ``[batch * seq, ...]`` (``masked`` 1), else over every element (``masked`` 0). Reduced in float32
+#: in the graph; NaN is not dropped: a batch holding one gives a NaN range (``nonfinite_rows`` counts
+#: the rows, i.e. valid tokens or the whole tensor, holding NaN or Inf). ``per_channel_*`` only at
+#: projection inputs (the activation input of a MatMul or Gemm whose other input is a weight).
+TENSOR_STATISTICS: tuple[Statistic, ...] = (
+    Statistic("max", "float64", (), "max", "main", _TENSOR_RANGE, make=_range("max")),
+    Statistic("min", "float64", (), "min", "main", _TENSOR_RANGE, make=_range("min")),
+    Statistic("absmax", "float64", (), "max", "main", (Output("absmax", "float32"), *_TENSOR_RANGE),
+              make=_range("absmax")),
+    _measured("count", "int64", "int64", "sum", "main"),  # elements seen (valid tokens x width)
+    _measured("nonfinite_rows", "int64", "int64", "sum", "main"),
+    _measured("per_channel_absmax", "float32", "float32", "max", "main", ("width",), optional=True),
+    # Per batch in float32 (a MatMul of a ones row with x * x), summed over batches in float64.
+    _measured("per_channel_sum_sq", "float64", "float64", "sum", "main", ("width",), optional=True),
+    _SITE["hist_log10"],
+    _SITE["hist_zero"],
+)
+
+
+def tensor_outputs(study: bool, per_channel: bool) -> tuple[Output, ...]:
+    """The graph outputs of one tensor of :data:`TENSOR_STATISTICS`, in order: the ``main`` ones
+    (``per_channel_*`` with ``per_channel``), then with ``study`` the ``full`` ones'."""
+    made = (o for s in TENSOR_STATISTICS for o in s.outputs
+            if (s.level == "main" or study) and (per_channel or not s.optional))
+    return tuple({o.name: o for o in made}.values())
+
+
 def by_name(table: tuple[Statistic, ...]) -> dict[str, Statistic]:
     """The entries of ``table`` by name."""
     return {s.name: s for s in table}

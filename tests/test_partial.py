@@ -1,5 +1,6 @@
 """Partial runs: `analyzer run --shard I/N` plus `analyzer merge` give the single run's file, and
-an interrupted run (SIGTERM, SIGKILL) finished with `--resume` is bit-identical to the single run."""
+an interrupted run (SIGTERM, SIGKILL) finished with `--resume` is bit-identical to the single run;
+with `--tensors quantizable`, so the tensors' group too."""
 
 import os
 import shutil
@@ -18,10 +19,10 @@ from maxact.cli import main
 
 TIMING = {"created", "wall_seconds", "tokens_per_second"}
 OPTS = dict(model=default_model_path(), corpus="default", samples=40, batch_size=4, max_length=128, stats="full",
-            progress=False)
+            progress=False, tensors="quantizable")
 # Datasets that hold sums (added in another order across shards); everything else must be equal bit for bit.
 SUMMED = {"sum", "sum_sq", "abs_sum", "mean", "std", "rms", "abs_mean", "sun_ratio_sum", "sun_ratio_sum_sq",
-          "sun_mean_ratio", "sun_std_ratio", "first_token_sum", "top_key_sum", "first_token_share", "top_key_share"}
+          "sun_mean_ratio", "sun_std_ratio", "first_token_sum", "top_key_sum", "first_token_share", "top_key_share", "per_channel_sum_sq"}
 
 
 def datasets(f: h5py.File) -> dict[str, np.ndarray]:
@@ -70,6 +71,7 @@ def test_merged_shards_equal_the_single_run(single, shards, tmp_path):
     with h5py.File(single) as fa, h5py.File(merged) as fb:
         da, db = datasets(fa), datasets(fb)
         assert da.keys() == db.keys() and len(da) > 2000
+        assert len(fa["tensors"]) == fa.attrs["n_tensors"] > 300 and list(fb["tensors"]) == list(fa["tensors"])
         for name in da:
             if name.rsplit("/", 1)[-1] in SUMMED:
                 np.testing.assert_allclose(db[name], da[name], rtol=1e-6, atol=1e-12, err_msg=name)
@@ -137,7 +139,7 @@ def _start(out, *extra):
     """`analyzer run` with OPTS in a subprocess, checkpointing after every batch."""
     cmd = [sys.executable, "-m", "maxact.cli", "run", "--samples", "40", "--batch-size", "4",
            "--max-length", "128", "--stats", "full", "--no-progress", "--checkpoint-every", "0", "--out", str(out),
-           *extra]
+           "--tensors", "quantizable", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -185,7 +187,7 @@ def test_interrupted_run_resumes_bit_identical(single, tmp_path, capsys):
     # Other options than the checkpoint's, or no --resume: refused, the checkpoint kept.
     for extra, expected in ((["--seed", "1", "--resume"], "seed: 0 / 1"), ([], "add --resume")):
         code = main(["run", "--samples", "40", "--batch-size", "4", "--max-length", "128", "--stats", "full",
-                     "--no-progress", "--out", str(out), *extra])
+                     "--no-progress", "--out", str(out), "--tensors", "quantizable", *extra])
         err = capsys.readouterr().err
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
         assert ckpt.exists() and not out.exists()

@@ -20,7 +20,7 @@ from maxact.cli import main
 
 DOC = REPO / "docs" / "run-file.md"
 ENTRY_COLUMNS = ["path", "kind", "dtype", "shape", "stats", "merge", "meaning"]
-LEVELS = {"main", "full", "quant", "shard", "checkpoint", "compare"}
+LEVELS = {"main", "full", "tensors", "quant", "shard", "checkpoint", "compare"}
 KINDS = {"group", "dataset", "attribute"}
 
 
@@ -230,9 +230,10 @@ def _run(out: Path, *options: str) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
-    """A ``--stats full`` run file with ``analyzer quant``'s results."""
-    out = _run(tmp_path_factory.mktemp("full") / "run.h5", "--stats", "full")
+    """A ``--stats full --tensors quantizable`` run file with ``analyzer quant``'s results (sites and tensors)."""
+    out = _run(tmp_path_factory.mktemp("full") / "run.h5", "--stats", "full", "--tensors", "quantizable")
     assert main(["quant", str(out), "--no-progress"]) == 0
+    assert main(["quant", str(out), "--sites", "quantizable", "--no-progress"]) == 0
     return out
 
 
@@ -256,7 +257,7 @@ def _assert_as_documented(path: Path, doc: Doc, levels: set[str]) -> None:
 
 
 def test_full_run_with_quant_is_as_documented(doc, full_run):
-    _assert_as_documented(full_run, doc, {"main", "full", "quant"})
+    _assert_as_documented(full_run, doc, {"main", "full", "tensors", "quant"})
 
 
 def test_the_docs_example_reads_a_run_file(full_run, capsys):
@@ -271,15 +272,16 @@ def test_main_run_is_as_documented(doc, tmp_path):
     out = _run(tmp_path / "main.h5", "--stats", "main")
     _assert_as_documented(out, doc, {"main"})
     with h5py.File(out) as f:  # and the full run's entries are not there
-        assert "topk_abs" not in f["sites/embedding"] and len(f["attention"]) == 0
+        assert "topk_abs" not in f["sites/embedding"] and len(f["attention"]) == 0 and "tensors" not in f
 
 
 def test_shard_and_merged_files_are_as_documented(doc, tmp_path):
-    shards = [_run(tmp_path / f"s{i}.h5", "--batch-size", "2", "--shard", f"{i}/2") for i in (1, 2)]
-    _assert_as_documented(shards[0], doc, {"main", "shard"})
+    shards = [_run(tmp_path / f"s{i}.h5", "--batch-size", "2", "--shard", f"{i}/2", "--tensors", "quantizable",
+                   "--tensor-ops", "MatMul") for i in (1, 2)]
+    _assert_as_documented(shards[0], doc, {"main", "shard", "tensors"})
     merged = tmp_path / "merged.h5"
     assert main(["merge", *map(str, shards), "--out", str(merged)]) == 0
-    _assert_as_documented(merged, doc, {"main"})  # the shard attributes are dropped
+    _assert_as_documented(merged, doc, {"main", "tensors"})  # the shard attributes are dropped
 
 
 def test_compare_torch_file_is_as_documented(doc, full_run, tmp_path):
@@ -295,7 +297,7 @@ def test_the_check_finds_a_missing_row_and_an_undocumented_dataset(doc, full_run
     text = DOC.read_text(encoding="utf-8")
     row = next(line for line in text.splitlines() if line.startswith("| `/sites/{site}/sum_sq` |"))
     without = parse_doc(text.replace(row + "\n", ""))
-    levels = {"main", "full", "quant"}
+    levels = {"main", "full", "tensors", "quant"}
     found = problems(full_run, without, levels)
     assert found and all("/sum_sq" in p and "is not documented" in p for p in found), found[:3]
     copy = shutil.copyfile(full_run, tmp_path / "extra.h5")
@@ -311,7 +313,8 @@ def test_the_check_finds_a_missing_row_and_an_undocumented_dataset(doc, full_run
 
 
 @pytest.mark.parametrize("table, group", [("SITE_STATISTICS", "/sites/{site}"),
-                                          ("ATTENTION_STATISTICS", "/attention/{layer}")])
+                                          ("ATTENTION_STATISTICS", "/attention/{layer}"),
+                                          ("TENSOR_STATISTICS", "/tensors/{tensor}")])
 def test_every_declared_statistic_has_its_row_with_the_same_dtype_shape_and_merge(doc, table, group):
     """maxact.statistics (what the code reads) against docs/run-file.md (what consumers read)."""
     import maxact.statistics as statistics

@@ -24,7 +24,7 @@ from maxact.analyzer.runfile import PARTIAL_ROOT_ATTRS, StoredRun, is_run_file, 
 from maxact.analyzer.summary import print_summary
 from maxact.errors import AnalyzerError, RunFileError
 from maxact.outputs import check_output
-from maxact.runtime.merge import merge_all, merge_attention
+from maxact.runtime.merge import merge_all, merge_attention, merge_tensors
 from maxact.text import literal, plain_console
 
 #: Root attributes that must be equal in every part of one run: the options first (a difference is
@@ -32,7 +32,7 @@ from maxact.text import literal, plain_console
 #: may differ (the model is compared by its sha256), and so may the timing attributes.
 IDENTITY = ("corpus", "samples", "seed", "max_length", "batch_size", "bos", "stats", "provider", "threads",
             "tokenizer", "maxact_version", "model_sha256", "opset", "dtype", "n_layers", "family", "inputs",
-            "run_n_samples", "run_corpus_sha256")
+            "tensors", "tensor_ops", "n_tensors", "run_n_samples", "run_corpus_sha256")
 
 #: Root attributes that only partial files carry.
 PARTIAL_ATTRS = tuple(PARTIAL_ROOT_ATTRS)
@@ -101,9 +101,10 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
     ref = identity(first.meta, [s.site_id for s in first.sites])
     order = _in_shard_order(runs, [str(p) for p in paths], ref)
     samples = _samples(order, ref)
-    stats, measured = {}, {}
+    stats, measured, tensors = {}, {}, {}
     for r in order:
         stats, measured = merge_all(stats, r.stats), merge_attention(measured, r.attention)
+        tensors = merge_tensors(tensors, r.tensors)
     token_of = _token_texts(order)
     sites = first.sites
     peak = global_peak(sites, stats)
@@ -118,7 +119,7 @@ def merge_runs(paths: Sequence[Path], out: Path, console: Console | None = None,
     write_run(out, meta, sites, first.site_attrs, stats, peak, roles,
               extra_datasets={"corpus/sample_index": np.sort(samples)}, topk_tokens=topk_tokens,
               weights=first.weights, attention=attention, fused_attention=first.fused_attention,
-              absmax_tokens=absmax_tokens)
+              absmax_tokens=absmax_tokens, tensors=tensors, tensor_attrs=first.tensor_attrs)
     print_summary(console, peak, roles, sites, stats, meta, topk_tokens.get(peak.site_id), first.weights, attention,
                   run_path=out)
     console.print(f"merged {count} shards ({n_run} passages, {n_tokens:,} tokens); wrote {literal(out)}")

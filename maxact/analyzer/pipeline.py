@@ -20,6 +20,7 @@ import onnx_ir as ir
 from maxact.discovery.attention import find_attention
 from maxact.discovery.inputs import InputRoles
 from maxact.discovery.sites import Discovery, Site, discover_sites
+from maxact.discovery.tensors import QuantTensor
 from maxact.errors import ModelFileError
 from maxact.model_file import read_model
 from maxact.passes.fused import ExposeSkipSumsPass
@@ -72,6 +73,8 @@ class Variant:
         attention: reduce the attention probabilities of every layer that has them.
         site_ids: instrument only these sites (None: every site found).
         reducer: replaces the statistics (quant's fake-quantisation reducer).
+        tensors: the tensors a quantiser calibrates to measure as well
+            (:func:`maxact.discovery.tensors.select_tensors`).
     """
 
     variant: str = "fast"
@@ -80,6 +83,7 @@ class Variant:
     attention: bool = False
     site_ids: Sequence[str] | None = None
     reducer: Callable | None = None
+    tensors: Sequence[QuantTensor] = ()
 
 
 @dataclass
@@ -128,7 +132,8 @@ class Pipeline:
             found = _discover(self.path, model, self.roles, self.want_logits)
         sites = [s for s in found.sites if how.site_ids is None or s.site_id in how.site_ids]
         instrument = InstrumentPass(sites, variant=how.variant, float32=how.float32, study=how.study,
-                                    reducer=how.reducer, attention=find_attention(found)[0] if how.attention else ())
+                                    reducer=how.reducer, attention=find_attention(found)[0] if how.attention else (),
+                                    tensors=how.tensors)
         try:
             instrument(model)
         except ir.passes.PreconditionError as e:

@@ -10,17 +10,22 @@ from rich.table import Table
 
 from maxact.analyzer.pipeline import Pipeline, Variant, load_model
 from maxact.analyzer.replay import replay
-from maxact.analyzer.runfile import read_groups, write_quant
+from maxact.analyzer.runfile import Group, read_groups, write_quant, write_tensor_quant
 from maxact.analyzer.tokenize import find_tokenizer
 from maxact.discovery.inputs import InputRolesError, graph_inputs
+from maxact.discovery.tensors import QuantTensor
 from maxact.errors import AnalyzerError
+from maxact.passes.instrument import output_name
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
+from maxact.passes.tensors import tensor_output_name
 from maxact.runtime.batching import length_sorted_batches
 from maxact.runtime.runner import run_batches, run_sums
 from maxact.statistics import full_hist, hist_quantile
 from maxact.text import literal, plain_console
 
 SCALES = ("maxabs", "p999")
+#: ``--sites quantizable``: check every tensor of the run's ``/tensors`` (``analyzer run --tensors quantizable``).
+QUANTIZABLE = "quantizable"
 
 
 def spearman(a, b) -> float:
@@ -58,7 +63,10 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     Args:
         run_path: a run file of ``analyzer run``.
         model_path: the model (default: the run's ``model_path``).
-        site_ids: the sites to check (default: the global peak's site and every layer's residual).
+        site_ids: the sites to check (default: the global peak's site and every layer's residual);
+            ``["quantizable"]``: every tensor of the run's ``/tensors`` instead
+            (:func:`_check_tensors`; its results go to ``/tensors``, and the return value is keyed
+            by tensor name).
         inputs: ``--inputs``, the graph's inputs by role (default: the run's, where it recorded them;
             else :func:`~maxact.discovery.inputs.graph_inputs` finds them).
 
@@ -75,7 +83,8 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     run_path = Path(run_path)
     if threads is not None and threads < 0:
         raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {threads}")
-    meta, samples, absmax, site_ids = _read_run(run_path, site_ids)
+    tensors = site_ids == [QUANTIZABLE]
+    meta, samples, absmax, site_ids = _read_run(run_path, None if tensors else site_ids)
     path = Path(model_path or meta["model_path"])
     ids = replay(meta, samples, find_tokenizer(path, meta["tokenizer"])).ids  # the run's corpus and tokenizer
     calib = [j for j in range(len(samples)) if j % 2 == 0]
@@ -84,14 +93,17 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
 
     pipeline = _pipeline(path, inputs or meta.get("inputs"), bool(inputs))
     float32 = meta["dtype"] == "float32"
+    if not pipeline.roles.standard:
+        console.print(f"inputs: {pipeline.roles.describe()}", markup=False, highlight=False)
+    if tensors:
+        return _check_tensors(run_path, pipeline, float32, (provider, threads), progress, console,
+                              [_batches(ids, samples, half, batch) for half in (calib, evalu)])
 
     def session_for(**kw):
         return pipeline.session(Variant(float32=float32, site_ids=site_ids, **kw), provider, threads)
 
     session, sites = session_for(variant="fast", study=True)
     sids = [s.site_id for s in sites]
-    if not pipeline.roles.standard:
-        console.print(f"inputs: {pipeline.roles.describe()}", markup=False, highlight=False)
     exact = lambda: session_for(variant="exact", study=True)[0]  # noqa: E731
     scales = _calibrate(session, sids, _batches(ids, samples, calib, batch), exact, progress)
     session, _ = session_for(reducer=fake_quant_reducer(scales))
@@ -132,22 +144,26 @@ def _batches(ids: list[np.ndarray], samples: np.ndarray, rows: list[int], batch:
 def _calibrate(session, sids: list[str], batches: list, exact, progress: bool) -> dict[str, dict[str, float]]:
     """Each site's INT8 scales (max |x|, 99.9th percentile, over ``QMAX``) on ``batches``; AnalyzerError if not > 0."""
     cal = run_batches(session, sids, batches, exact, progress=progress)
-    scales = {
-        sid: {"maxabs": cal.stats[sid].absmax / QMAX, "p999": hist_quantile(full_hist(cal.stats[sid]), 0.999) / QMAX}
-        for sid in sids
-    }
+    scales = {sid: _scales(cal.stats[sid]) for sid in sids}
     for sid in sids:
         if not all(np.isfinite(v) and v > 0 for v in scales[sid].values()):
             raise AnalyzerError(f"{sid}: calibration gave no usable scale ({scales[sid]})")
     return scales
 
 
-def _evaluate(sums: dict, sids: list[str],
-              scales: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    """site id -> scale name -> the INT8 metrics of the fake-quantised evaluation sums."""
+def _scales(stats) -> dict[str, float]:
+    """The INT8 scales of a site's or tensor's calibration statistics: max |x| and the 99.9th
+    percentile (from the histogram) over ``QMAX``."""
+    return {"maxabs": stats["absmax"] / QMAX, "p999": hist_quantile(full_hist(stats), 0.999) / QMAX}
+
+
+def _evaluate(sums: dict, sids: list[str], scales: dict[str, dict[str, float]],
+              output=output_name) -> dict[str, dict[str, dict[str, float]]]:
+    """site id (or tensor name) -> scale name -> the INT8 metrics of the fake-quantised evaluation
+    sums; ``output(key, name)`` is the graph output name of a sum."""
 
     def total(sid, name):
-        return sums[f"maxact/{sid}/{name}"]
+        return sums[output(sid, name)]
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     for sid in sids:
@@ -159,6 +175,48 @@ def _evaluate(sums: dict, sids: list[str],
                                    int(vals["zeros"]))
             metrics["scale"] = scales[sid][m]
             results[sid][m] = metrics
+    return results
+
+
+def _run_tensors(run: Group, run_path: Path) -> list[QuantTensor]:
+    """The tensors of the run file's ``/tensors`` (read with :func:`read_groups`), in its order.
+
+    Raises:
+        AnalyzerError: the run has no ``/tensors``.
+    """
+    if "tensors" not in run.groups:
+        raise AnalyzerError(f"--sites quantizable: {run_path} has no /tensors: measure them with "
+                            "`analyzer run ... --tensors quantizable` first")
+    return [QuantTensor(g.attrs["tensor"], g.attrs["layout"], False, g.attrs["producer"],
+                        tuple(g.attrs["consumers"])) for g in run.groups["tensors"].groups.values()]
+
+
+def _check_tensors(run_path: Path, pipeline: Pipeline, float32: bool, session: tuple, progress: bool,
+                   console: Console, halves: list[list]) -> dict[str, dict[str, dict[str, float]]]:
+    """The INT8 check of every tensor of the run's ``/tensors``, as for sites: scales from the
+    calibration half (``halves[0]``; the tensors measured again with their histograms), errors on
+    the evaluation half; tensors without a finite positive scale (a -inf attention mask, a zero
+    constant, a NaN) are skipped and listed. Written into ``/tensors``; returns tensor name ->
+    scale name -> metrics."""
+    tensors = _run_tensors(read_groups(run_path), run_path)
+    names = [t.name for t in tensors]
+    calibrate = pipeline.session(Variant(float32=float32, site_ids=[], study=True, tensors=tensors), *session)[0]
+    cal = run_batches(calibrate, [], halves[0], progress=progress, tensors=names)
+    scales = {name: _scales(cal.tensors[name]) for name in names}
+    usable = [t for t in tensors if all(np.isfinite(v) and v > 0 for v in scales[t.name].values())]
+    skipped = [t.name for t in tensors if t not in usable]
+    index = {t.name: i for i, t in enumerate(usable)}
+    evaluate = pipeline.session(Variant(float32=float32, site_ids=[], tensors=usable,
+                                        reducer=fake_quant_reducer(scales)), *session)[0]
+    sums = run_sums(evaluate, halves[1], progress=progress)
+    results = _evaluate(sums, list(index), scales, output=lambda name, stat: tensor_output_name(index[name], stat))
+    write_tensor_quant(run_path, results, skipped, *(sum(len(b.sample_index) for b in h) for h in halves))
+    worst = sorted(results, key=lambda n: results[n]["maxabs"]["sqnr_db"])[:10]
+    absmax = {n: cal.tensors[n]["absmax"] for n in worst}
+    _print(console, {n: results[n] for n in worst}, {}, absmax, title="the 10 tensors of lowest SQNR (max |x| scale)")
+    console.print(f"{len(results)} tensors checked, {len(skipped)} skipped (no finite positive scale"
+                  f"{': ' + literal(', '.join(skipped[:3])) + ', ...' if skipped else ''}); written into "
+                  f"{literal(run_path)} /tensors", soft_wrap=True)
     return results
 
 
@@ -180,9 +238,10 @@ def _pipeline(path: Path, spec: str | None, given: bool) -> Pipeline:
     return Pipeline.discover(model_file, model, roles)
 
 
-def _print(console: Console, results, corr, absmax) -> None:
-    table = Table(title="INT8 symmetric per-tensor fake quantisation (evaluation half)")
-    table.add_column("site", overflow="fold")
+def _print(console: Console, results, corr, absmax, title: str = "") -> None:
+    heading = "INT8 symmetric per-tensor fake quantisation (evaluation half)"
+    table = Table(title=f"{heading}: {title}" if title else heading)
+    table.add_column("tensor" if title else "site", overflow="fold")
     for col in ("max |x|", "scale", "SQNR dB", "rel RMSE", "clip rate", "zero frac"):
         table.add_column(col, no_wrap=True, min_width=len(col))
     for sid, by_scale in results.items():
@@ -190,6 +249,8 @@ def _print(console: Console, results, corr, absmax) -> None:
             table.add_row(literal(sid), f"{absmax[sid]:.5g}", m, f"{r['sqnr_db']:.2f}", f"{r['rel_rmse']:.3g}",
                           f"{r['clip_rate']:.3g}", f"{r['zero_frac']:.3g}")
     console.print(table)
+    if not corr:
+        return
     if all(np.isfinite(v) for v in corr.values()):
         console.print("Spearman(site max |x|, SQNR): " + ", ".join(f"{m} {v:+.3f}" for m, v in corr.items()))
     else:

@@ -29,6 +29,7 @@ from maxact.discovery.attention import find_attention
 from maxact.discovery.inputs import graph_inputs
 from maxact.discovery.past import max_positions
 from maxact.discovery.sites import Discovery
+from maxact.discovery.tensors import QuantTensor, parse_op_types, select_tensors
 from maxact.discovery.weights import weight_statistics
 from maxact.errors import (
     AnalyzerError,
@@ -83,6 +84,11 @@ class RunOptions:
     inputs: str | None = None
     #: replace an existing ``out`` that is not a run file (never an input).
     force: bool = False
+    #: ``--tensors``: ``quantizable`` also measures every tensor a QDQ quantiser calibrates; None: none.
+    tensors: str | None = None
+    #: ``--tensor-ops``: the op types whose tensors ``--tensors`` measures (comma-separated; None:
+    #: onnxruntime's default, :func:`maxact.discovery.tensors.default_op_types`).
+    tensor_ops: str | None = None
 
 
 def external_data_files(model: ir.Model) -> list[Path]:
@@ -126,16 +132,17 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     model_path, model = load_model(opts.model)
     out, ckpt = _check_options(opts, model_path, model)
     pipeline, components = _discover(opts, model_path, model, console)
+    tensors = _tensors(opts, model_path, pipeline)
     passages = _tokenise(opts, model_path, model.graph, pipeline.discovery, console)
     batches = _batches(opts, passages)
     for msg in pipeline.discovery.disagreements + components.disagreements:
         console.print(f"[yellow]warning:[/yellow] site discovery: {literal(msg)}")
-    run_meta = _run_meta(opts, model_path, model, pipeline, components, passages)
+    run_meta = _run_meta(opts, model_path, model, pipeline, components, passages, tensors)
     start = _resume(opts, ckpt, run_meta, [s.site_id for s in pipeline.discovery.sites], batches, console)
     writer = _Writer(ckpt, run_meta, pipeline.discovery, components, passages, batches,
-                     weight_statistics(model, pipeline.discovery.sites))  # before instrumentation prunes the LM head
+                     weight_statistics(model, pipeline.discovery.sites), tensors)  # before instrumentation prunes
     finished = start is not None and start.batches_done == len(batches)  # only the final write is left
-    result = _measure(opts, pipeline, run_meta, batches, start, finished, writer)
+    result = _measure(opts, pipeline, run_meta, batches, start, finished, writer, tensors)
     saved = _save(out, result, finished, writer)
     _print(console, out, result, saved, writer)
     return out
@@ -167,6 +174,11 @@ def _check_options(opts: RunOptions, model_path: Path, model: ir.Model) -> tuple
     index, count = opts.shard or (1, 1)
     if not 1 <= index <= count:
         raise AnalyzerError(f"--shard {index}/{count}: give I/N with 1 <= I <= N")
+    if opts.tensors not in (None, "quantizable"):
+        raise AnalyzerError(f"--tensors must be 'quantizable', not {opts.tensors!r}")
+    if opts.tensor_ops is not None and opts.tensors is None:
+        raise AnalyzerError("--tensor-ops chooses the tensors of --tensors: add --tensors quantizable")
+    parse_op_types(opts.tensor_ops)
     ckpt = check_output(checkpoint_path(out), kind="run", inputs=read, recognise=is_run_file)
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
@@ -180,6 +192,13 @@ def _discover(opts: RunOptions, model_path: Path, model: ir.Model, console: Cons
         console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
     pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits)
     return pipeline, build_component_map(pipeline.discovery)
+
+
+def _tensors(opts: RunOptions, model_path: Path, pipeline: Pipeline) -> list[QuantTensor] | None:
+    """The tensors ``--tensors quantizable`` measures (None without it)."""
+    if opts.tensors is None:
+        return None
+    return select_tensors(model_path, pipeline.model.graph, pipeline.roles.ids, parse_op_types(opts.tensor_ops))
 
 
 @dataclass
@@ -250,7 +269,7 @@ def _threads(opts: RunOptions) -> int:
 
 
 def _run_meta(opts: RunOptions, model_path: Path, model: ir.Model, pipeline: Pipeline, components: ComponentMap,
-              passages: _Passages) -> dict[str, object]:
+              passages: _Passages, tensors: list[QuantTensor] | None) -> dict[str, object]:
     """The run file's root attributes that do not depend on the measurement (what a resume must match)."""
     discovery, roles, chosen = pipeline.discovery, pipeline.roles, passages.chosen
     index, count = opts.shard or (1, 1)
@@ -277,6 +296,8 @@ def _run_meta(opts: RunOptions, model_path: Path, model: ir.Model, pipeline: Pip
         "family": discovery.family or "structure",
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
+        **({"tensors": opts.tensors, "tensor_ops": ",".join(parse_op_types(opts.tensor_ops)),
+            "n_tensors": len(tensors)} if tensors is not None else {}),
         **({} if roles.standard else {"inputs": roles.spec()}),  # quant and report feed the same inputs
     }
 
@@ -297,8 +318,11 @@ class _Writer:
     """Writes the run file, or the checkpoint, of the batches measured so far."""
 
     def __init__(self, ckpt: Path, run_meta: dict[str, object], discovery: Discovery, components: ComponentMap,
-                 passages: _Passages, batches: list[Batch], weights: dict):
+                 passages: _Passages, batches: list[Batch], weights: dict, tensors: list[QuantTensor] | None):
         self.ckpt, self.run_meta, self.passages, self.batches, self.weights = ckpt, run_meta, passages, batches, weights
+        self.tensor_attrs = {t.name: {"tensor": t.name, "masked": int(t.masked), "layout": t.layout,
+                                      "producer": t.producer, "consumers": list(t.consumers)}
+                             for t in tensors} if tensors is not None else None
         self.sites, self.components = discovery.sites, components
         self.infos = [SiteInfo(s.site_id, s.role, s.layer) for s in discovery.sites]
         self.fused_attention = find_attention(discovery)[1]  # fused layers are listed either way
@@ -336,7 +360,8 @@ class _Writer:
                   extra_datasets={"corpus/sample_index": samples.astype(np.int64)}, topk_tokens=topk_tokens,
                   weights=self.weights, attention=attention_shares(result.attention),
                   fused_attention=self.fused_attention,
-                  absmax_tokens={sid: token_at(*st.absmax_location[:2]) for sid, st in result.stats.items()})
+                  absmax_tokens={sid: token_at(*st.absmax_location[:2]) for sid, st in result.stats.items()},
+                  tensors=result.tensors, tensor_attrs=self.tensor_attrs)
         return meta, peak, roles, topk_tokens
 
     def checkpoint(self, result: RunResult) -> None:
@@ -357,20 +382,20 @@ class _Writer:
 
 
 def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], batches: list[Batch],
-             start: RunResult | None, finished: bool, writer: _Writer) -> RunResult:
+             start: RunResult | None, finished: bool, writer: _Writer, tensors: list[QuantTensor] | None) -> RunResult:
     """Instrument the graph and run the batches from ``start`` on (here or on Ray), checkpointing.
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM; the checkpoint is written.
     """
-    float32, study = run_meta["dtype"] == "float32", opts.stats == "full"
-    model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study))
+    float32, study, tensors = run_meta["dtype"] == "float32", opts.stats == "full", tensors or []
+    model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study, tensors=tensors))
     local = opts.ray is None and not finished
     session = Session(model, provider=opts.provider, threads=opts.threads, inputs=pipeline.roles) if local else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.
-        how = Variant("exact", float32=float32, study=study, attention=study)
+        how = Variant("exact", float32=float32, study=study, attention=study, tensors=tensors)
         return pipeline.session(how, provider=opts.provider, threads=opts.threads)[0]
 
     remote = nullcontext() if opts.ray is None or finished else ray_outputs(
@@ -380,7 +405,7 @@ def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], 
         with remote as outputs:
             return run_batches(session, [s.site_id for s in sites], batches, exact_session, progress=opts.progress,
                                start=start, checkpoint=writer.checkpoint, checkpoint_every=opts.checkpoint_every,
-                               outputs=outputs)
+                               outputs=outputs, tensors=[t.name for t in tensors])
     except Interrupted as e:
         raise RunInterrupted(
             f"interrupted by {signal.Signals(e.signum).name} after {e.result.batches_done} of {len(batches)} "
@@ -456,4 +481,4 @@ def _load_checkpoint(path: Path, run_meta: dict[str, object], site_ids: list[str
         raise AnalyzerError(f"{path} holds other passages than this run's first {done} batches: delete it")
     return RunResult(stats=stored.stats, n_tokens=int(stored.meta["n_tokens"]),
                      seconds=float(stored.meta["wall_seconds"]), exact_batches=int(stored.meta["exact_batches"]),
-                     attention=stored.attention, batches_done=done)
+                     attention=stored.attention, batches_done=done, tensors=stored.tensors)

@@ -30,8 +30,8 @@ from maxact.discovery.weights import WeightStat
 from maxact.errors import RunFileError
 from maxact.formats import FORMAT_MAX, range_use
 from maxact.outputs import temporary_path, write_atomically
-from maxact.runtime.merge import MEASURED, SiteStats
-from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, derived
+from maxact.runtime.merge import MEASURED, TENSOR_MEASURED, SiteStats, tensor_from_stored
+from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TENSOR_STATISTICS, derived
 
 
 def model_order(site_id: str, role: str, layer: int | None) -> tuple:
@@ -101,6 +101,8 @@ def write_run(
     attention: Mapping[int, Mapping[str, np.ndarray]] | None = None,
     fused_attention: Sequence[int] = (),
     absmax_tokens: Mapping[str, str] | None = None,
+    tensors: Mapping[str, Mapping[str, object]] | None = None,
+    tensor_attrs: Mapping[str, Mapping[str, object]] | None = None,
 ) -> None:
     """Write the run file.
 
@@ -125,6 +127,9 @@ def write_run(
             them; ``fused_attention``: layers whose attention is a fused
             operator (not measurable), listed in ``/attention`` attribute ``not_measurable``.
         absmax_tokens: site id -> the text of the token at its absmax location (``absmax_token``).
+        tensors: tensor name -> its merged statistics (``--tensors``), written under
+            ``/tensors/<escaped name>`` (:func:`tensor_group_name`) with the attributes
+            ``tensor_attrs[name]``, in the order of ``tensor_attrs``; no ``/tensors`` where it is None.
 
     Token texts are stored as given, or all escaped (:func:`escape_text`, root attribute
     :data:`TEXT_ESCAPE_ATTR`) when one of them holds a NUL.
@@ -147,6 +152,8 @@ def write_run(
         _write_static(f.create_group("static"), weights)
         _write_attention(f.create_group("attention"), attention or {}, fused_attention)
         _write_summary(f.create_group("summary"), peak, roles, stored)
+        if tensor_attrs is not None:
+            _write_tensors(f.create_group("tensors", track_order=True), tensors or {}, tensor_attrs)
         for name, data in (extra_datasets or {}).items():
             f.create_dataset(name, data=data)
 
@@ -221,6 +228,28 @@ def _write_summary(s: h5py.Group, peak: Peak, roles: Sequence[tuple[str, float, 
     s.create_dataset("role_absmax", data=np.array([(r, a, sid) for r, a, sid in roles], dtype=dt))
 
 
+def tensor_group_name(tensor: str) -> str:
+    """The group name of a tensor under ``/tensors``: its ONNX name with ``%`` written ``%25`` and
+    ``/`` written ``%2F`` (HDF5 names cannot hold ``/``), and a name ``.`` written ``%2E``; the
+    name itself is the group's attribute ``tensor``."""
+    escaped = tensor.replace("%", "%25").replace("/", "%2F")
+    return "%2E" if escaped == "." else escaped
+
+
+def _write_tensors(g_tensors: h5py.Group, tensors: Mapping[str, Mapping[str, object]],
+                   tensor_attrs: Mapping[str, Mapping[str, object]]) -> None:
+    """``/tensors/<escaped name>`` per tensor: its attributes, then its statistics as
+    :data:`maxact.statistics.TENSOR_STATISTICS` declares them (those it has)."""
+    for name, attrs in tensor_attrs.items():
+        g = g_tensors.create_group(tensor_group_name(name))
+        for k, v in attrs.items():
+            g.attrs[k] = np.array(v, dtype=h5py.string_dtype()) if isinstance(v, (list, tuple)) else v
+        st = tensors.get(name, {})
+        for s in TENSOR_STATISTICS:
+            if s.name in st:
+                g.create_dataset(s.name, data=np.asarray(st[s.name], dtype=s.dtype))
+
+
 @contextlib.contextmanager
 def _in_memory(path: Path) -> Iterator[h5py.File]:
     """A new HDF5 file built in memory, then written to ``path`` whole
@@ -267,6 +296,8 @@ class StoredRun:
         topk_tokens, absmax_tokens: site id -> token texts at the top-k and absmax locations.
         weights: ``/static``; ``fused_attention``: layers listed as not measurable.
         sample_index: int64 ``[n_samples]``, ``/corpus/sample_index``.
+        tensors: ``/tensors``: tensor name -> its statistics, as merged; ``tensor_attrs``: tensor
+            name -> its group's attributes (in the file's order); None: the file has no ``/tensors``.
     """
 
     meta: dict[str, object]
@@ -279,6 +310,8 @@ class StoredRun:
     weights: list[WeightStat] = field(default_factory=list)
     fused_attention: list[int] = field(default_factory=list)
     sample_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tensors: dict[str, dict[str, object]] = field(default_factory=dict)
+    tensor_attrs: dict[str, dict[str, object]] | None = None
 
 
 def _open_run_file(path: str | Path) -> h5py.File:
@@ -358,6 +391,13 @@ def read_run(path: Path) -> StoredRun:
                     shape=tuple(int(x) for x in g.attrs["shape"]), max_abs=float(g["max_abs"][()]),
                     gamma_argmax=int(g["gamma_argmax"][()]) if "gamma_argmax" in g else -1,
                     layer=int(g.attrs["layer"])))
+            run.tensor_attrs = {} if "tensors" in f else None
+            for key, g in f.get("tensors", {}).items():
+                where = f"/tensors/{key}"
+                attrs = {k: decode(v) for k, v in g.attrs.items()}
+                run.tensor_attrs[attrs["tensor"]] = attrs
+                run.tensors[attrs["tensor"]] = tensor_from_stored({s.name: g[s.name][()] for s in TENSOR_MEASURED
+                                                                   if s.name in g})
             where = "/corpus/sample_index"
             run.sample_index = np.asarray(f["corpus/sample_index"][()], dtype=np.int64)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -495,6 +535,31 @@ def _write_group(g: h5py.Group, tree: Group) -> None:
         _write_group(g.create_group(name), sub)
 
 
+@contextlib.contextmanager
+def _edited(path: Path, what: str) -> Iterator[h5py.File]:
+    """The run file ``path`` open for editing: a copy is edited and renamed over it when the
+    ``with`` block ends without an error (else removed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{what}.tmp")
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_int8(g: h5py.Group, by_scale: Mapping[str, Mapping[str, float]]) -> None:
+    """``int8_<scale>_<metric>`` (float64) in ``g``, replacing those present."""
+    for m, metrics in by_scale.items():
+        for k, v in metrics.items():
+            name = f"int8_{m}_{k}"
+            if name in g:
+                del g[name]
+            g.create_dataset(name, data=np.float64(v))
+
+
 def write_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, float]]], corr: Mapping[str, float],
                 n_calib: int, n_eval: int) -> None:
     """Add ``analyzer quant``'s results to the run file ``path`` atomically (a copy is edited, then
@@ -506,28 +571,35 @@ def write_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, floa
         results: site id -> scale name -> metric name -> value. ``corr``: scale name -> Spearman
             correlation. ``n_calib``, ``n_eval``: the passages of each half.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.quant.tmp")
-    try:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            q = f.require_group("quant")
-            for sid, by_scale in results.items():
-                g = q.require_group(sid)
-                for m, metrics in by_scale.items():
-                    for k, v in metrics.items():
-                        name = f"int8_{m}_{k}"
-                        if name in g:
-                            del g[name]
-                        g.create_dataset(name, data=np.float64(v))
-            for m, r in corr.items():
-                q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
-            q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
-            q.attrs["int8_calibration_passages"] = n_calib
-            q.attrs["int8_evaluation_passages"] = n_eval
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _edited(path, "quant") as f:
+        q = f.require_group("quant")
+        for sid, by_scale in results.items():
+            _write_int8(q.require_group(sid), by_scale)
+        for m, r in corr.items():
+            q.attrs[f"int8_spearman_absmax_sqnr_{m}"] = r
+        q.attrs["int8_sites"] = np.array(list(results), dtype=h5py.string_dtype())
+        q.attrs["int8_calibration_passages"] = n_calib
+        q.attrs["int8_evaluation_passages"] = n_eval
+
+
+def write_tensor_quant(path: Path, results: Mapping[str, Mapping[str, Mapping[str, float]]],
+                       skipped: Sequence[str], n_calib: int, n_eval: int) -> None:
+    """Add ``analyzer quant --sites quantizable``'s results to the run file ``path`` atomically:
+    ``/tensors/<escaped name>/int8_<scale>_<metric>`` (float64, replaced where present) and the
+    ``/tensors`` attributes ``int8_tensors`` (checked), ``int8_skipped`` (no usable scale),
+    ``int8_calibration_passages``, ``int8_evaluation_passages``.
+
+    Args:
+        results: tensor name -> scale name -> metric name -> value; ``skipped``: tensor names.
+    """
+    with _edited(path, "quant") as f:
+        g = f["tensors"]
+        for name, by_scale in results.items():
+            _write_int8(g[tensor_group_name(name)], by_scale)
+        g.attrs["int8_tensors"] = np.array(list(results), dtype=h5py.string_dtype())
+        g.attrs["int8_skipped"] = np.array(list(skipped), dtype=h5py.string_dtype())
+        g.attrs["int8_calibration_passages"] = n_calib
+        g.attrs["int8_evaluation_passages"] = n_eval
 
 
 #: Root attribute of a slim copy: what it is and where it came from.

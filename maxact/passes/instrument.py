@@ -14,17 +14,17 @@ import onnx_ir.passes.common as common_passes
 from maxact.discovery.sites import Site
 from maxact.passes.attention import attention_name, attention_reducer
 from maxact.passes.reductions import ReductionBuilder, graph_dtype
+from maxact.passes.tensors import tensor_output_name, tensor_reducer, tensor_rows
 from maxact.statistics import (
     ATTENTION_STATISTICS,
     HIST_BINS,
-    HIST_LOW,
-    HIST_PER_DECADE,
     NONFINITE_TOKENS,
     SUN_MIN_ABS,
     SUN_MIN_RATIO,
     TOP_K,
     by_name,
     site_outputs,
+    tensor_outputs,
 )
 
 #: Name of the graph input the instrumented graph adds: ``bool [batch, seq]``, True where a
@@ -118,7 +118,7 @@ def _study_reductions(
     # Sun et al.'s median is the lower one (torch.median): the m-th smallest |x| of the row.
     one = b.const(np.array([1], np.int64), "one")
     m = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), b.const(np.array([2], np.int64), "two")]), one])
-    bins = _hist_bins(b, ax, exact)
+    bins = b.hist_bins(ax, exact)
     if width_hint is not None:
         how = _median_by_sort if width_hint < MEDIAN_BY_BINS_MIN_WIDTH else _median_by_bins
         median, out["hist"], rows_of = how(b, ax, bins, n, m)
@@ -146,34 +146,13 @@ def _study_reductions(
     return out
 
 
-def _hist_bins(b: ReductionBuilder, ax: ir.Value, exact: bool) -> ir.Value:
-    """The histogram bin of every |x|, int32 ``[n, width]``: trunc(log10|x| * 32 + 8 * 32 + 1),
-    clipped to [0, 512]; log(0) = -inf -> 0. The bin is a non-decreasing function of |x| (Log, a
-    positive scale and shift, Clip and truncation all are), which :func:`_median_by_bins` relies on."""
-    scale = b.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
-    offset = b.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
-    t = b.op("Add", [b.op("Mul", [b.op("Log", [ax]), scale]), offset])
-    # Float clip first (+Inf -> last bin, -Inf -> 0); NaN (only in batches the caller redoes)
-    # survives it and becomes int32 min in the cast, so the fast variant clips the ints again.
-    t = b.op("Clip", [t, b.const(np.array(0.0, np.float32), "zero"),
-                      b.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
-    bins = b.op("Cast", [t], to=ir.DataType.INT32)
-    if not exact:
-        bins = b.op("Max", [bins, b.const(np.array(0, np.int32), "zero_i32")])
-    return bins
-
-
 def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value):
     """(m-th smallest |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
     dimension is n) by a TopK of the m smallest |x| of every row (``m``: int64 ``[1]``)."""
     smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, m], num_outputs=2,
                                                  attributes={"axis": -1, "largest": 0, "sorted": 0})
     median = b.reduce("ReduceMax", smallest, [-1])  # the largest of the k smallest
-    idx = b.op("Reshape", [bins, b.const(np.array([-1], np.int64), "flat")])
-    ones = b.op("ConstantOfShape", [b.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int32)))
-    empty = b.const(np.zeros(HIST_BINS + 1, np.int32), "hist_empty")
-    hist = b.op("Cast", [b.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")], to=ir.DataType.INT64)
-    return median, hist, smallest_idx
+    return median, b.histogram(bins), smallest_idx
 
 
 def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value):
@@ -299,13 +278,17 @@ class InstrumentPass(ir.passes.InPlacePass):
        NaN and Inf and keeps them out of extremes (NaN) and sums (both).
     3. Each site's reductions are placed right after the node that makes the site, so the
        full-size site tensor can be freed as soon as it has been reduced.
-    4. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
+    4. For every tensor of ``tensors`` (:class:`~maxact.discovery.tensors.QuantTensor`, found by
+       name), the outputs of :func:`maxact.statistics.tensor_outputs`, named
+       ``maxact_tensor/<index>/<output>`` (:func:`~maxact.passes.tensors.tensor_output_name`), in
+       both variants (or the ``reducer``'s, as for sites), placed after the tensor's producer as well.
+    5. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
        names them, and nodes that then feed nothing are deleted, so the run does not pay for the
        LM head.
     """
 
     def __init__(self, sites: Sequence[Site], variant: str = "fast", float32: bool = False,
-                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None, attention=()):
+                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None, attention=(), tensors=()):
         super().__init__()
         if variant not in ("fast", "exact"):
             raise ValueError(f"variant must be 'fast' or 'exact', not {variant!r}")
@@ -314,10 +297,13 @@ class InstrumentPass(ir.passes.InPlacePass):
         self.float32 = float32
         self.study = study
         self.keep_outputs = set(keep_outputs)
-        # reducer(b, site, rows) -> {name: (value, statistics.Output)} replaces the statistics above.
+        # reducer(b, key, rows) -> {name: (value, statistics.Output)} replaces the statistics above
+        # (key: the site id, or a tensor's name).
         self.reducer = reducer
         # [AttentionProbs]: layers whose softmax is reduced to first-token / top-key shares.
         self.attention = list(attention)
+        # [QuantTensor]: the tensors a quantiser calibrates, reduced to their ranges.
+        self.tensors = list(tensors)
 
     def requires(self, model: ir.Model) -> None:
         """Preconditions: default-domain opset 13 or later (the reductions' forms), and a graph
@@ -353,7 +339,7 @@ class InstrumentPass(ir.passes.InPlacePass):
             cast = not (self.float32 and site.value.dtype == ir.DataType.FLOAT)
             rows = valid_rows(b, site.value, valid_index, cast=cast, token_rows=token_rows)
             if self.reducer is not None:
-                made = self.reducer(b, site, rows)
+                made = self.reducer(b, site.site_id, rows)
                 stats = {k: v for k, (v, _) in made.items()}
                 site_specs = tuple(spec for _, spec in made.values())
             else:
@@ -385,6 +371,23 @@ class InstrumentPass(ir.passes.InPlacePass):
                     value.shape = ir.Shape([f"layers.{probs.layer}_{d}" if isinstance(d, str) else d
                                             for d in spec.shape])
                     new_outputs.append(value)
+        values = {v.name: v for v in graph.inputs} | {v.name: v for node in graph for v in node.outputs}
+        for index, tensor in enumerate(self.tensors):
+            b.tape = ir.tape.Tape()
+            value = values[tensor.name]
+            rows = tensor_rows(b, tensor, value, valid_index, token_rows)
+            if self.reducer is not None:
+                by_name = self.reducer(b, tensor.name, rows)
+                made, specs = {k: v for k, (v, _) in by_name.items()}, tuple(spec for _, spec in by_name.values())
+            else:
+                made, specs = tensor_reducer(b, tensor, rows, self.study), tensor_outputs(self.study, tensor.projection)
+            placed.append((value.producer(), b.tape.nodes))
+            for spec in specs:
+                out = made[spec.name]
+                out.name = tensor_output_name(index, spec.name)
+                out.dtype = graph_dtype(spec)
+                out.shape = ir.Shape([f"tensor{index}_{d}" if isinstance(d, str) else d for d in spec.shape])
+                new_outputs.append(out)
         # Each site's reductions right after the node that makes it: onnxruntime runs nodes in
         # this order, so the site tensor is freed at once rather than kept to the end of the run.
         for producer, nodes in placed:

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from maxact.discovery.sites import Site
 from maxact.passes.reductions import ReductionBuilder
 from maxact.statistics import Output
 
@@ -25,18 +24,19 @@ SCALE_SUMS = ("err_abs_sum", "err_sq_sum", "clipped", "zeros")
 
 
 def fake_quant_reducer(scales: Mapping[str, Mapping[str, float]]):
-    """A reducer for :class:`maxact.passes.instrument.InstrumentPass` that fake-quantises each site.
+    """A reducer for :class:`maxact.passes.instrument.InstrumentPass` that fake-quantises each site
+    (or tensor).
 
     Args:
-        scales: site id -> {scale name (``maxabs``, ``p999``): scale s > 0}. Sites not listed get
-            no outputs.
+        scales: site id (or tensor name) -> {scale name (``maxabs``, ``p999``): scale s > 0}. Sites
+            not listed get only the scale-independent sums.
 
     Output statistics per site: ``n`` (values), ``x_sq_sum``, ``x_abs_sum`` and, per scale name
     ``<m>``: ``<m>_err_abs_sum``, ``<m>_err_sq_sum`` (float64), ``<m>_clipped`` (|x| > 127 s) and
     ``<m>_zeros`` (values quantised to 0), int64.
     """
 
-    def reduce(b: ReductionBuilder, site: Site, xv: ir.Value):
+    def reduce(b: ReductionBuilder, key: str, xv: ir.Value):
         out = {}
 
         def stat(name, value, dtype):
@@ -52,7 +52,7 @@ def fake_quant_reducer(scales: Mapping[str, Mapping[str, float]]):
         lo = b.const(np.array(-QMAX, np.float32), "qmin")
         hi = b.const(np.array(QMAX, np.float32), "qmax")
         zero = b.const(np.array(0.0, np.float32), "zero")
-        for name, s in scales.get(site.site_id, {}).items():
+        for name, s in scales.get(key, {}).items():
             sv = b.const(np.array(s, np.float32), f"scale_{name}")
             q = b.op("Clip", [b.op("Round", [b.op("Div", [xv, sv])]), lo, hi])
             err = b.op("Sub", [xv, b.op("Mul", [q, sv])])

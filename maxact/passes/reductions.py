@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from maxact.statistics import Output
+from maxact.statistics import HIST_BINS, HIST_LOW, HIST_PER_DECADE, Output
 
 
 def graph_dtype(output: Output) -> ir.DataType:
@@ -67,3 +67,28 @@ class ReductionBuilder:
         token = self.op("ArgMax", [token_absmax], axis=0, keepdims=0)
         row = self.op("Gather", [ax, token], axis=0)
         return token, self.op("ArgMax", [row], axis=0, keepdims=0)
+
+    def hist_bins(self, ax: ir.Value, exact: bool) -> ir.Value:
+        """The histogram bin of every |x|, int32 ``[n, width]``: trunc(log10|x| * 32 + 8 * 32 + 1),
+        clipped to [0, 512]; log(0) = -inf -> 0. The bin is a non-decreasing function of |x| (Log, a
+        positive scale and shift, Clip and truncation all are), which the sites' median by bins relies
+        on. With ``exact`` False a NaN (which the float clip keeps, and the cast makes int32 min)
+        goes to bin 0."""
+        scale = self.const(np.array(HIST_PER_DECADE / np.log(10.0), np.float32), "hist_scale")
+        offset = self.const(np.array(-HIST_LOW * HIST_PER_DECADE + 1, np.float32), "hist_offset")
+        t = self.op("Add", [self.op("Mul", [self.op("Log", [ax]), scale]), offset])
+        # Float clip first (+Inf -> last bin, -Inf -> 0).
+        t = self.op("Clip", [t, self.const(np.array(0.0, np.float32), "zero"),
+                             self.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
+        bins = self.op("Cast", [t], to=ir.DataType.INT32)
+        if not exact:
+            bins = self.op("Max", [bins, self.const(np.array(0, np.int32), "zero_i32")])
+        return bins
+
+    def histogram(self, bins: ir.Value) -> ir.Value:
+        """int64 ``[513]``: the count of each bin of :meth:`hist_bins`'s ``bins`` (any shape)."""
+        idx = self.op("Reshape", [bins, self.const(np.array([-1], np.int64), "flat")])
+        ones = self.op("ConstantOfShape", [self.op("Shape", [idx])], value=ir.tensor(np.array([1], np.int32)))
+        empty = self.const(np.zeros(HIST_BINS + 1, np.int32), "hist_empty")
+        return self.op("Cast", [self.op("ScatterElements", [empty, idx, ones], axis=0, reduction="add")],
+                       to=ir.DataType.INT64)

@@ -3,18 +3,22 @@ that :mod:`maxact.statistics` declares for each statistic."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from maxact.passes.attention import attention_statistic
-from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TOP_K, Statistic, by_name
+from maxact.passes.tensors import tensor_statistic
+from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TENSOR_STATISTICS, TOP_K, Statistic, by_name
 
 #: The site statistics made from graph outputs (merged), and the derived ones (computed on reading).
 MEASURED = tuple(s for s in SITE_STATISTICS if s.outputs)
 _MEASURED = by_name(MEASURED)
 _DERIVED = {s.name: s for s in SITE_STATISTICS if s.derive is not None}
 _ATTENTION = by_name(ATTENTION_STATISTICS)
+#: The tensor statistics made from graph outputs (all of them: a tensor has no derived value).
+TENSOR_MEASURED = tuple(s for s in TENSOR_STATISTICS if s.outputs)
+_TENSOR = by_name(TENSOR_MEASURED)
 
 
 def _value(stat: Statistic, raw: object) -> object:
@@ -31,6 +35,8 @@ def _merged(rule: str, a: object, b: object) -> object:
         return a + b
     if np.ndim(a):
         return np.maximum(a, b) if rule == "max" else np.minimum(a, b)
+    if a != a or b != b:  # NaN propagates (a tensor's range; a site's extremes hold none)
+        return float("nan")
     return max(a, b) if rule == "max" else min(a, b)
 
 
@@ -155,4 +161,38 @@ def merge_attention(totals: Mapping[int, Mapping[str, np.ndarray]],
         into = merged.setdefault(layer, {})
         for stat, value in d.items():
             into[stat] = value if stat not in into else _merged(_ATTENTION[stat].merge, into[stat], value)
+    return merged
+
+
+def tensors_from_batch(out: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, dict[str, object]]:
+    """Tensor name -> statistic name -> value of one batch's tensor outputs (other outputs ignored).
+
+    Args:
+        out: the batch's outputs; ``maxact_tensor/<index>/<output>`` are read
+            (:func:`maxact.passes.tensors.tensor_output_name`).
+        names: the tensor name of each index (the instrumented tensors, in order).
+    """
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for name, value in out.items():
+        if (found := tensor_statistic(name)) is not None:
+            parts.setdefault(found[0], {})[found[1]] = value
+    return {names[i]: {s.name: _value(s, s.make(p) if s.make is not None else p[s.name])
+                       for s in TENSOR_MEASURED if all(o.name in p for o in s.outputs)}
+            for i, p in sorted(parts.items())}
+
+
+def tensor_from_stored(raw: Mapping[str, object]) -> dict[str, object]:
+    """A tensor's statistics from stored values (statistic name -> value read from a run file)."""
+    return {name: _value(_TENSOR[name], value) for name, value in raw.items()}
+
+
+def merge_tensors(totals: Mapping[str, Mapping[str, object]],
+                  new: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, object]]:
+    """Merge tensor statistics ``new`` into ``totals`` (tensor name -> statistic name -> value) by
+    each statistic's rule of :data:`maxact.statistics.TENSOR_STATISTICS` (NaN propagates into the
+    extremes)."""
+    merged = {name: dict(d) for name, d in totals.items()}
+    for name, d in new.items():
+        into = merged.get(name)
+        merged[name] = dict(d) if into is None else {k: _merged(_TENSOR[k].merge, into[k], v) for k, v in d.items()}
     return merged

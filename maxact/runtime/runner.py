@@ -14,7 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from maxact.passes.instrument import output_name
 from maxact.runtime.batching import Batch
-from maxact.runtime.merge import SiteStats, attention_from_batch, merge_all, merge_attention
+from maxact.runtime.merge import (
+    SiteStats,
+    attention_from_batch,
+    merge_all,
+    merge_attention,
+    merge_tensors,
+    tensors_from_batch,
+)
 from maxact.runtime.session import Session
 from maxact.statistics import NONFINITE_TOKENS, site_outputs
 
@@ -33,6 +40,8 @@ class RunResult:
         attention: layer -> the measured attention statistics merged over the batches
             (:func:`maxact.runtime.merge.merge_attention`).
         batches_done: how many of the run's batches (in order) the statistics cover.
+        tensors: tensor name -> its statistics merged over the batches
+            (:func:`maxact.runtime.merge.merge_tensors`; ``--tensors``).
     """
 
     stats: dict[str, SiteStats]
@@ -41,6 +50,7 @@ class RunResult:
     exact_batches: int = 0
     attention: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     batches_done: int = 0
+    tensors: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -92,6 +102,7 @@ def run_batches(
     checkpoint: Callable[[RunResult], None] | None = None,
     checkpoint_every: float = 60.0,
     outputs: Iterator[Mapping[str, np.ndarray]] | None = None,
+    tensors: Sequence[str] = (),
 ) -> RunResult:
     """Run every batch and merge the statistics of ``site_ids`` exactly, in batch order.
 
@@ -112,6 +123,8 @@ def run_batches(
             checkpoint takes more than 1/20 of it, so that writing them costs at most ~5 %.
         outputs: the session's outputs of each batch from ``start`` on, in order, computed
             elsewhere (:func:`maxact.runtime.distributed.ray_outputs`) instead of by ``session``.
+        tensors: the names of the tensors the graph carries statistics of, in index order
+            (:func:`maxact.passes.tensors.tensor_output_name`).
 
     Raises:
         Interrupted: SIGINT or SIGTERM arrived while ``checkpoint`` was given; the loop stopped
@@ -124,7 +137,7 @@ def run_batches(
             batch = batches[i]
             out = session.run(batch) if outputs is None else next(outputs)
             out = loop.exact_if_nonfinite(out, batch, site_ids, exact_session)
-            loop.add(batch, out, site_ids)
+            loop.add(batch, out, site_ids, tensors)
             bar.update(task, advance=batch.n_tokens, rate=f"{loop.rate():,.0f} tok/s")
             if checkpoint is None or i + 1 == len(batches):
                 continue  # a signal during the last batch lets the run finish
@@ -153,6 +166,7 @@ class _Loop:
         self.state = state = start or RunResult(stats={}, n_tokens=0, seconds=0.0)
         self.stats, self.attention, self.n_exact, self.done_tokens = (dict(state.stats), dict(state.attention),
                                                                  state.exact_batches, state.n_tokens)
+        self.tensors = dict(state.tensors)
         self.checkpoint_every = self.wait = checkpoint_every
         self.began = self.last_checkpoint = time.perf_counter()
 
@@ -160,7 +174,8 @@ class _Loop:
         """The result of the first ``batches_done`` batches."""
         return RunResult(stats=self.stats, n_tokens=int(self.done_tokens),
                          seconds=self.state.seconds + time.perf_counter() - self.began,
-                         exact_batches=self.n_exact, attention=self.attention, batches_done=batches_done)
+                         exact_batches=self.n_exact, attention=self.attention, batches_done=batches_done,
+                         tensors=self.tensors)
 
     def exact_if_nonfinite(self, out: Mapping[str, np.ndarray], batch: Batch, site_ids: Sequence[str],
                            exact_session: Callable[[], Session] | None) -> Mapping[str, np.ndarray]:
@@ -174,8 +189,9 @@ class _Loop:
         self.n_exact += 1
         return out
 
-    def add(self, batch: Batch, out: Mapping[str, np.ndarray], site_ids: Sequence[str]) -> None:
-        """Merge the site and attention statistics of one batch's outputs into the state."""
+    def add(self, batch: Batch, out: Mapping[str, np.ndarray], site_ids: Sequence[str],
+            tensors: Sequence[str] = ()) -> None:
+        """Merge the site, attention and tensor statistics of one batch's outputs into the state."""
         new = {}
         valid = batch.valid
         for sid in site_ids:
@@ -183,6 +199,8 @@ class _Loop:
             new[sid] = SiteStats.from_batch(part, batch.sample_index, valid)
         self.stats = merge_all(self.stats, new)
         self.attention = merge_attention(self.attention, attention_from_batch(out))
+        if tensors:
+            self.tensors = merge_tensors(self.tensors, tensors_from_batch(out, tensors))
         self.done_tokens += batch.n_tokens
 
     def rate(self) -> float:

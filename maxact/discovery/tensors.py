@@ -1,0 +1,162 @@
+"""The tensors a QDQ quantiser calibrates, chosen as onnxruntime's ``quantize_static`` chooses them,
+and whether each can be reduced over the valid tokens only.
+
+onnxruntime (``onnxruntime/quantization/calibrate.py``, ``select_tensors_to_calibrate``, after
+``onnx.shape_inference``): the inputs and outputs of every top-level node whose op type it
+quantises that are float32 or float16 after shape inference and not initializers. Its default op
+types (``quantize_static`` with no ``op_types_to_quantize``) are the keys of its QLinear and QDQ
+registries together. The layout of each tensor comes from onnxruntime's symbolic shape inference
+(which keeps the ``batch``/``sequence`` dimension names through reshapes, where onnx's own does not).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from maxact.discovery.dataflow import is_weight
+from maxact.errors import AnalyzerError
+
+#: The layouts of :attr:`QuantTensor.layout`.
+LAYOUTS = ("tokens", "flat_tokens", "all")
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+
+
+class TensorOpsError(AnalyzerError):
+    """``--tensor-ops`` names an op type onnxruntime's quantiser does not quantise."""
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """One tensor to calibrate.
+
+    Attributes:
+        name: the ONNX value name in the model file.
+        layout: ``tokens`` (``[batch, seq, ...]``), ``flat_tokens`` (``[batch * seq, ...]``): reduced
+            over the valid tokens; ``all``: any other layout, reduced over every element.
+        projection: the activation input of a MatMul or Gemm whose other input is a weight (per-channel
+            statistics over its last dimension are measured).
+        producer: the producing node's op type (``input`` for a graph input).
+        consumers: the op types of the nodes that read it, in graph order.
+    """
+
+    name: str
+    layout: str
+    projection: bool
+    producer: str
+    consumers: tuple[str, ...]
+
+    @property
+    def masked(self) -> bool:
+        """Reduced over the valid tokens only."""
+        return self.layout != "all"
+
+
+def default_op_types() -> tuple[str, ...]:
+    """The op types ``quantize_static`` quantises by default (its QLinear and QDQ registries), sorted."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
+
+
+def parse_op_types(spec: str | None) -> tuple[str, ...]:
+    """The op types of ``--tensor-ops`` (comma-separated; None: :func:`default_op_types`), sorted.
+
+    Raises:
+        TensorOpsError: an empty list or an op type not in :func:`default_op_types`.
+    """
+    known = default_op_types()
+    if spec is None:
+        return known
+    ops = [s.strip() for s in spec.split(",") if s.strip()]
+    if not ops:
+        raise TensorOpsError(f"--tensor-ops {spec!r}: give op types separated by commas, e.g. MatMul,Gemm")
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise TensorOpsError(f"--tensor-ops {spec!r}: {', '.join(unknown)} is not an op type onnxruntime's "
+                             f"quantiser quantises; choose from {','.join(known)}")
+    return tuple(sorted(set(ops)))
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[object] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+            for d in t.shape.dim]
+
+
+def _layout(dims: list[object] | None, batch: object, seq: object) -> str:
+    """The layout of a tensor of shape ``dims`` where the token ids are ``[batch, seq]`` (symbolic)."""
+    if not dims or not isinstance(batch, str) or not isinstance(seq, str):
+        return "all"
+    if len(dims) >= 2 and dims[0] == batch and dims[1] == seq:
+        return "tokens"
+    if str(dims[0]).replace(" ", "") in (f"{batch}*{seq}", f"{seq}*{batch}"):
+        return "flat_tokens"
+    return "all"
+
+
+def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, list[object] | None]:
+    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # an op it does not know: every tensor is then reduced over all its elements
+        return {}
+    infos = itertools.chain(inferred.graph.value_info, inferred.graph.input, inferred.graph.output)
+    return {vi.name: _dims(vi) for vi in infos}
+
+
+def select_tensors(model_path: Path, graph: ir.Graph, ids_input: str, op_types: Sequence[str]) -> list[QuantTensor]:
+    """The tensors ``quantize_static`` calibrates in the model file ``model_path``, in graph order.
+
+    Args:
+        model_path: the ``.onnx`` file as the user gave it (read without its external data).
+        graph: the same model loaded (maxact's rewrites add values, never rename one), for the
+            weights of projections.
+        ids_input: the name of the token-ids input (its dimensions name batch and sequence).
+        op_types: the op types whose nodes' tensors are calibrated.
+
+    Raises:
+        AnalyzerError: a selected tensor the loaded graph lacks (a model file changed meanwhile).
+    """
+    proto = onnx.load(str(model_path), load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(proto)
+    infos = {vi.name: vi for vi in itertools.chain(typed.graph.value_info, typed.graph.output, typed.graph.input)}
+    initializers = {t.name for t in proto.graph.initializer}
+    ops = set(op_types)
+    chosen: list[str] = []
+    for node in typed.graph.node:
+        if node.op_type not in ops:
+            continue
+        for name in itertools.chain(node.input, node.output):
+            vi = infos.get(name)
+            if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOATS
+                    and name not in initializers and name not in chosen):
+                chosen.append(name)
+    if not chosen:
+        return []
+    dims = _symbolic_dims(proto)
+    ids_dims = dims.get(ids_input) or [None, None]
+    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+    found = []
+    for name in chosen:
+        value = values.get(name)
+        if value is None:
+            raise AnalyzerError(f"{model_path}: tensor {name!r} is not in the loaded graph: was the file changed?")
+        layout = _layout(dims.get(name, _dims(infos[name])), *ids_dims[:2])
+        consumers = [(use.op_type, use.inputs) for use, _ in value.uses()]
+        projection = layout != "all" and any(
+            op in ("MatMul", "Gemm") and len(ins) > 1 and ins[0] is value and is_weight(ins[1])
+            for op, ins in consumers)
+        producer = value.producer()
+        found.append(QuantTensor(name, layout, projection, "input" if producer is None else producer.op_type,
+                                 tuple(op for op, _ in consumers)))
+    return found

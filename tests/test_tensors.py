@@ -1,0 +1,268 @@
+"""`analyzer run --tensors quantizable`: the tensors onnxruntime's quantize_static calibrates, measured in
+the same pass as the sites, over the valid tokens where the layout allows, stored in `/tensors`."""
+
+from __future__ import annotations
+
+import hashlib
+
+import h5py
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import BUILTIN, TEST_CORPUS
+from maxact.analyzer.corpus import load_corpus
+from maxact.analyzer.pipeline import load_model
+from maxact.analyzer.runfile import tensor_group_name
+from maxact.analyzer.tokenize import encode, load_tokenizer
+from maxact.cli import main
+from maxact.discovery.tensors import default_op_types, select_tensors
+
+MODEL = BUILTIN / "model.onnx"
+PROJECTION = "/model/layers.2/mlp/down_proj/MatMul_output_0"  # checked against numpy below
+PROJECTION_INPUT = "/model/layers.2/mlp/Mul_output_0"  # the activation input of down_proj
+
+
+def _run(out, *options: str):
+    assert main(["run", str(MODEL), "--corpus", str(TEST_CORPUS), "--samples", "6", "--no-progress",
+                 "--out", str(out), "--tensors", "quantizable", *options]) == 0
+    return out
+
+
+def _tensors(path) -> dict[str, dict[str, object]]:
+    """Tensor name -> dataset name -> value, and the group's attributes under ``@name``."""
+    with h5py.File(path) as f:
+        return {g.attrs["tensor"]: {**{n: g[n][()] for n in g}, **{f"@{k}": v for k, v in g.attrs.items()}}
+                for g in f["tensors"].values()}
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    """Six passages of different lengths in batches of 4 (so with padding), --stats full."""
+    return _run(tmp_path_factory.mktemp("batched") / "run.h5", "--batch-size", "4", "--stats", "full")
+
+
+@pytest.mark.parametrize("ops", [None, ("MatMul", "Gemm")])
+def test_the_selection_is_onnxruntimes(ops):
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    calibrater = MinMaxCalibrater(str(MODEL), op_types_to_calibrate=list(ops or default_op_types()))
+    theirs, _ = calibrater.select_tensors_to_calibrate(calibrater.model)
+    path, model = load_model(MODEL)
+    mine = select_tensors(path, model.graph, "input_ids", ops or default_op_types())
+    assert {t.name for t in mine} == theirs and len(mine) == len(theirs) > (20 if ops else 300)
+
+
+def _reference(path, names: list[str]) -> dict[str, np.ndarray]:
+    """Each tensor of ``names`` over the run's passages, each passage run alone (no padding) by
+    onnxruntime on the model file with the tensors as outputs: name -> [tokens, ...] concatenated."""
+    proto = onnx.load(str(MODEL))
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with h5py.File(path) as f:
+        samples = f["corpus/sample_index"][()]
+    corpus = load_corpus(str(TEST_CORPUS))
+    ids = encode(load_tokenizer(BUILTIN / "tokenizer.json"), [corpus.texts[k] for k in samples], "none", 512)
+    found: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for seq in ids:
+        feed = {"input_ids": seq[None], "attention_mask": np.ones_like(seq)[None],
+                "position_ids": np.arange(len(seq), dtype=np.int64)[None]}
+        for n, value in zip(names, session.run(names, feed), strict=True):
+            found[n].append(value[0].reshape(len(seq), -1))
+    return {n: np.concatenate(v).astype(np.float64) for n, v in found.items()}
+
+
+def test_ranges_and_channel_sums_equal_numpy_over_the_valid_tokens(batched):
+    stored = _tensors(batched)
+    assert stored[PROJECTION]["@masked"] == 1 and stored[PROJECTION]["@layout"] == "tokens"
+    ref = _reference(batched, [PROJECTION, PROJECTION_INPUT])
+    for name in (PROJECTION, PROJECTION_INPUT):
+        x, st = ref[name], stored[name]
+        np.testing.assert_allclose([st["max"], st["min"], st["absmax"]], [x.max(), x.min(), np.abs(x).max()],
+                                   rtol=1e-5, err_msg=name)
+        assert st["count"] == x.size and st["nonfinite_rows"] == 0
+        hist = np.concatenate([[st["hist_zero"]], st["hist_log10"]])
+        assert hist.sum() == x.size
+    # The projection input has the per-channel statistics; the output of down_proj does not.
+    x, st = ref[PROJECTION_INPUT], stored[PROJECTION_INPUT]
+    np.testing.assert_allclose(st["per_channel_absmax"], np.abs(x).max(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(st["per_channel_sum_sq"], (x * x).sum(axis=0), rtol=1e-5)
+    assert st["per_channel_sum_sq"].dtype == np.float64 and st["per_channel_sum_sq"].shape == (172,)
+    assert "per_channel_absmax" not in stored[PROJECTION] and "per_channel_sum_sq" not in stored[PROJECTION]
+
+
+def test_padding_is_excluded_from_masked_tensors(batched, tmp_path):
+    alone = _tensors(_run(tmp_path / "one.h5", "--batch-size", "1", "--stats", "full"))
+    padded = _tensors(batched)
+    assert alone.keys() == padded.keys()
+    masked = [n for n, st in padded.items() if st["@masked"] == 1]
+    assert len(masked) > 150
+    for name in masked:
+        a, b = alone[name], padded[name]
+        np.testing.assert_allclose([b["max"], b["min"]], [a["max"], a["min"]], rtol=1e-5, err_msg=name)
+        assert a["count"] == b["count"], name
+    # A tensor over every element sees the padding: more elements batched than alone.
+    scores = "/model/layers.0/self_attn/MatMul_output_0"  # Q @ K^T, [batch, heads, q, k]
+    assert padded[scores]["@masked"] == 0 and padded[scores]["count"] > alone[scores]["count"]
+
+
+def test_names_are_escaped_and_the_attributes_say_what_the_tensor_is(batched):
+    assert tensor_group_name("/a/b.c") == "%2Fa%2Fb.c" and tensor_group_name("50%/x") == "50%25%2Fx"
+    assert tensor_group_name(".") == "%2E"
+    with h5py.File(batched) as f:
+        g = f["tensors"][tensor_group_name(PROJECTION_INPUT)]
+        assert g.attrs["tensor"] == PROJECTION_INPUT and g.attrs["producer"] == "Mul"
+        assert list(g.attrs["consumers"]) == ["MatMul"]
+        assert f.attrs["tensors"] == "quantizable" and f.attrs["tensor_ops"] == ",".join(default_op_types())
+        assert f.attrs["n_tensors"] == len(f["tensors"])
+
+
+def test_tensor_ops_restricts_the_selection(tmp_path):
+    stored = _tensors(_run(tmp_path / "mm.h5", "--tensor-ops", "MatMul,Gemm"))
+    path, model = load_model(MODEL)
+    assert list(stored) == [t.name for t in select_tensors(path, model.graph, "input_ids", ("Gemm", "MatMul"))]
+    assert all("hist_log10" not in st for st in stored.values())  # --stats main: no histogram
+
+
+def _exit_code(argv: list[str]) -> int:
+    """``main(argv)``'s exit code, also where argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tensors", "quantizable", "--tensor-ops", "Nope"],
+     "error: --tensor-ops 'Nope': Nope is not an op type onnxruntime's quantiser quantises; choose from Add,"),
+    (["--tensors", "quantizable", "--tensor-ops", ","],
+     "error: --tensor-ops ',': give op types separated by commas, e.g. MatMul,Gemm"),
+    (["--tensor-ops", "MatMul"], "error: --tensor-ops chooses the tensors of --tensors: add --tensors quantizable"),
+    (["--tensors", "all"], "argument --tensors: invalid choice: 'all'"),
+])
+def test_bad_tensor_options_exit_2_with_one_line(tmp_path, capsys, options, message):
+    out = tmp_path / "run.h5"
+    before = hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    code = _exit_code(["run", str(MODEL), "--samples", "2", "--no-progress", "--out", str(out), *options])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+    assert hashlib.sha256(MODEL.read_bytes()).hexdigest() == before
+
+
+def test_a_nan_is_never_dropped_from_a_range():
+    from maxact.passes.tensors import tensor_output_name
+    from maxact.runtime.merge import merge_tensors, tensors_from_batch
+
+    def batch(mx, mn, bad):
+        out = {"max": np.float32(mx), "min": np.float32(mn), "absmax": np.float32(max(mx, -mn)),
+               "count": np.int64(10), "nonfinite_rows": np.int64(bad)}
+        return tensors_from_batch({tensor_output_name(0, k): v for k, v in out.items()}, ["t"])
+
+    clean, nan = batch(2.0, -1.0, 0), batch(1.0, -1.0, 1)  # a NaN that ReduceMax skipped: finite max and min
+    assert np.isnan(nan["t"]["max"]) and np.isnan(nan["t"]["min"]) and np.isnan(nan["t"]["absmax"])
+    for merged in (merge_tensors(clean, nan), merge_tensors(nan, clean)):  # in either order
+        assert np.isnan(merged["t"]["max"]) and merged["t"]["nonfinite_rows"] == 1 and merged["t"]["count"] == 20
+    inf = batch(np.inf, -1.0, 1)  # an Inf is its own range
+    assert inf["t"]["max"] == np.inf and inf["t"]["min"] == -1.0
+
+
+def test_a_nan_in_the_embedding_makes_the_embeddings_range_nan(tmp_path):
+    """The built-in model with one embedding row holding a NaN (as tests/test_nonfinite.py): the
+    batches are redone by the exact variant, which measures the tensors too."""
+    import onnx_ir as ir
+
+    tok = load_tokenizer(BUILTIN / "tokenizer.json")
+    model = ir.load(MODEL)
+    table = model.graph.initializers["model.embed_tokens.weight"]
+    weights = table.const_value.numpy().copy()
+    weights[tok.token_to_id("▁He"), 5] = np.nan
+    table.const_value = ir.tensor(weights, name=table.name)
+    (tmp_path / "m").mkdir()
+    ir.save(model, tmp_path / "m" / "model.onnx")
+    (tmp_path / "m" / "tokenizer.json").write_bytes((BUILTIN / "tokenizer.json").read_bytes())
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Once upon a time there was a cat.\n\nHe ran. He sat down. He smiled.\n\nThe sun was warm.")
+    out = tmp_path / "r.h5"
+    assert main(["run", str(tmp_path / "m" / "model.onnx"), "--corpus", str(corpus), "--batch-size", "2",
+                 "--no-progress", "--out", str(out), "--tensors", "quantizable"]) == 0
+    stored = _tensors(out)
+    embedding = stored["/model/embed_tokens/Gather_output_0"]
+    assert np.isnan(embedding["max"]) and np.isnan(embedding["min"]) and np.isnan(embedding["absmax"])
+    assert embedding["nonfinite_rows"] == 3  # the three valid tokens "▁He"
+    with h5py.File(out) as f:
+        assert f.attrs["exact_batches"] >= 1 and f["sites/embedding/nan_count"][()] == 3
+
+
+def test_layouts_from_symbolic_dimensions():
+    from maxact.discovery.tensors import _layout
+
+    b, s = "batch_size", "sequence_length"
+    assert _layout([b, s, 64], b, s) == _layout([b, s], b, s) == "tokens"
+    assert _layout([f"{b}*{s}", 64], b, s) == _layout([f"{s}*{b}", 64], b, s) == "flat_tokens"
+    assert _layout([b, 8, s, s], b, s) == _layout([], b, s) == _layout(None, b, s) == "all"
+    assert _layout([b, s, 64], 1, 7) == "all"  # static ids dimensions name no token axis
+
+
+def test_a_flattened_token_layout_gives_the_same_statistics(batched, tmp_path, monkeypatch):
+    """A [batch * seq, width] tensor is reduced over the same valid rows: declare the projection
+    input ``flat_tokens`` (it is [batch, seq, 172]; the Reshape to [batch * seq, -1] is the same rows)."""
+    import dataclasses
+
+    import maxact.analyzer.run as run_module
+
+    select = run_module.select_tensors
+
+    def flat(*args):
+        return [dataclasses.replace(t, layout="flat_tokens") if t.name == PROJECTION_INPUT else t
+                for t in select(*args)]
+
+    monkeypatch.setattr(run_module, "select_tensors", flat)
+    stored = _tensors(_run(tmp_path / "flat.h5", "--batch-size", "4", "--stats", "full"))
+    assert stored[PROJECTION_INPUT]["@layout"] == "flat_tokens"
+    reference = _tensors(batched)[PROJECTION_INPUT]
+    for name, value in stored[PROJECTION_INPUT].items():
+        if not name.startswith("@"):
+            np.testing.assert_array_equal(value, reference[name], err_msg=name)
+
+
+def test_quant_checks_the_tensors_as_it_checks_the_sites(batched, tmp_path, capsys):
+    """A site and the tensor of the same ONNX value get the same scales and metrics."""
+    import shutil
+
+    tensors, sites = shutil.copyfile(batched, tmp_path / "t.h5"), shutil.copyfile(batched, tmp_path / "s.h5")
+    with h5py.File(batched) as f:
+        groups = {g.attrs["tensor"]: k for k, g in f["tensors"].items()}
+        common = {sid: g.attrs["tensor"] for sid, g in f["sites"].items() if g.attrs["tensor"] in groups}
+    chosen = ["embedding", "layers.0.attn_q", "layers.2.residual"]
+    assert set(chosen) <= set(common)
+    assert main(["quant", str(tensors), "--sites", "quantizable", "--no-progress"]) == 0
+    assert "tensors checked" in capsys.readouterr().out
+    assert main(["quant", str(sites), "--sites", ",".join(chosen), "--no-progress"]) == 0
+    with h5py.File(tensors) as ft, h5py.File(sites) as fs:
+        g = ft["tensors"]
+        checked, skipped = list(g.attrs["int8_tensors"]), list(g.attrs["int8_skipped"])
+        assert sorted(checked + skipped) == sorted(groups) and len(checked) > 300
+        assert "/model/layers.0/self_attn/Where_2_output_0" in skipped  # the -inf attention mask
+        for sid in chosen:
+            mine, theirs = g[groups[common[sid]]], fs["quant"][sid]
+            for scale in ("maxabs", "p999"):
+                assert mine[f"int8_{scale}_scale"][()] == theirs[f"int8_{scale}_scale"][()], sid
+                for metric in ("sqnr_db", "rmse", "clip_rate", "zero_frac"):
+                    name = f"int8_{scale}_{metric}"
+                    np.testing.assert_allclose(mine[name][()], theirs[name][()], rtol=1e-5, err_msg=f"{sid} {name}")
+        assert "int8_sites" not in ft["quant"].attrs  # the sites' check is not run
+
+
+def test_quant_of_the_tensors_needs_a_run_with_them(tmp_path, capsys):
+    out = tmp_path / "run.h5"
+    assert main(["run", str(MODEL), "--corpus", str(TEST_CORPUS), "--samples", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert main(["quant", str(out), "--sites", "quantizable", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: --sites quantizable: {out} has no /tensors: measure them with `analyzer run "
+                           "... --tensors quantizable` first"), err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before and sorted(tmp_path.iterdir()) == [out]
