@@ -7,6 +7,24 @@ class AnalyzerError(Exception):
     exit_code = 2
 
 
+#: The numeric flags several commands share: the least value each takes, and what that value means.
+_LEAST = {"batch_size": (1, ""), "max_length": (1, ""), "seed": (0, ""), "threads": (0, " (0: onnxruntime's default)")}
+
+
+def check_counts(**values: int | None) -> None:
+    """Check the shared numeric flags (``batch_size``, ``max_length``, ``seed``, ``threads``; None:
+    not given) against their least values, in the order given.
+
+    Raises:
+        AnalyzerError: the first that is below, e.g. "--batch-size must be at least 1, not 0".
+    """
+    for name, value in values.items():
+        least, meaning = _LEAST[name]
+        if value is not None and value < least:
+            bound = "at least 1" if least == 1 else f"{least} or more{meaning}"
+            raise AnalyzerError(f"--{name.replace('_', '-')} must be {bound}, not {value}")
+
+
 class ModelFileError(AnalyzerError):
     """The model path is missing, unreadable or not an ONNX file."""
 

@@ -324,6 +324,94 @@ def test_ort_ranges_equal_onnxruntime_minmax_calibration_at_the_sites(run_file, 
         assert ours[name].max == pytest.approx(highest, rel=1e-5, abs=1e-7), name
 
 
+def _calibration_passages(run_file):
+    """The run's passages as onnxruntime's data reader feeds them: one per batch, no padding."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    from maxact.analyzer.replay import replay
+
+    with h5py.File(run_file) as f:
+        sample_index = f["corpus/sample_index"][()]
+    passages = replay(read_ranges(run_file).meta, sample_index, BUILTIN / "tokenizer.json").ids
+
+    class Passages(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = [{"input_ids": p[None], "attention_mask": np.ones((1, len(p)), np.int64),
+                           "position_ids": np.arange(len(p), dtype=np.int64)[None]} for p in passages]
+
+        def get_next(self):
+            return self.feeds.pop(0) if self.feeds else None
+
+    return Passages()
+
+
+def _qdq_scales(path) -> dict[str, float]:
+    """Every QuantizeLinear's scale of a QDQ graph, by the tensor it quantises."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: float(init[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in init and init[n.input[1]].size == 1}
+
+
+@pytest.fixture(scope="module")
+def tensors_run(tmp_path_factory):
+    """A run of every tensor onnxruntime's quantiser calibrates, one passage per batch (no padding)."""
+    out = tmp_path_factory.mktemp("tensors") / "tensors.h5"
+    assert main(["run", "--corpus", str(TEST_CORPUS), "--samples", "3", "--batch-size", "1", "--tensors",
+                 "quantizable", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_qdq_scales_from_the_ort_ranges_equal_onnxruntimes_own_minmax_calibration(tensors_run, tmp_path):
+    """The acceptance test of `--format ort`: every tensor quantize_static asks for measured by
+    `analyzer run --tensors quantizable` on the same passages without padding (batch 1); the QDQ
+    graph made from maxact's ranges (no calibration pass) has the scales of the graph made by
+    onnxruntime's own MinMax calibration, within 1e-5 relative."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    run_file = tensors_run
+    cache = ranges(run_file, tmp_path, "ort", name="cache.json")
+    common = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                  calibrate_method=CalibrationMethod.MinMax)  # every op type it quantises
+    quantize_static(str(BUILTIN / "model.onnx"), str(tmp_path / "ours.onnx"), None,
+                    calibration_cache_path=str(cache), **common)
+    quantize_static(str(BUILTIN / "model.onnx"), str(tmp_path / "theirs.onnx"),
+                    _calibration_passages(run_file), **common)
+    ours, theirs = _qdq_scales(tmp_path / "ours.onnx"), _qdq_scales(tmp_path / "theirs.onnx")
+    assert len(theirs) > 100 and set(ours) == set(theirs)
+    for name, scale in theirs.items():
+        assert ours[name] == pytest.approx(scale, rel=1e-5), name
+
+
+def test_trt_formats_leave_out_infinite_ranges_and_say_so(tensors_run, tmp_path, capsys):
+    from onnxruntime.quantization.CalTableFlatBuffers import TrtTable
+
+    infinite = [t.name for t in read_ranges(tensors_run).tensors if not np.isfinite(max(-t.min, t.max))]
+    assert infinite  # the causal masks' -inf
+    table = TrtTable.TrtTable.GetRootAsTrtTable(ranges(tensors_run, tmp_path, "trt-table").read_bytes(), 0)
+    keys = {table.Dict(i).Key().decode() for i in range(table.DictLength())}
+    assert keys and not keys & set(infinite)
+    assert all(np.isfinite(float(table.Dict(i).Value())) for i in range(table.DictLength()))
+    assert f"left out {len(infinite)} tensors whose range is infinite" in capsys.readouterr().out
+
+
+def test_a_nan_range_is_refused_naming_the_tensor(tensors_run, tmp_path, capsys):
+    bad = tmp_path / "nan.h5"
+    shutil.copyfile(tensors_run, bad)
+    with h5py.File(bad, "r+") as f:
+        g = next(iter(f["tensors"].values()))
+        name = g.attrs["tensor"]
+        g["max"][()] = np.nan
+    out = tmp_path / "x.json"
+    assert main(["ranges", str(bad), "--format", "ort", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the run's range of {name!r} is NaN") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_the_command_offers_every_format():
     from maxact.analyzer.ranges import FORMATS
     from maxact.cli import build_parser

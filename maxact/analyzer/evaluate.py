@@ -32,7 +32,7 @@ from maxact.analyzer.runfile import file_sha256, read_groups
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import max_positions
-from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunFileError, TokenizerError
+from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunFileError, TokenizerError, check_counts
 from maxact.outputs import check_output, write_atomically
 from maxact.runtime.batching import Batch, length_sorted_batches
 from maxact.runtime.session import Session
@@ -206,14 +206,7 @@ def _check_options(opts: EvalOptions, model: _Graph, reference: _Graph | None, c
     Raises:
         AnalyzerError, OutputError: as :func:`evaluate` says.
     """
-    max_length = 1 if opts.max_length is None else opts.max_length
-    for flag, value in (("--batch-size", opts.batch_size), ("--max-length", max_length)):
-        if value < 1:
-            raise AnalyzerError(f"{flag} must be at least 1, not {value}")
-    if opts.seed < 0:
-        raise AnalyzerError(f"--seed must be 0 or more, not {opts.seed}")
-    if opts.threads is not None and opts.threads < 0:
-        raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {opts.threads}")
+    check_counts(batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, threads=opts.threads)
     if opts.out is None:
         return None
     read = {"the tokenizer": opts.tokenizer or model.path.parent / "tokenizer.json",

@@ -14,7 +14,7 @@ from maxact.analyzer.runfile import Group, read_groups, write_quant, write_tenso
 from maxact.analyzer.tokenize import find_tokenizer
 from maxact.discovery.inputs import InputRolesError, graph_inputs
 from maxact.discovery.tensors import QuantTensor
-from maxact.errors import AnalyzerError
+from maxact.errors import AnalyzerError, check_counts
 from maxact.passes.instrument import output_name
 from maxact.passes.quant import QMAX, SCALE_SUMS, fake_quant_reducer, int8_metrics
 from maxact.passes.tensors import tensor_output_name
@@ -81,8 +81,7 @@ def quant_check(run_path: Path, model_path: Path | None = None, site_ids: list[s
     """
     console = console or plain_console()
     run_path = Path(run_path)
-    if threads is not None and threads < 0:
-        raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {threads}")
+    check_counts(threads=threads)
     tensors = site_ids == [QUANTIZABLE]
     meta, samples, absmax, site_ids = _read_run(run_path, None if tensors else site_ids)
     path = Path(model_path or meta["model_path"])

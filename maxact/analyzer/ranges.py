@@ -34,6 +34,16 @@ GGUF_ARCH = {"llama": "LLAMA", "gemma2": "GEMMA2", "olmo2": "OLMO2", "phi3": "PH
 MEASURE_TENSORS = "run `analyzer run --tensors quantizable` to measure them"
 
 
+def infinite(run: RunRanges) -> list[str]:
+    """The tensors whose range is infinite (a causal mask's -inf): the TensorRT formats leave them
+    out (TensorRT reads a finite amax); ``ort`` keeps them, as onnxruntime's own calibration does."""
+    return [t.name for t in run.tensors if not np.isfinite(amax(t))]
+
+
+def _finite(run: RunRanges) -> list[TensorRange]:
+    return [t for t in run.tensors if np.isfinite(amax(t))]
+
+
 def amax(t: TensorRange) -> float:
     """The symmetric range TensorRT reads: max(|min|, |max|) (onnxruntime's own table writer
     takes the highest value, which clips a peak that is negative)."""
@@ -66,7 +76,7 @@ def write_trt_table(run: RunRanges) -> bytes:
 
     builder = flatbuffers.Builder(1024)
     entries = []
-    for t in sorted(run.tensors, key=lambda t: t.name):
+    for t in sorted(_finite(run), key=lambda t: t.name):
         key, value = builder.CreateString(t.name), builder.CreateString(str(float(np.float32(amax(t)))))
         KeyValue.KeyValueStart(builder)
         KeyValue.KeyValueAddKey(builder, key)
@@ -90,12 +100,12 @@ def write_trt_cache(run: RunRanges) -> bytes:
         RangesError: a tensor name holds ``:`` or a line break, which the readers take for the
             separator (onnxruntime's TensorRT EP cuts each line at the first ``:``).
     """
-    bad = [t.name for t in run.tensors if ":" in t.name or "\n" in t.name or "\r" in t.name]
+    bad = [t.name for t in _finite(run) if ":" in t.name or "\n" in t.name or "\r" in t.name]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise RangesError(f"--format trt-cache cannot name the tensor {bad[0]!r}{more}: its readers split each line "
                           "at the first ':'; use --format trt-table")
-    lines = [TRT_CACHE_HEADER] + [f"{t.name}: {struct.pack('!f', amax(t) / 127).hex()}" for t in run.tensors]
+    lines = [TRT_CACHE_HEADER] + [f"{t.name}: {struct.pack('!f', amax(t) / 127).hex()}" for t in _finite(run)]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -214,7 +224,8 @@ def write_ranges(run_path: str | Path, fmt: str, out: str | Path, *, torch_forma
         ``out`` as a :class:`~pathlib.Path`.
 
     Raises:
-        RangesError: ``torch_format`` with another format; the run lacks what the format needs.
+        RangesError: ``torch_format`` with another format; the run lacks what the format needs; a
+            range is NaN. (An infinite range is no error: see :func:`infinite`.)
         RunFileError: ``run_path`` is not a run file.
         OutputError: ``out`` is the run file, an existing file without ``force``, or cannot be written.
     """
@@ -223,6 +234,11 @@ def write_ranges(run_path: str | Path, fmt: str, out: str | Path, *, torch_forma
     out = check_output(out, kind="ranges", inputs={"the run file": run_path}, force=force,
                        recognise=lambda path: is_ranges_file(path, fmt))
     run = read_ranges(run_path)
+    nan = [t.name for t in run.tensors if np.isnan(t.min) or np.isnan(t.max)]
+    if nan:
+        more = f" (and {len(nan) - 1} more)" if len(nan) > 1 else ""
+        raise RangesError(f"the run's range of {nan[0]!r}{more} is NaN (a NaN reached the tensor): no format can carry "
+                          "it; find where the NaN comes from (`analyzer run` names the sites that hold one)")
     data = write_smoothquant(run, torch_format) if fmt == "smoothquant" else FORMATS[fmt](run)
     write_atomically(out, data)
     return out

@@ -38,6 +38,7 @@ from maxact.errors import (
     ResumableError,
     RunInterrupted,
     TokenizerError,
+    check_counts,
 )
 from maxact.outputs import check_output
 from maxact.runtime.batching import Batch, length_sorted_batches, shard_of
@@ -162,13 +163,7 @@ def _check_options(opts: RunOptions, model_path: Path, model: ir.Model) -> tuple
     check_output(out, kind="run", inputs=read, force=opts.force, recognise=is_run_file)
     if opts.stats not in ("full", "main"):
         raise AnalyzerError(f"--stats must be 'full' or 'main', not {opts.stats!r}")
-    for flag, value in (("--batch-size", opts.batch_size), ("--max-length", opts.max_length)):
-        if value < 1:
-            raise AnalyzerError(f"{flag} must be at least 1, not {value}")
-    if opts.seed < 0:
-        raise AnalyzerError(f"--seed must be 0 or more, not {opts.seed}")
-    if opts.threads is not None and opts.threads < 0:
-        raise AnalyzerError(f"--threads must be 0 or more (0: onnxruntime's default), not {opts.threads}")
+    check_counts(batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, threads=opts.threads)
     if not opts.checkpoint_every >= 0:  # also NaN
         raise AnalyzerError(f"--checkpoint-every must be 0 or more seconds, not {opts.checkpoint_every}")
     index, count = opts.shard or (1, 1)
