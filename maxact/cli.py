@@ -117,6 +117,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from maxact.analyzer.quantize import QuantizeOptions, decisions_path, quantize
+
+    ops = tuple(op.strip() for op in args.ops.split(",") if op.strip())
+    out, decisions = quantize(QuantizeOptions(
+        model=Path(args.model), run=Path(args.run), out=Path(args.out), policy=args.policy, op_types=ops,
+        percentile=args.percentile, float_budget=args.float_budget, symmetric=args.symmetric,
+        per_channel=not args.per_tensor_weights, force=args.force))
+    print(visible(f"wrote {out} ({args.policy}: {len(decisions.ranges)} ranges, {len(decisions.in_float)} MatMuls "
+                  f"in float) and its decisions, {decisions_path(out)}"))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
@@ -133,6 +146,7 @@ examples:
   analyzer quant m.h5                              the study's INT8 check, written into m.h5
   analyzer report m.h5 --out report/               report/index.html, report/report.md and figures
   analyzer ranges m.h5 --format ort --out m.json   calibration ranges quantize_static reads
+  analyzer quantize model.onnx m.h5 --out q.onnx    a QDQ INT8 graph from m.h5's ranges (--tensors quantizable)
   analyzer eval q.onnx --reference model.onnx --exclude m.h5 --samples 16 --out q.json
                                                    perplexity, KL and top-1 agreement on passages m.h5 did not see
   analyzer export ./hf-folder onnx/ && analyzer run onnx/model.onnx
@@ -282,6 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="smoothquant: the torch.save dict SmoothQuant's scripts torch.load, instead of safetensors")
     _force(rg, "an output of this --format")
     rg.set_defaults(func=_ranges)
+
+    qz = sub.add_parser("quantize", help="a QDQ INT8 graph made by onnxruntime's quantiser from RUN.h5's ranges "
+                                         "(no calibration pass of its own), by a policy")
+    qz.add_argument("model", help="the fp32 .onnx graph the run measured (only read)")
+    qz.add_argument("run", help="its run file, of `analyzer run --tensors quantizable` (--stats full for the "
+                                "percentile and maxact policies; only read)")
+    qz.add_argument("--out", required=True, metavar="Q.onnx",
+                    help="the QDQ graph to write; its decisions go beside it, Q.onnx.decisions.json")
+    qz.add_argument("--policy", default="maxact", choices=("minmax", "percentile", "maxact"),
+                    help="minmax: the measured ranges; percentile: clipped at --percentile of |x|; maxact: "
+                         "clipped where the histogram gives the least INT8 error, and the MatMuls reading no token "
+                         "data, the LM head and those with the most massive inputs kept in float (default: maxact)")
+    qz.add_argument("--ops", default="MatMul", help="op types to quantise, comma-separated (default: MatMul)")
+    qz.add_argument("--percentile", type=float, default=99.99,
+                    help="percentile policy: the quantile of |x| in %% that clips every range (default: 99.99)")
+    qz.add_argument("--float-budget", type=float, default=0.05,
+                    help="maxact policy: the largest share of the MatMuls kept in float (default: 0.05)")
+    qz.add_argument("--symmetric", action="store_true",
+                    help="symmetric INT8 activations (zero point 0, as TensorRT wants)")
+    qz.add_argument("--per-tensor-weights", action="store_true",
+                    help="one scale per weight tensor (default: one per output channel)")
+    _force(qz, "a quantised graph")
+    qz.set_defaults(func=_quantize)
 
     ev = sub.add_parser("eval", help="perplexity of MODEL.onnx over corpus passages; with --reference also the "
                                      "KL divergence and top-1 agreement of the next-token distributions")

@@ -145,3 +145,9 @@ def read_model(path: Path) -> ir.Model:
         raise not_onnx(e) from e
     ir.external_data.set_base_dir(model.graph, os.path.dirname(os.fspath(path)))
     return model
+
+
+def external_data_files(model: ir.Model) -> list[Path]:
+    """The files that the initializers of ``model`` (every graph, subgraphs too) keep their data in."""
+    return sorted({Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
+                   if isinstance(v.const_value, ir.ExternalTensor)})

@@ -21,6 +21,7 @@ KINDS = {
     "compare-torch": ("file", "a comparison file of `analyzer compare-torch`", False),
     "ranges": ("file", "an output of `analyzer ranges` in this --format", False),
     "eval": ("file", "an evaluation of `analyzer eval`", False),
+    "quantized": ("file", "a quantised graph of `analyzer quantize` (or its decisions file)", False),
     "report": ("folder", "a report folder of `analyzer report`", False),
     "export": ("folder", "an export folder of `analyzer export`", True),
 }

@@ -6,7 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+
+from maxact.analyzer.runfile import read_ranges
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("MAXACT_SHARED", REPO.parent / "shared"))
@@ -66,3 +70,35 @@ def save_tiny_llama(folder: Path, seed: int = 0, n_layers: int = 3, plant=None, 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(BUILTIN / name, folder / name)
     return model
+
+
+def ort_calibration_reader(run_file):
+    """The run's passages as onnxruntime's data reader feeds them: one per batch, no padding."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    from maxact.analyzer.replay import replay
+
+    with h5py.File(run_file) as f:
+        sample_index = f["corpus/sample_index"][()]
+    passages = replay(read_ranges(run_file).meta, sample_index, BUILTIN / "tokenizer.json").ids
+
+    class Passages(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = [{"input_ids": p[None], "attention_mask": np.ones((1, len(p)), np.int64),
+                           "position_ids": np.arange(len(p), dtype=np.int64)[None]} for p in passages]
+
+        def get_next(self):
+            return self.feeds.pop(0) if self.feeds else None
+
+    return Passages()
+
+
+def qdq_scales(path) -> dict[str, float]:
+    """Every QuantizeLinear's scale of a QDQ graph, by the tensor it quantises."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: float(init[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in init and init[n.input[1]].size == 1}

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import BUILTIN, TEST_CORPUS
+from conftest import BUILTIN, TEST_CORPUS, ort_calibration_reader, qdq_scales
 from maxact.analyzer.runfile import read_ranges
 from maxact.cli import main
 
@@ -324,38 +324,6 @@ def test_ort_ranges_equal_onnxruntime_minmax_calibration_at_the_sites(run_file, 
         assert ours[name].max == pytest.approx(highest, rel=1e-5, abs=1e-7), name
 
 
-def _calibration_passages(run_file):
-    """The run's passages as onnxruntime's data reader feeds them: one per batch, no padding."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
-    from maxact.analyzer.replay import replay
-
-    with h5py.File(run_file) as f:
-        sample_index = f["corpus/sample_index"][()]
-    passages = replay(read_ranges(run_file).meta, sample_index, BUILTIN / "tokenizer.json").ids
-
-    class Passages(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = [{"input_ids": p[None], "attention_mask": np.ones((1, len(p)), np.int64),
-                           "position_ids": np.arange(len(p), dtype=np.int64)[None]} for p in passages]
-
-        def get_next(self):
-            return self.feeds.pop(0) if self.feeds else None
-
-    return Passages()
-
-
-def _qdq_scales(path) -> dict[str, float]:
-    """Every QuantizeLinear's scale of a QDQ graph, by the tensor it quantises."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {n.input[0]: float(init[n.input[1]]) for n in model.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[1] in init and init[n.input[1]].size == 1}
-
-
 @pytest.fixture(scope="module")
 def tensors_run(tmp_path_factory):
     """A run of every tensor onnxruntime's quantiser calibrates, one passage per batch (no padding)."""
@@ -379,8 +347,8 @@ def test_qdq_scales_from_the_ort_ranges_equal_onnxruntimes_own_minmax_calibratio
     quantize_static(str(BUILTIN / "model.onnx"), str(tmp_path / "ours.onnx"), None,
                     calibration_cache_path=str(cache), **common)
     quantize_static(str(BUILTIN / "model.onnx"), str(tmp_path / "theirs.onnx"),
-                    _calibration_passages(run_file), **common)
-    ours, theirs = _qdq_scales(tmp_path / "ours.onnx"), _qdq_scales(tmp_path / "theirs.onnx")
+                    ort_calibration_reader(run_file), **common)
+    ours, theirs = qdq_scales(tmp_path / "ours.onnx"), qdq_scales(tmp_path / "theirs.onnx")
     assert len(theirs) > 100 and set(ours) == set(theirs)
     for name, scale in theirs.items():
         assert ours[name] == pytest.approx(scale, rel=1e-5), name

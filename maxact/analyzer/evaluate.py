@@ -27,12 +27,12 @@ import maxact
 from maxact.analyzer.corpus import DEFAULT, Corpus, load_corpus, select_samples
 from maxact.analyzer.pipeline import load_model
 from maxact.analyzer.replay import replay
-from maxact.analyzer.run import external_data_files
 from maxact.analyzer.runfile import file_sha256, read_groups
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import max_positions
 from maxact.errors import AnalyzerError, CorpusError, ModelFileError, RunFileError, TokenizerError, check_counts
+from maxact.model_file import external_data_files
 from maxact.outputs import check_output, write_atomically
 from maxact.runtime.batching import Batch, length_sorted_batches
 from maxact.runtime.session import Session

@@ -40,6 +40,7 @@ from maxact.errors import (
     TokenizerError,
     check_counts,
 )
+from maxact.model_file import external_data_files
 from maxact.outputs import check_output
 from maxact.runtime.batching import Batch, length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
@@ -90,12 +91,6 @@ class RunOptions:
     #: ``--tensor-ops``: the op types whose tensors ``--tensors`` measures (comma-separated; None:
     #: onnxruntime's default, :func:`maxact.discovery.tensors.default_op_types`).
     tensor_ops: str | None = None
-
-
-def external_data_files(model: ir.Model) -> list[Path]:
-    """The files that the initializers of ``model`` (every graph, subgraphs too) keep their data in."""
-    return sorted({Path(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
-                   if isinstance(v.const_value, ir.ExternalTensor)})
 
 
 def _float_dtype(model: ir.Model) -> str:

@@ -31,7 +31,7 @@ from maxact.errors import RunFileError
 from maxact.formats import FORMAT_MAX, range_use
 from maxact.outputs import temporary_path, write_atomically
 from maxact.runtime.merge import MEASURED, TENSOR_MEASURED, SiteStats, tensor_from_stored
-from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TENSOR_STATISTICS, derived
+from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TENSOR_STATISTICS, derived, full_hist
 
 
 def model_order(site_id: str, role: str, layer: int | None) -> tuple:
@@ -694,6 +694,8 @@ class TensorRange:
             input (``model.layers.0.mlp.down_proj``), from the family table; empty when none or
             when the run's family has no table.
         site: the site id when the tensor is a role site, else None.
+        hist: int64 ``[513]``, the log10 |x| histogram with its zero bin in front
+            (:func:`maxact.statistics.full_hist`; ``--stats full``), or None.
     """
 
     name: str
@@ -705,6 +707,7 @@ class TensorRange:
     per_channel_sum_sq: np.ndarray | None = None
     modules: tuple[str, ...] = ()
     site: str | None = None
+    hist: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -729,12 +732,12 @@ class RunRanges:
     tensors: list[TensorRange]
 
 
-#: The group of per-tensor ranges beside ``/sites`` (to come: ``analyzer run --tensors quantizable``):
-#: one subgroup per tensor with the attribute ``tensor`` (the ONNX name; HDF5 names cannot hold its
-#: slashes), optionally ``modules`` (the projections reading it), and the site datasets' names
-#: (``min``, ``max``, ``absmax``, ``count``, ``per_channel_absmax``) plus ``per_channel_sum_sq``.
+#: The group of per-tensor ranges beside ``/sites`` (``analyzer run --tensors quantizable``): one
+#: subgroup per tensor with the attribute ``tensor`` (the ONNX name; HDF5 names cannot hold its
+#: slashes), optionally ``modules`` (the projections reading it), and the site datasets' names.
 TENSORS_GROUP = "tensors"
-_RANGE_DATASETS = ("min", "max", "absmax", "count", "per_channel_absmax", "per_channel_sum_sq")
+_RANGE_DATASETS = ("min", "max", "absmax", "count", "per_channel_absmax", "per_channel_sum_sq", "hist_log10",
+                   "hist_zero")
 
 
 def read_ranges(path: str | Path) -> RunRanges:
@@ -772,4 +775,5 @@ def _tensor_range(name: str, g: Group, modules: Sequence[str], site: str | None)
     d = g.data
     return TensorRange(name=name, min=float(d["min"]), max=float(d["max"]), absmax=float(d["absmax"]),
                        count=int(d["count"]), per_channel_absmax=d.get("per_channel_absmax"),
-                       per_channel_sum_sq=d.get("per_channel_sum_sq"), modules=tuple(modules), site=site)
+                       per_channel_sum_sq=d.get("per_channel_sum_sq"), modules=tuple(modules), site=site,
+                       hist=full_hist(d) if "hist_log10" in d else None)
