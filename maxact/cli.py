@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "else 512)")
     ev.add_argument("--batch-size", type=int, default=8, help="passages per batch")
     ev.add_argument("--bos", choices=("none", "auto"), help="as for run (default: the --exclude run's, else none)")
-    ev.add_argument("--tokenizer", help="folder or tokenizer.json (default: beside the model)")
+    ev.add_argument("--tokenizer", help="folder or tokenizer.json (default: beside the model, else beside --reference)")
     _session_options(ev)
     ev.add_argument("--seed", type=int, default=0, help="seed of the --samples choice")
     _no_progress(ev)

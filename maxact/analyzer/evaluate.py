@@ -12,6 +12,7 @@ measure are evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -133,6 +134,8 @@ def evaluate(opts: EvalOptions, console: Console | None = None) -> dict[str, obj
     corpus_spec, max_length, bos = _defaults(opts, run_meta)
     model = _load(opts.model, opts.inputs)
     reference = _load(opts.reference, None) if opts.reference else None
+    if opts.tokenizer is None and reference is not None and not (model.path.parent / "tokenizer.json").is_file():
+        opts = dataclasses.replace(opts, tokenizer=str(reference.path.parent))  # a quantised graph saved elsewhere
     out = _check_options(opts, model, reference, corpus_spec)
     _same_vocabulary(model, reference)
     max_length = _cut_to_rotary(model, max_length, console)
