@@ -132,7 +132,7 @@ def test_page_loads_in_chromium_and_a_missing_image_is_caught(report, tmp_path):
     if chromium is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
     pngs = sorted(p.name for p in report.glob("*.png"))
-    assert len(pngs) == 9  # overlay, and per run: layerwise, heatmap, token x channel and its 3-D view
+    assert len(pngs) == 10  # overlay; per run: layerwise, heatmap, token x channel, its 3-D view; max |x| vs SQNR (quant)
     ok = check_page(report / "index.html", chromium)
     assert ok.broken_images == [] and ok.errors == []
     assert ok.n_images == len(pngs) and ok.n_tables >= 10
@@ -190,3 +190,19 @@ def test_bad_run_file_exits_2_with_one_line(case, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert {"missing": "not found", "not hdf5": "not an HDF5 file", "other hdf5": "not a run file"}[case] in err
     assert not out.exists()
+
+
+def test_the_study_figure_of_max_abs_against_sqnr_is_drawn_with_the_files_spearman(runs, report):
+    """Drawn for the run with `analyzer quant`'s results only; the Spearman coefficient its legend
+    shows (the file's attribute) equals a recomputation from the file's per-site values."""
+    md = (report / "report.md").read_text()
+    drawn = sorted(p.name for p in report.glob("*-absmax-sqnr.png"))
+    assert len(drawn) == 1 and f"({drawn[0]})" in md and "against INT8 SQNR per site" in md
+    with h5py.File(runs[0]) as f:
+        sites = [s.decode() if isinstance(s, bytes) else s for s in f["quant"].attrs["int8_sites"]]
+        absmax = np.array([f[f"sites/{s}/absmax"][()] for s in sites])
+        for scale in ("maxabs", "p999"):
+            sqnr = np.array([f[f"quant/{s}/int8_{scale}_sqnr_db"][()] for s in sites])
+            ranks = [np.argsort(np.argsort(v, kind="stable")) for v in (absmax, sqnr)]
+            rho = np.corrcoef(*ranks)[0, 1]
+            assert float(f["quant"].attrs[f"int8_spearman_absmax_sqnr_{scale}"]) == pytest.approx(rho, abs=1e-9)

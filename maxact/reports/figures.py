@@ -114,6 +114,34 @@ def layerwise(run: RunData, path: Path) -> Path:
     return path
 
 
+#: The scales of ``analyzer quant``'s INT8 check, and how the figure names them.
+INT8_SCALES = {"maxabs": "scale from max |x|", "p999": "scale from the 99.9th percentile"}
+
+
+def absmax_vs_sqnr(run: RunData, path: Path) -> Path | None:
+    """The study's figure: per site checked by ``analyzer quant``, its max |x| (log scale) against
+    the INT8 SQNR (dB) with each scale, the Spearman coefficient the run file stores in the legend.
+    Writes ``path`` (PNG); None when the run has no INT8 results."""
+    checked = [s for s in run.sites if "int8_maxabs_sqnr_db" in s.quant]
+    if not checked:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), layout="constrained")
+    for (scale, label), marker in zip(INT8_SCALES.items(), "os", strict=True):
+        rho = run.quant_attrs.get(f"int8_spearman_absmax_sqnr_{scale}")
+        rho_text = "" if rho is None else f", Spearman {float(rho):+.3f}"
+        ax.scatter([s.absmax for s in checked], [s.quant[f"int8_{scale}_sqnr_db"] for s in checked], marker=marker,
+                   s=28, alpha=0.8, label=f"{label}{rho_text}")
+    ax.set_xscale("log")
+    ax.set_xlabel("max |x| of the site over the corpus (log scale)")
+    ax.set_ylabel("INT8 SQNR (dB), evaluation half")
+    ax.set_title(f"{run.name}: max |x| against INT8 SQNR, {len(checked)} sites")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=9, frameon=False)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def heatmap(run: RunData, path: Path) -> Path:
     """Layer x role heatmap of max |x| (log colour scale); values written in the cells when the
     grid is small, the global peak's cell outlined. Writes ``path`` (PNG)."""

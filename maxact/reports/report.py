@@ -100,6 +100,11 @@ def _run_blocks(run: RunData, slug: str, tmp: Path, params: tuple[int, bool] | N
     for t in (tables.topk(run), tables.massive(run), tables.int8(run), tables.weights_vs_activations(run)):
         if t is not None:
             blocks.append(t)
+    if figures.absmax_vs_sqnr(run, tmp / f"{slug}-absmax-sqnr.png") is not None:
+        blocks.append(Figure(f"{slug}-absmax-sqnr.png", f"{run.name}: max |x| against INT8 SQNR per site",
+                             "The study's correlation: per site checked by `analyzer quant`, its max |x| against "
+                             "the SQNR of symmetric per-tensor INT8 with each scale (evaluation half); the legend "
+                             "gives Spearman's rank correlation over the sites, as the run file stores it."))
     sinks = {layer: h for layer, h in run.sink_heads.items() if h}
     if run.sink_heads:
         blocks.append(Text("Attention sink heads (mean first-token share > 0.9): " + (
