@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-#: Model Optimizer's calibration-cache reader, run in the interpreter that has nvidia-modelopt.
-MODELOPT_PYTHON = Path("/tmp/mo-venv/bin/python")
+#: The interpreter that has nvidia-modelopt, for its calibration-cache reader when this one lacks it.
+MODELOPT_PYTHON = Path(os.environ.get("MODELOPT_PYTHON", "/tmp/mo-venv/bin/python"))
 READ_WITH_MODELOPT = ("import json, sys\n"
                       "from modelopt.onnx.quantization.calib_utils import import_scales_from_calib_cache\n"
                       "scales = import_scales_from_calib_cache(sys.argv[1])\n"
