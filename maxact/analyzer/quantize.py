@@ -136,6 +136,8 @@ def quantize(opts: QuantizeOptions) -> tuple[Path, Decisions]:
 def _check_options(opts: QuantizeOptions) -> Path:
     if opts.policy not in POLICIES:
         raise QuantizeError(f"--policy {opts.policy!r}: choose one of {', '.join(POLICIES)}")
+    if not opts.op_types:
+        raise QuantizeError("--ops gives no op type: name the op types to quantise, e.g. --ops MatMul")
     if not 0.0 <= opts.float_budget <= 1.0:
         raise QuantizeError(f"--float-budget {opts.float_budget}: give a share of the MatMuls from 0 to 1")
     if not 0.0 < opts.percentile <= 100.0:
