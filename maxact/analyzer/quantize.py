@@ -167,6 +167,19 @@ def is_quantized_graph(path: Path) -> bool:
     return _is_decisions(decisions_path(Path(path)))
 
 
+def matmuls_in_float(path: Path) -> tuple[int, int]:
+    """(MatMuls, those left in float) of the graph at ``path``, counted on the graph itself: a MatMul
+    is in float unless every input comes from a DequantizeLinear (any QDQ quantiser's graph, or fp32).
+
+    Raises:
+        ModelFileError: no file at ``path``, or not an ONNX model.
+    """
+    graph = read_model(Path(path)).graph
+    dequantized = {v.name for n in graph if n.op_type == "DequantizeLinear" for v in n.outputs}
+    matmuls = [n for n in graph if n.op_type == "MatMul"]
+    return len(matmuls), sum(not all(v is not None and v.name in dequantized for v in n.inputs) for n in matmuls)
+
+
 def _check_run(opts: QuantizeOptions, meta: Mapping[str, object]) -> None:
     if meta.get("model_sha256") != file_sha256(opts.model):
         raise QuantizeError(f"{opts.run} measured another model than {opts.model} (model_sha256 differs): "
