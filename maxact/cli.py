@@ -133,7 +133,8 @@ def _quantize(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from maxact.reports.report import build_report
 
-    written = build_report([Path(p) for p in args.runs], Path(args.out), force=args.force)
+    written = build_report([Path(p) for p in args.runs], Path(args.out), force=args.force,
+                           evals=[Path(p) for p in args.eval])
     print(visible(f"wrote {Path(args.out) / 'index.html'}, report.md and "
                   f"{sum(p.suffix == '.png' for p in written)} figures"))
     return 0
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="HTML and Markdown report with figures of one or more run files")
     rp.add_argument("runs", nargs="+", help="run files of `analyzer run` (several: a cross-model table too)")
     rp.add_argument("--out", required=True, help="folder to write index.html, report.md and the PNG figures into")
+    rp.add_argument("--eval", nargs="+", default=[], metavar="EVAL.json",
+                    help="`analyzer eval --out` files of graphs evaluated on the same passages (e.g. fp32 and its "
+                         "INT8 graphs): the table 'Which INT8 graph to ship' (default: none)")
     _force(rp, "an earlier report")
     rp.set_defaults(func=_report)
 

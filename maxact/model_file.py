@@ -128,9 +128,12 @@ def read_model(path: Path) -> ir.Model:
     parsed once, external data stays on disk (memory-mapped when read).
 
     Raises:
-        ModelFileError: a file that is not an ONNX model.
+        ModelFileError: no file at ``path``, or a file that is not an ONNX model.
         ExternalDataError: see :func:`check_external_data`.
     """
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
+
     def not_onnx(e: Exception) -> ModelFileError:
         return ModelFileError(f"{path} is not an ONNX model ({type(e).__name__}: {str(e)[:120]})")
 

@@ -158,3 +158,16 @@ def test_the_maxact_graph_is_closer_to_fp32_than_the_minmax_one(full_run, tmp_pa
         scores[policy] = json.loads(out.read_text())
     assert scores["maxact"]["mean_kl"] < 0.5 * scores["minmax"]["mean_kl"]
     assert scores["maxact"]["top1_agreement"] > scores["minmax"]["top1_agreement"]
+
+
+def test_quantize_refuses_a_missing_model_and_an_empty_op_list_in_one_line(full_run, tmp_path, capsys):
+    """A missing model reads as every command says it (not as 'not an ONNX model'); ``--ops ""``
+    is refused before onnxruntime sees it (it raised a RuntimeError traceback); nothing is written."""
+    before = sha(MODEL), sha(full_run)
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(tmp_path / "nope.onnx"), str(full_run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: model {tmp_path / 'nope.onnx'} not found: give the path of a .onnx file\n"
+    assert main(["quantize", str(MODEL), str(full_run), "--out", str(out), "--ops", " , "]) == 2
+    assert capsys.readouterr().err == ("error: --ops gives no op type: name the op types to quantise, "
+                                       "e.g. --ops MatMul\n")
+    assert list(tmp_path.iterdir()) == [] and (sha(MODEL), sha(full_run)) == before

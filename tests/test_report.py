@@ -206,3 +206,43 @@ def test_the_study_figure_of_max_abs_against_sqnr_is_drawn_with_the_files_spearm
             ranks = [np.argsort(np.argsort(v, kind="stable")) for v in (absmax, sqnr)]
             rho = np.corrcoef(*ranks)[0, 1]
             assert float(f["quant"].attrs[f"int8_spearman_absmax_sqnr_{scale}"]) == pytest.approx(rho, abs=1e-9)
+
+
+def test_the_int8_table_equals_the_evaluation_files_and_refuses_other_passages(tmp_path, capsys):
+    """`report --eval`: one row per evaluation with its perplexity, the increase over the reference's
+    evaluation, KL, top-1 and the MatMuls in float counted on the graph; evaluations of other
+    passages are refused in one line and no report is written."""
+    import json
+
+    model = default_model_path()
+    cal = tmp_path / "cal.h5"
+    assert main(["run", str(model), "--samples", "4", "--tensors", "quantizable", "--tensor-ops", "MatMul",
+                 "--stats", "full", "--no-progress", "--out", str(cal)]) == 0
+    q = tmp_path / "q" / "q_maxact.onnx"
+    q.parent.mkdir()
+    assert main(["quantize", str(model), str(cal), "--out", str(q)]) == 0
+    common = ["--exclude", str(cal), "--samples", "3", "--no-progress"]
+    assert main(["eval", str(model), *common, "--out", str(tmp_path / "fp32.json")]) == 0
+    assert main(["eval", str(q), "--reference", str(model), *common, "--out", str(tmp_path / "q.json")]) == 0
+    assert main(["eval", str(q), "--reference", str(model), *common, "--seed", "1",
+                 "--out", str(tmp_path / "other.json")]) == 0
+    fp32, qe = (json.loads((tmp_path / f).read_text()) for f in ("fp32.json", "q.json"))
+    out = tmp_path / "rep"
+    build_report([cal], out, evals=[tmp_path / "fp32.json", tmp_path / "q.json"])
+    rows = md_table((out / "report.md").read_text(), "fp32 and INT8 graphs")
+    assert rows[0][:3] == ["graph", "perplexity", "increase over the reference"]
+    decisions = json.loads(q.with_name(q.name + ".decisions.json").read_text())
+    n = sum(node.op_type == "MatMul" for node in onnx.load(str(model)).graph.node)
+    assert rows[1] == ["stories260K/model.onnx", f"{fp32['perplexity']:,.0f}" if fp32["perplexity"] >= 1e4
+                       else f"{fp32['perplexity']:.4g}", "", "", "", f"{n} of {n} (100.0%)", f"{fp32['n_tokens']:,}"]
+    assert rows[2][0] == "q/q_maxact.onnx"
+    assert rows[2][2] == f"{qe['perplexity'] / fp32['perplexity'] - 1:+.1%}"
+    assert rows[2][3:5] == [f"{qe['mean_kl']:.4g}", f"{qe['top1_agreement']:.3f}"]
+    k = len(decisions["in_float"])
+    assert k >= 1 and rows[2][5] == f"{k} of {n} ({k / n:.1%})"
+    assert main(["report", str(cal), "--out", str(tmp_path / "rep2"), "--eval", str(tmp_path / "fp32.json"),
+                 str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --eval {tmp_path / 'other.json'} evaluated other passages than") \
+        and err.count("\n") == 1
+    assert not (tmp_path / "rep2").exists()

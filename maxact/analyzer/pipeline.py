@@ -42,9 +42,7 @@ def load_model(path: Path, expose_sums: bool = True) -> tuple[Path, ir.Model]:
     path = Path(path)
     if path.is_dir():
         path = path / "model.onnx"
-    if not path.is_file():
-        raise ModelFileError(f"model {path} not found: give the path of a .onnx file")
-    model = read_model(path)  # external data checked to lie inside the model's folder
+    model = read_model(path)  # missing, not ONNX, or external data checked to lie inside the model's folder
     if model.graph.num_nodes() == 0:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
     if expose_sums:

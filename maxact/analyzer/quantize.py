@@ -136,6 +136,8 @@ def quantize(opts: QuantizeOptions) -> tuple[Path, Decisions]:
 def _check_options(opts: QuantizeOptions) -> Path:
     if opts.policy not in POLICIES:
         raise QuantizeError(f"--policy {opts.policy!r}: choose one of {', '.join(POLICIES)}")
+    if not opts.op_types:
+        raise QuantizeError("--ops gives no op type: name the op types to quantise, e.g. --ops MatMul")
     if not 0.0 <= opts.float_budget <= 1.0:
         raise QuantizeError(f"--float-budget {opts.float_budget}: give a share of the MatMuls from 0 to 1")
     if not 0.0 < opts.percentile <= 100.0:
@@ -163,6 +165,19 @@ def _is_decisions(path: Path) -> bool:
 def is_quantized_graph(path: Path) -> bool:
     """Whether ``path`` is a graph ``analyzer quantize`` wrote (its decisions file is beside it)."""
     return _is_decisions(decisions_path(Path(path)))
+
+
+def matmuls_in_float(path: Path) -> tuple[int, int]:
+    """(MatMuls, those left in float) of the graph at ``path``, counted on the graph itself: a MatMul
+    is in float unless every input comes from a DequantizeLinear (any QDQ quantiser's graph, or fp32).
+
+    Raises:
+        ModelFileError: no file at ``path``, or not an ONNX model.
+    """
+    graph = read_model(Path(path)).graph
+    dequantized = {v.name for n in graph if n.op_type == "DequantizeLinear" for v in n.outputs}
+    matmuls = [n for n in graph if n.op_type == "MatMul"]
+    return len(matmuls), sum(not all(v is not None and v.name in dequantized for v in n.inputs) for n in matmuls)
 
 
 def _check_run(opts: QuantizeOptions, meta: Mapping[str, object]) -> None:

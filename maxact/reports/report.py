@@ -14,6 +14,7 @@ import numpy as np
 from maxact.analyzer.verdict import VERDICT_NOTE
 from maxact.errors import AnalyzerError, OutputError
 from maxact.outputs import check_output
+from maxact.reports import evals as int8_evals
 from maxact.reports import figures, tables
 from maxact.reports.load import RunData, load_run
 from maxact.reports.model import PassageTensor, model_file, parameter_count, passage_tensor
@@ -132,26 +133,31 @@ def _shown(path: Path) -> str:
     return "/".join(x for x in (path.parent.name, path.name) if x)
 
 
-def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) -> list[Path]:
+def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False,
+                 evals: Sequence[Path] = ()) -> list[Path]:
     """Write ``out_dir/index.html``, ``out_dir/report.md`` and their PNG figures for the runs.
 
     Every run file is read before anything is written; the files are made in a temporary folder
     and moved into ``out_dir`` (created if needed) only when all are complete. ``force`` allows
     writing into an existing folder that is not an earlier report (a run file is never replaced).
+    ``evals`` (``analyzer eval`` files of graphs evaluated on the same passages) add the table
+    "Which INT8 graph to ship" after the verdict.
 
     Returns:
         The paths written.
 
     Raises:
         RunFileError: a run file is missing or not a run file of ``analyzer run``.
-        AnalyzerError: no run was given.
+        AnalyzerError: no run was given; an ``evals`` file not of ``analyzer eval``, or of other passages.
         OutputError: ``out_dir`` is a file or a run file, not writable, or a non-empty folder
             that is not an earlier report while ``force`` is off; a write failed (a full disk).
     """
     if not run_paths:
         raise AnalyzerError("give at least one run file: analyzer report RUN.h5 [RUN2.h5 ...] --out DIR")
-    out_dir = check_output(out_dir, kind="report", inputs={"a run file": run_paths}, force=force)
+    out_dir = check_output(out_dir, kind="report", inputs={"a run file": run_paths, "an --eval file": evals},
+                           force=force)
     runs = [load_run(Path(p)) for p in run_paths]
+    evaluated = int8_evals.load_evals([Path(p) for p in evals])
     _unique_names(runs)
     slugs: list[str] = []
     for r in runs:
@@ -171,6 +177,8 @@ def build_report(run_paths: Sequence[Path], out_dir: Path, force: bool = False) 
                                     "file(s) " + ", ".join(_shown(p.path) for p in runs) + "."),
                               Heading("Verdict", 2, "verdict"), *[tables.verdict_table(r) for r in runs],
                               Text(VERDICT_NOTE)]
+        if evaluated:
+            blocks += [Heading("Which INT8 graph to ship", 2, "int8-graphs"), int8_evals.int8_table(evaluated)]
         if len(runs) > 1:
             blocks.append(Heading("Models", 2, "models"))
             blocks.append(tables.cross_model(runs, lambda r: params[id(r)]))
