@@ -375,12 +375,12 @@ class InstrumentPass(ir.passes.InPlacePass):
         for index, tensor in enumerate(self.tensors):
             b.tape = ir.tape.Tape()
             value = values[tensor.name]
-            rows = tensor_rows(b, tensor, value, valid_index, token_rows)
             if self.reducer is not None:
-                by_name = self.reducer(b, tensor.name, rows)
+                by_name = self.reducer(b, tensor.name, tensor_rows(b, tensor, value, valid_index, token_rows))
                 made, specs = {k: v for k, (v, _) in by_name.items()}, tuple(spec for _, spec in by_name.values())
             else:
-                made, specs = tensor_reducer(b, tensor, rows, self.study), tensor_outputs(self.study, tensor.projection)
+                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.study)
+                specs = tensor_outputs(self.study, tensor.projection)
             placed.append((value.producer(), b.tape.nodes))
             for spec in specs:
                 out = made[spec.name]
