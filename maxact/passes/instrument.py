@@ -379,7 +379,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                 by_name = self.reducer(b, tensor.name, tensor_rows(b, tensor, value, valid_index, token_rows))
                 made, specs = {k: v for k, (v, _) in by_name.items()}, tuple(spec for _, spec in by_name.values())
             else:
-                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.study)
+                unread = not value.uses() and value.name not in self.keep_outputs
+                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.study, unread=unread)
                 specs = tensor_outputs(self.study, tensor.projection)
             placed.append((value.producer(), b.tape.nodes))
             for spec in specs:

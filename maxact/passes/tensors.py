@@ -6,11 +6,13 @@ histogram with ``--stats full``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 import onnx_ir as ir
 
+from maxact.discovery.dataflow import is_weight
 from maxact.discovery.tensors import QuantTensor
 from maxact.passes.reductions import ReductionBuilder
 
@@ -53,8 +55,41 @@ def tensor_rows(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_ind
     return _float32(b, rows, x)
 
 
+#: The valid tokens of an unread projection output (:func:`_valid_rows_in_chunks`) are computed in this
+#: many chunks of rows, each reduced and freed before the next is made.
+CHUNKS = 8
+
+
+def _weight_projection(tensor: QuantTensor, x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(activation, weight) where ``x`` is a token tensor made by ``MatMul(activation, weight)``."""
+    node = x.producer()
+    if (not tensor.masked or tensor.projection or node is None or node.op_type != "MatMul"
+            or not is_weight(node.inputs[1])):
+        return None
+    return node.inputs[0], node.inputs[1]
+
+
+def _valid_rows_in_chunks(b: ReductionBuilder, tensor: QuantTensor, a: ir.Value, w: ir.Value,
+                          valid_index: ir.Value, token_rows: ir.Value) -> list[ir.Value]:
+    """The valid rows of ``MatMul(a, w)`` (float32), in :data:`CHUNKS` consecutive chunks: the
+    MatMul again, of the activation's valid rows only, a chunk at a time (a row of a MatMul does not
+    depend on the other rows)."""
+    a_rows = b.op("Gather", [_token_matrix(b, tensor, a, token_rows), valid_index], axis=0)
+    n = b.op("Gather", [b.op("Shape", [a_rows]), b.const(np.array([0], np.int64), "first")], axis=0)  # [1]
+    chunks = b.const(np.array([CHUNKS], np.int64), "chunks")
+    size = b.op("Div", [b.op("Add", [n, b.const(np.array([CHUNKS - 1], np.int64), "chunks_less_one")]), chunks])
+    first = b.const(np.array([0], np.int64), "first")
+    parts = []
+    for i in range(CHUNKS):
+        start = b.op("Min", [b.op("Mul", [size, b.const(np.array([i], np.int64), f"chunk_{i}")]), n])
+        end = b.op("Min", [b.op("Add", [start, size]), n])
+        part = b.op("MatMul", [b.op("Slice", [a_rows, start, end, first]), w])
+        parts.append(_float32(b, part, w))
+    return parts
+
+
 def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_index: ir.Value,
-                   token_rows: ir.Value, study: bool) -> dict[str, ir.Value]:
+                   token_rows: ir.Value, study: bool, unread: bool = False) -> dict[str, ir.Value]:
     """The outputs of :func:`maxact.statistics.tensor_outputs` for the tensor ``x`` over its valid
     tokens (:func:`tensor_rows`): per-row reductions over the last axis first (onnxruntime's CPU
     reduces that axis fastest), then over the rows.
@@ -64,10 +99,19 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
     row's max, min and sum are the same either way, and the tensor is never copied (the logits of a
     batch of 8 x 512 tokens of a 49,152-token vocabulary are 0.8 GB).
 
+    Where ``unread`` (no node and no graph output the run keeps reads ``x``) and ``x`` is the output
+    of a MatMul with a weight (the logits), its valid rows are computed anew in chunks
+    (:func:`_valid_rows_in_chunks`) and the model's own MatMul is left to be pruned: neither the
+    padding's rows nor the whole tensor are ever made.
+
     Returns:
         output name -> value.
     """
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
+    projection = _weight_projection(tensor, x) if unread else None
+    if projection is not None:
+        return _chunked_reducer(b, tensor, _valid_rows_in_chunks(b, tensor, *projection, valid_index, token_rows),
+                                study)
     gather_rows = tensor.masked and (tensor.projection or study)
     rows = tensor_rows(b, tensor, x, valid_index, token_rows) if gather_rows or not tensor.masked else \
         _float32(b, _token_matrix(b, tensor, x, token_rows), x)
@@ -95,4 +139,26 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
             np.array([0], np.int64), "first_axis")])], to=f64)
     if study:
         out["hist"] = b.histogram(b.hist_bins(ax, exact=False))
+    return out
+
+
+def _chunked_reducer(b: ReductionBuilder, tensor: QuantTensor, parts: list[ir.Value], study: bool
+                     ) -> dict[str, ir.Value]:
+    """:func:`tensor_reducer`'s outputs from the valid rows given in consecutive chunks ``parts``
+    (float32 ``[rows, width]``; the tensor is not a projection input): each chunk's per-row
+    reductions and histogram, then their concatenation and sum."""
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    per_row = {op: b.op("Concat", [b.reduce(op, p, [-1]) for p in parts], axis=0)
+               for op in ("ReduceMax", "ReduceMin", "ReduceSum")}
+    out = {"max": b.reduce("ReduceMax", per_row["ReduceMax"], None),
+           "min": b.reduce("ReduceMin", per_row["ReduceMin"], None)}
+    out["absmax"] = b.op("Max", [out["max"], b.op("Neg", [out["min"]])])
+    out["count"] = b.reduce("ReduceSum", b.op("Concat", [b.op("Reshape", [b.op("Size", [p]), b.const(
+        np.array([1], np.int64), "one_dim")]) for p in parts], axis=0), None)
+    row_sum = per_row["ReduceSum"]
+    bad = b.op("IsNaN", [b.op("Sub", [row_sum, row_sum])])
+    out["nonfinite_rows"] = b.total(b.op("Cast", [bad], to=f32), i64)
+    if study:
+        hists = [b.histogram(b.hist_bins(b.op("Abs", [p]), exact=False)) for p in parts]
+        out["hist"] = functools.reduce(lambda h1, h2: b.op("Add", [h1, h2]), hists)
     return out
