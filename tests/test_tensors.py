@@ -112,6 +112,27 @@ def test_the_logits_are_measured_from_their_valid_rows_made_in_chunks(batched):
     assert sum(n.op_type == "MatMul" and n.inputs[1] is weight for n in instrumented.graph) == CHUNKS
 
 
+def test_a_tensor_that_is_a_site_takes_the_sites_outputs_in_the_fast_graph():
+    from maxact.analyzer.pipeline import Pipeline, Variant
+    from maxact.discovery.inputs import graph_inputs
+    from maxact.passes.instrument import output_name
+    from maxact.passes.tensors import tensor_output_name
+
+    path, model = load_model(MODEL)
+    pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
+    site = next(s for s in pipeline.discovery.sites if s.tensor == PROJECTION_INPUT)
+    tensors = select_tensors(path, model.graph, "input_ids", ("MatMul",))
+    index = [t.name for t in tensors].index(PROJECTION_INPUT)
+    for variant, shared in (("fast", True), ("exact", False)):
+        graph = pipeline.instrument(Variant(variant, float32=True, study=False, tensors=tensors))[0].graph
+        made = {v.name: n for n in graph for v in n.outputs}
+        for stat, of_site in (("max", "max"), ("nonfinite_rows", "nonfinite_tokens"),
+                              ("per_channel_absmax", "per_channel_absmax")):
+            node = made[tensor_output_name(index, stat)]
+            assert (node.op_type == "Identity" and node.inputs[0].name == output_name(site.site_id, of_site)) == shared
+        assert made[tensor_output_name(index, "per_channel_sum_sq")].op_type == "Cast"  # measured anew
+
+
 def test_padding_is_excluded_from_masked_tensors(batched, tmp_path):
     alone = _tensors(_run(tmp_path / "one.h5", "--batch-size", "1", "--stats", "full"))
     padded = _tensors(batched)

@@ -15,6 +15,7 @@ import onnx_ir as ir
 from maxact.discovery.dataflow import is_weight
 from maxact.discovery.tensors import QuantTensor
 from maxact.passes.reductions import ReductionBuilder
+from maxact.statistics import tensor_outputs
 
 PREFIX = "maxact_tensor/"
 _NAME = re.compile(rf"{re.escape(PREFIX)}(\d+)/(\w+)")
@@ -107,7 +108,7 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
     Returns:
         output name -> value.
     """
-    f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
     projection = _weight_projection(tensor, x) if unread else None
     if projection is not None:
         return _chunked_reducer(b, tensor, _valid_rows_in_chunks(b, tensor, *projection, valid_index, token_rows),
@@ -131,14 +132,43 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
     ax = b.op("Abs", [rows]) if tensor.projection or study else None
     if tensor.projection:
         out["per_channel_absmax"] = b.column_max(ax)
-        n = b.op("Gather", [b.op("Shape", [rows]), b.const(np.array([0], np.int64), "first")], axis=0)
-        ones = b.op("ConstantOfShape", [b.op("Concat", [b.const(np.array([1], np.int64), "one"), n], axis=0)],
-                    value=ir.tensor(np.array([1.0], np.float32)))  # [1, n]
-        column_sum_sq = b.op("MatMul", [ones, b.op("Mul", [rows, rows])])  # [1, width]
-        out["per_channel_sum_sq"] = b.op("Cast", [b.op("Squeeze", [column_sum_sq, b.const(
-            np.array([0], np.int64), "first_axis")])], to=f64)
+        out["per_channel_sum_sq"] = _channel_sum_sq(b, rows)
     if study:
         out["hist"] = b.histogram(b.hist_bins(ax, exact=False))
+    return out
+
+
+def _channel_sum_sq(b: ReductionBuilder, rows: ir.Value) -> ir.Value:
+    """float64 ``[width]``: the sum of x² of each column of ``rows [n, width]`` (float32, by a MatMul
+    of a ones row with x * x)."""
+    n = b.op("Gather", [b.op("Shape", [rows]), b.const(np.array([0], np.int64), "first")], axis=0)
+    ones = b.op("ConstantOfShape", [b.op("Concat", [b.const(np.array([1], np.int64), "one"), n], axis=0)],
+                value=ir.tensor(np.array([1.0], np.float32)))  # [1, n]
+    column_sum_sq = b.op("MatMul", [ones, b.op("Mul", [rows, rows])])  # [1, width]
+    return b.op("Cast", [b.op("Squeeze", [column_sum_sq, b.const(np.array([0], np.int64), "first_axis")])],
+                to=ir.DataType.DOUBLE)
+
+
+#: The tensor's statistic -> the site's output (of :func:`maxact.statistics.site_outputs`, variant
+#: ``fast``) that is the same value where the tensor is the site's (over the same valid tokens).
+FROM_SITE = {"max": "max", "min": "min", "absmax": "absmax", "count": "count",
+             "nonfinite_rows": "nonfinite_tokens", "per_channel_absmax": "per_channel_absmax", "hist": "hist"}
+
+
+def site_tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, rows: ir.Value, site: dict[str, ir.Value],
+                        study: bool) -> dict[str, ir.Value]:
+    """:func:`tensor_reducer`'s outputs for a tensor that is a site's value, from the site's outputs
+    ``site`` (variant ``fast``: their batch is redone by the exact graph where the site holds NaN or
+    Inf, and they are the tensor's statistics otherwise) and its valid rows ``rows``: only the
+    projections' ``per_channel_sum_sq`` is reduced anew.
+
+    Returns:
+        output name -> value.
+    """
+    names = [o.name for o in tensor_outputs(study, tensor.projection)]
+    out = {name: b.op("Identity", [site[FROM_SITE[name]]]) for name in names if name in FROM_SITE}
+    if tensor.projection:
+        out["per_channel_sum_sq"] = _channel_sum_sq(b, rows)
     return out
 
 
