@@ -12,6 +12,10 @@ registries together. The layout of each tensor comes from onnxruntime's symbolic
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +108,25 @@ def _layout(dims: list[object] | None, batch: object, seq: object) -> str:
 
 
 def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, list[object] | None]:
-    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails)."""
+    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails), in a
+    child Python where one runs: the inference imports sympy, which would stay in this process
+    (0.2 GB)."""
+    model = proto.SerializeToString()
+    child = ("import json, sys; from maxact.discovery.tensors import _infer_symbolic_dims as infer; "
+             "json.dump(infer(sys.stdin.buffer.read()), sys.stdout)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's maxact
+    try:
+        done = subprocess.run([sys.executable, "-c", child], input=model, capture_output=True, check=True, env=env)
+        return json.loads(done.stdout)
+    except (OSError, subprocess.CalledProcessError, ValueError):  # no child Python: in this one
+        return _infer_symbolic_dims(model)
+
+
+def _infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        inferred = SymbolicShapeInference.infer_shapes(onnx.load_from_string(model), auto_merge=True)
     except Exception:  # an op it does not know: every tensor is then reduced over all its elements
         return {}
     infos = itertools.chain(inferred.graph.value_info, inferred.graph.input, inferred.graph.output)
