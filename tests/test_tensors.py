@@ -58,7 +58,8 @@ def _reference(path, names: list[str]) -> dict[str, np.ndarray]:
     """Each tensor of ``names`` over the run's passages, each passage run alone (no padding) by
     onnxruntime on the model file with the tensors as outputs: name -> [tokens, ...] concatenated."""
     proto = onnx.load(str(MODEL))
-    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    outputs = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in outputs)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     with h5py.File(path) as f:
         samples = f["corpus/sample_index"][()]
@@ -90,6 +91,46 @@ def test_ranges_and_channel_sums_equal_numpy_over_the_valid_tokens(batched):
     np.testing.assert_allclose(st["per_channel_sum_sq"], (x * x).sum(axis=0), rtol=1e-5)
     assert st["per_channel_sum_sq"].dtype == np.float64 and st["per_channel_sum_sq"].shape == (172,)
     assert "per_channel_absmax" not in stored[PROJECTION] and "per_channel_sum_sq" not in stored[PROJECTION]
+
+
+def test_the_logits_are_measured_from_their_valid_rows_made_in_chunks(batched):
+    from maxact.analyzer.pipeline import Pipeline, Variant
+    from maxact.discovery.inputs import graph_inputs
+    from maxact.passes.tensors import CHUNKS
+
+    st, x = _tensors(batched)["logits"], _reference(batched, ["logits"])["logits"]
+    np.testing.assert_allclose([st["max"], st["min"], st["absmax"]], [x.max(), x.min(), np.abs(x).max()], rtol=1e-5)
+    hist = np.concatenate([[st["hist_zero"]], st["hist_log10"]])
+    assert st["count"] == x.size == hist.sum() and st["nonfinite_rows"] == 0 and st["@masked"] == 1
+    # The model's own lm_head MatMul (every row, padding too) is gone: CHUNKS MatMuls of the valid rows.
+    path, model = load_model(MODEL)
+    pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
+    weight = next(n for n in model.graph if "logits" in [v.name for v in n.outputs]).inputs[1]
+    tensors = select_tensors(path, model.graph, "input_ids", ("MatMul",))
+    instrumented, _ = pipeline.instrument(Variant(float32=True, study=False, tensors=tensors))
+    assert "logits" not in {v.name for n in instrumented.graph for v in n.outputs}
+    assert sum(n.op_type == "MatMul" and n.inputs[1] is weight for n in instrumented.graph) == CHUNKS
+
+
+def test_a_tensor_that_is_a_site_takes_the_sites_outputs_in_the_fast_graph():
+    from maxact.analyzer.pipeline import Pipeline, Variant
+    from maxact.discovery.inputs import graph_inputs
+    from maxact.passes.instrument import output_name
+    from maxact.passes.tensors import tensor_output_name
+
+    path, model = load_model(MODEL)
+    pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
+    site = next(s for s in pipeline.discovery.sites if s.tensor == PROJECTION_INPUT)
+    tensors = select_tensors(path, model.graph, "input_ids", ("MatMul",))
+    index = [t.name for t in tensors].index(PROJECTION_INPUT)
+    for variant, shared in (("fast", True), ("exact", False)):
+        graph = pipeline.instrument(Variant(variant, float32=True, study=False, tensors=tensors))[0].graph
+        made = {v.name: n for n in graph for v in n.outputs}
+        for stat, of_site in (("max", "max"), ("nonfinite_rows", "nonfinite_tokens"),
+                              ("per_channel_absmax", "per_channel_absmax")):
+            node = made[tensor_output_name(index, stat)]
+            assert (node.op_type == "Identity" and node.inputs[0].name == output_name(site.site_id, of_site)) == shared
+        assert made[tensor_output_name(index, "per_channel_sum_sq")].op_type == "Cast"  # measured anew
 
 
 def test_padding_is_excluded_from_masked_tensors(batched, tmp_path):

@@ -12,10 +12,15 @@ registries together. The layout of each tensor comes from onnxruntime's symbolic
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -103,15 +108,51 @@ def _layout(dims: list[object] | None, batch: object, seq: object) -> str:
 
 
 def _symbolic_dims(proto: onnx.ModelProto) -> dict[str, list[object] | None]:
-    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails)."""
+    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails), in a
+    child Python where one runs: the inference imports sympy, which would stay in this process
+    (0.2 GB)."""
+    model = proto.SerializeToString()
+    child = ("import json, sys; from maxact.discovery.tensors import _infer_symbolic_dims as infer; "
+             "json.dump(infer(sys.stdin.buffer.read()), sys.stdout)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's maxact
+    try:
+        done = subprocess.run([sys.executable, "-c", child], input=model, capture_output=True, check=True, env=env)
+        return json.loads(done.stdout)
+    except (OSError, subprocess.CalledProcessError, ValueError):  # no child Python: in this one
+        return _infer_symbolic_dims(model)
+
+
+def _infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        inferred = SymbolicShapeInference.infer_shapes(onnx.load_from_string(model), auto_merge=True)
     except Exception:  # an op it does not know: every tensor is then reduced over all its elements
         return {}
     infos = itertools.chain(inferred.graph.value_info, inferred.graph.input, inferred.graph.output)
     return {vi.name: _dims(vi) for vi in infos}
+
+
+#: Initializers of more elements than this are given to shape inference as inputs of their shape,
+#: without their data (shape inference reads only small integer tensors' values: shapes, axes).
+_WEIGHT_ELEMENTS = 1024
+
+
+def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its large initializers made graph inputs of the same type and shape, their data
+    dropped (in place): onnx's and onnxruntime's shape inference copy the model, weights and all
+    (SmolLM2-135M: 8.6 s and 3.3 GB peak with them, against a few seconds and MBs without)."""
+    graph, kept = proto.graph, []
+    inputs = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= _WEIGHT_ELEMENTS:
+            kept.append(onnx.TensorProto())
+            kept[-1].CopyFrom(t)
+        elif t.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    return proto
 
 
 def select_tensors(model_path: Path, graph: ir.Graph, ids_input: str, op_types: Sequence[str]) -> list[QuantTensor]:
@@ -128,9 +169,10 @@ def select_tensors(model_path: Path, graph: ir.Graph, ids_input: str, op_types: 
         AnalyzerError: a selected tensor the loaded graph lacks (a model file changed meanwhile).
     """
     proto = onnx.load(str(model_path), load_external_data=False)
+    initializers = {t.name for t in proto.graph.initializer}
+    proto = _weights_as_inputs(proto)
     typed = onnx.shape_inference.infer_shapes(proto)
     infos = {vi.name: vi for vi in itertools.chain(typed.graph.value_info, typed.graph.output, typed.graph.input)}
-    initializers = {t.name for t in proto.graph.initializer}
     ops = set(op_types)
     chosen: list[str] = []
     for node in typed.graph.node:

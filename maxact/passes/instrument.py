@@ -14,7 +14,7 @@ import onnx_ir.passes.common as common_passes
 from maxact.discovery.sites import Site
 from maxact.passes.attention import attention_name, attention_reducer
 from maxact.passes.reductions import ReductionBuilder, graph_dtype
-from maxact.passes.tensors import tensor_output_name, tensor_reducer, tensor_rows
+from maxact.passes.tensors import site_tensor_reducer, tensor_output_name, tensor_reducer, tensor_rows
 from maxact.statistics import (
     ATTENTION_STATISTICS,
     HIST_BINS,
@@ -282,6 +282,8 @@ class InstrumentPass(ir.passes.InPlacePass):
        name), the outputs of :func:`maxact.statistics.tensor_outputs`, named
        ``maxact_tensor/<index>/<output>`` (:func:`~maxact.passes.tensors.tensor_output_name`), in
        both variants (or the ``reducer``'s, as for sites), placed after the tensor's producer as well.
+       A tensor that is a measured site's value takes, in variant ``fast``, the statistics the site
+       has as copies of the site's outputs (:func:`~maxact.passes.tensors.site_tensor_reducer`).
     5. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
        names them, and nodes that then feed nothing are deleted, so the run does not pay for the
        LM head.
@@ -332,6 +334,9 @@ class InstrumentPass(ir.passes.InPlacePass):
         specs = site_outputs(self.study, self.variant)
         new_outputs: list[ir.Value] = []
         placed: list[tuple[ir.Node | None, list[ir.Node]]] = []
+        # id(site value) -> (index in placed, its valid rows, its outputs): where a tensor is a
+        # site's value, the fast variant takes its statistics from the site's.
+        by_site: dict[int, tuple[int, ir.Value, dict[str, ir.Value]]] = {}
         for site in self.sites:
             b.tape = ir.tape.Tape()
             # A site of unknown dtype in a graph said to be float32 is cast all the same (a float32
@@ -351,6 +356,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                                                    exact=self.variant == "exact", width_hint=width,
                                                    name=f"maxact_study/{site.site_id}"))
                 site_specs = specs
+                if self.variant == "fast":
+                    by_site[id(site.value)] = (len(placed), rows, stats)
             placed.append((site.value.producer(), b.tape.nodes))
             for spec in site_specs:
                 value = stats[spec.name]
@@ -375,13 +382,22 @@ class InstrumentPass(ir.passes.InPlacePass):
         for index, tensor in enumerate(self.tensors):
             b.tape = ir.tape.Tape()
             value = values[tensor.name]
-            rows = tensor_rows(b, tensor, value, valid_index, token_rows)
+            shared = by_site.get(id(value)) if self.reducer is None and tensor.masked else None
             if self.reducer is not None:
-                by_name = self.reducer(b, tensor.name, rows)
+                by_name = self.reducer(b, tensor.name, tensor_rows(b, tensor, value, valid_index, token_rows))
                 made, specs = {k: v for k, (v, _) in by_name.items()}, tuple(spec for _, spec in by_name.values())
+            elif shared is not None:
+                at, rows, site_stats = shared
+                made, specs = site_tensor_reducer(b, tensor, rows, site_stats, self.study), \
+                    tensor_outputs(self.study, tensor.projection)
             else:
-                made, specs = tensor_reducer(b, tensor, rows, self.study), tensor_outputs(self.study, tensor.projection)
-            placed.append((value.producer(), b.tape.nodes))
+                unread = not value.uses() and value.name not in self.keep_outputs
+                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.study, unread=unread)
+                specs = tensor_outputs(self.study, tensor.projection)
+            if shared is None:
+                placed.append((value.producer(), b.tape.nodes))
+            else:  # after the site's reductions, which it reads
+                placed[at] = (placed[at][0], [*placed[at][1], *b.tape.nodes])
             for spec in specs:
                 out = made[spec.name]
                 out.name = tensor_output_name(index, spec.name)
