@@ -292,28 +292,16 @@ def test_ort_ranges_equal_onnxruntime_minmax_calibration_at_the_sites(run_file, 
     padding), graph optimisations off: its range of every site tensor it calibrates equals the one
     maxact measured (masked padding, fusions on) within 1e-5. (Every tensor a QDQ quantiser asks
     for needs `analyzer run --tensors quantizable`.)"""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, MinMaxCalibrater
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
-    from maxact.analyzer.replay import replay
-
-    meta = read_ranges(run_file).meta
-    with h5py.File(run_file) as f:
-        sample_index = f["corpus/sample_index"][()]
-    passages = replay(meta, sample_index, BUILTIN / "tokenizer.json").ids
-    assert len(passages) == 3 and len({len(p) for p in passages}) > 1  # lengths differ: a batch would be padded
-
-    class Passages(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = [{"input_ids": p[None], "attention_mask": np.ones((1, len(p)), np.int64),
-                           "position_ids": np.arange(len(p), dtype=np.int64)[None]} for p in passages]
-
-        def get_next(self):
-            return self.feeds.pop(0) if self.feeds else None
+    reader = ort_calibration_reader(run_file)
+    lengths = [feed["input_ids"].shape[1] for feed in reader.feeds]
+    assert len(lengths) == 3 and len(set(lengths)) > 1  # lengths differ: a batch would be padded
 
     calibrator = MinMaxCalibrater(BUILTIN / "model.onnx", augmented_model_path=str(tmp_path / "augmented.onnx"))
     calibrator.augment_graph()
     calibrator.create_inference_session()
-    calibrator.collect_data(Passages())
+    calibrator.collect_data(reader)
     theirs = calibrator.compute_data()
     ours = by_name(run_file)
     common = [n for n in ours if n in theirs]
