@@ -7,27 +7,15 @@ at each valid query's top key. The layers are found by :func:`maxact.discovery.a
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 
 from maxact.discovery.attention import AttentionProbs
-from maxact.passes.reductions import ReductionBuilder
+from maxact.passes.reductions import OutputNames, ReductionBuilder
 
-PREFIX = "maxact_attn/"
-_NAME = re.compile(rf"{re.escape(PREFIX)}layers\.(\d+)/(\w+)")
-
-
-def attention_name(layer: int, stat: str) -> str:
-    """Graph output name of an attention statistic of a layer."""
-    return f"{PREFIX}layers.{layer}/{stat}"
-
-
-def attention_statistic(name: str) -> tuple[int, str] | None:
-    """(layer, statistic) of a graph output named by :func:`attention_name`; None for another output."""
-    m = _NAME.fullmatch(name)
-    return (int(m.group(1)), m.group(2)) if m else None
+#: The attention statistics' output names, ``maxact_attn/layers.<i>/<statistic>``.
+OUTPUTS = OutputNames("maxact_attn/", "layers.{}")
+attention_name, attention_statistic = OUTPUTS.name, OUTPUTS.parse
 
 
 def attention_reducer(b: ReductionBuilder, att: AttentionProbs, valid_index: ir.Value) -> dict[str, ir.Value]:

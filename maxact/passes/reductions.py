@@ -4,12 +4,31 @@ the fake quantisation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from maxact.statistics import HIST_BINS, HIST_LOW, HIST_PER_DECADE, Output
+
+
+class OutputNames:
+    """The graph output names of a group of reductions, ``<prefix><key>/<statistic>`` with an
+    integer key (a layer, a tensor's index), and their parse."""
+
+    def __init__(self, prefix: str, key: str = "{}"):
+        self.prefix, self.key = prefix, key
+        self._pattern = re.compile(re.escape(prefix) + re.escape(key).replace(r"\{\}", r"(\d+)") + r"/(\w+)")
+
+    def name(self, key: int, stat: str) -> str:
+        """The output name of statistic ``stat`` of ``key``."""
+        return f"{self.prefix}{self.key.format(key)}/{stat}"
+
+    def parse(self, name: str) -> tuple[int, str] | None:
+        """(key, statistic) of an output :meth:`name` made; None for another output."""
+        m = self._pattern.fullmatch(name)
+        return (int(m.group(1)), m.group(2)) if m else None
 
 
 def graph_dtype(output: Output) -> ir.DataType:

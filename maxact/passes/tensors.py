@@ -7,29 +7,19 @@ histogram with ``--stats full``.
 from __future__ import annotations
 
 import functools
-import re
 
 import numpy as np
 import onnx_ir as ir
 
 from maxact.discovery.dataflow import is_weight
 from maxact.discovery.tensors import QuantTensor
-from maxact.passes.reductions import ReductionBuilder
+from maxact.passes.reductions import OutputNames, ReductionBuilder
 from maxact.statistics import tensor_outputs
 
-PREFIX = "maxact_tensor/"
-_NAME = re.compile(rf"{re.escape(PREFIX)}(\d+)/(\w+)")
-
-
-def tensor_output_name(index: int, stat: str) -> str:
-    """Graph output name of a statistic of the ``index``-th selected tensor (tensor names may hold ``/``)."""
-    return f"{PREFIX}{index}/{stat}"
-
-
-def tensor_statistic(name: str) -> tuple[int, str] | None:
-    """(tensor index, statistic) of a graph output named by :func:`tensor_output_name`; None for another."""
-    m = _NAME.fullmatch(name)
-    return (int(m.group(1)), m.group(2)) if m else None
+#: The tensor statistics' output names, ``maxact_tensor/<index>/<statistic>`` (by the index of the
+#: selected tensor: tensor names may hold ``/``).
+OUTPUTS = OutputNames("maxact_tensor/")
+tensor_output_name, tensor_statistic = OUTPUTS.name, OUTPUTS.parse
 
 
 def _token_matrix(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, token_rows: ir.Value) -> ir.Value:

@@ -7,8 +7,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from maxact.passes.attention import attention_statistic
-from maxact.passes.tensors import tensor_statistic
+from maxact.passes.attention import OUTPUTS as ATTENTION_OUTPUTS
+from maxact.passes.reductions import OutputNames
+from maxact.passes.tensors import OUTPUTS as TENSOR_OUTPUTS
 from maxact.statistics import ATTENTION_STATISTICS, SITE_STATISTICS, TENSOR_STATISTICS, TOP_K, Statistic, by_name
 
 #: The site statistics made from graph outputs (merged), and the derived ones (computed on reading).
@@ -141,14 +142,28 @@ def merge_all(parts: Mapping[str, SiteStats | None], new: Mapping[str, SiteStats
     return merged
 
 
+def _grouped(out: Mapping[str, np.ndarray], names: OutputNames) -> dict[int, dict[str, np.ndarray]]:
+    """key -> statistic name -> value of the outputs ``names`` made (other outputs ignored)."""
+    groups: dict[int, dict[str, np.ndarray]] = {}
+    for name, value in out.items():
+        if (found := names.parse(name)) is not None:
+            groups.setdefault(found[0], {})[found[1]] = value
+    return groups
+
+
+def _merge_groups(rules: Mapping[str, Statistic], totals: Mapping, new: Mapping) -> dict:
+    """``new`` (key -> statistic name -> value) merged into ``totals`` by each statistic's rule."""
+    merged = {key: dict(d) for key, d in totals.items()}
+    for key, d in new.items():
+        into = merged.setdefault(key, {})
+        for stat, value in d.items():
+            into[stat] = value if stat not in into else _merged(rules[stat].merge, into[stat], value)
+    return merged
+
+
 def attention_from_batch(out: Mapping[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
     """layer -> statistic name -> value of one batch's attention outputs (other outputs ignored)."""
-    layers: dict[int, dict[str, np.ndarray]] = {}
-    for name, value in out.items():
-        if (found := attention_statistic(name)) is not None:
-            layer, stat = found
-            layers.setdefault(layer, {})[stat] = value
-    return layers
+    return _grouped(out, ATTENTION_OUTPUTS)
 
 
 def merge_attention(totals: Mapping[int, Mapping[str, np.ndarray]],
@@ -156,12 +171,7 @@ def merge_attention(totals: Mapping[int, Mapping[str, np.ndarray]],
     """Merge attention statistics ``new`` into ``totals`` (layer -> name -> value) by each
     statistic's rule of :data:`maxact.statistics.ATTENTION_STATISTICS` (sums added, maxima
     element-wise)."""
-    merged = {layer: dict(d) for layer, d in totals.items()}
-    for layer, d in new.items():
-        into = merged.setdefault(layer, {})
-        for stat, value in d.items():
-            into[stat] = value if stat not in into else _merged(_ATTENTION[stat].merge, into[stat], value)
-    return merged
+    return _merge_groups(_ATTENTION, totals, new)
 
 
 def tensors_from_batch(out: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, dict[str, object]]:
@@ -172,10 +182,7 @@ def tensors_from_batch(out: Mapping[str, np.ndarray], names: Sequence[str]) -> d
             (:func:`maxact.passes.tensors.tensor_output_name`).
         names: the tensor name of each index (the instrumented tensors, in order).
     """
-    parts: dict[int, dict[str, np.ndarray]] = {}
-    for name, value in out.items():
-        if (found := tensor_statistic(name)) is not None:
-            parts.setdefault(found[0], {})[found[1]] = value
+    parts = _grouped(out, TENSOR_OUTPUTS)
     return {names[i]: {s.name: _value(s, s.make(p) if s.make is not None else p[s.name])
                        for s in TENSOR_MEASURED if all(o.name in p for o in s.outputs)}
             for i, p in sorted(parts.items())}
@@ -191,8 +198,4 @@ def merge_tensors(totals: Mapping[str, Mapping[str, object]],
     """Merge tensor statistics ``new`` into ``totals`` (tensor name -> statistic name -> value) by
     each statistic's rule of :data:`maxact.statistics.TENSOR_STATISTICS` (NaN propagates into the
     extremes)."""
-    merged = {name: dict(d) for name, d in totals.items()}
-    for name, d in new.items():
-        into = merged.get(name)
-        merged[name] = dict(d) if into is None else {k: _merged(_TENSOR[k].merge, into[k], v) for k, v in d.items()}
-    return merged
+    return _merge_groups(_TENSOR, totals, new)
