@@ -91,11 +91,9 @@ def _compare_torch(args: argparse.Namespace) -> int:
 
 
 def _ranges(args: argparse.Namespace) -> int:
-    from maxact.analyzer.ranges import infinite, write_ranges
-    from maxact.analyzer.runfile import read_ranges
+    from maxact.analyzer.ranges import write_ranges
 
-    out = write_ranges(args.run, args.format, args.out, torch_format=args.torch, force=args.force)
-    left_out = infinite(read_ranges(args.run)) if args.format.startswith("trt") else []
+    out, left_out = write_ranges(args.run, args.format, args.out, torch_format=args.torch, force=args.force)
     print(visible(f"wrote {out} ({args.format})"))
     if left_out:
         print(visible(f"left out {len(left_out)} tensors whose range is infinite (e.g. {left_out[0]}: a causal "

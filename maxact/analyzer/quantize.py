@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from maxact.analyzer.ranges import ort_cache
 from maxact.analyzer.runfile import TensorRange, file_sha256, read_ranges
 from maxact.errors import AnalyzerError
 from maxact.model_file import external_data_files, read_model
 from maxact.outputs import check_output
-from maxact.statistics import HIST_BINS, HIST_LOW, HIST_PER_DECADE, SUN_MIN_RATIO, hist_quantile
+from maxact.statistics import HIST_PER_DECADE, SUN_MIN_RATIO, bin_centres, hist_quantile
 
 POLICIES = ("minmax", "percentile", "maxact")
 #: The steps of INT8 on either side of zero (symmetric, as onnxruntime's QInt8 with a symmetric range).
@@ -80,15 +81,6 @@ class Decisions:
     in_float: dict[str, str] = field(default_factory=dict)
 
 
-def _bin_upper_edges() -> np.ndarray:
-    """float64 ``[512]``: the upper edge of each histogram bin (|x| units)."""
-    return 10.0 ** (HIST_LOW + np.arange(1, HIST_BINS + 1) / HIST_PER_DECADE)
-
-
-def _bin_centres() -> np.ndarray:
-    return 10.0 ** (HIST_LOW + (np.arange(HIST_BINS) + 0.5) / HIST_PER_DECADE)
-
-
 def mse_clip(hist: np.ndarray, absmax: float, levels: int = LEVELS) -> float:
     """The clip c of a symmetric INT8 range [-c, c] that minimises the expected squared error over
     the histogram ``hist`` (int64 ``[513]``, zero bin first; each bin's values at its centre m):
@@ -99,8 +91,8 @@ def mse_clip(hist: np.ndarray, absmax: float, levels: int = LEVELS) -> float:
     Returns:
         c in |x| units (absmax where nothing was measured).
     """
-    counts, m = hist[1:].astype(np.float64), _bin_centres()
-    upper = _bin_upper_edges()
+    counts, m = hist[1:].astype(np.float64), bin_centres()
+    upper = m * 10.0 ** (0.5 / HIST_PER_DECADE)  # each bin's upper edge
     candidates = np.append(upper[(upper < absmax) & (upper > absmax * 1e-3)], absmax)
     if not counts.sum() or not np.isfinite(absmax) or absmax <= 0:
         return absmax
@@ -289,16 +281,13 @@ def _write_graph(opts: QuantizeOptions, d: Decisions, out: Path) -> None:
     """quantize_static with ``d``'s ranges as its calibration cache; the graph and its decisions
     renamed into place only when both are complete."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorData, TensorsData
 
     nan = [name for name, (lo, hi) in d.ranges.items() if np.isnan(lo) or np.isnan(hi)]
     if nan:
         raise QuantizeError(f"the run's range of {nan[0]!r} is NaN: no scale can be made from it")
     with tempfile.TemporaryDirectory(prefix=".maxact-quantize.", dir=out.parent) as tmp:
         cache = Path(tmp) / "ranges.json"
-        data = {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in d.ranges.items()}
-        payload = TensorsData(CalibrationMethod.MinMax, data).to_dict() | {"smooth_quant": False}
-        cache.write_text(json.dumps(payload, cls=CalibrationCacheEncoder))
+        cache.write_bytes(ort_cache(d.ranges))
         graph = Path(tmp) / out.name
         logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, printed on every call
         try:

@@ -9,7 +9,7 @@ import io
 import json
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +50,10 @@ def amax(t: TensorRange) -> float:
     return max(abs(t.min), abs(t.max))
 
 
-def write_ort(run: RunRanges) -> bytes:
-    """onnxruntime's calibration cache: the ``TensorsData`` JSON (MinMax) that
-    ``quantize_static(..., calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=FILE)``
-    loads instead of calibrating, written as onnxruntime's own ``save_tensors_data`` writes it."""
+def ort_cache(ranges: Mapping[str, tuple[float, float]]) -> bytes:
+    """onnxruntime's calibration cache of ``ranges`` (tensor name -> (lowest, highest)): the
+    ``TensorsData`` JSON (MinMax) that ``quantize_static(..., calibrate_method=CalibrationMethod.MinMax,
+    calibration_cache_path=FILE)`` loads instead of calibrating, as its own ``save_tensors_data`` writes it."""
     from onnxruntime.quantization.calibrate import (
         CalibrationCacheEncoder,
         CalibrationMethod,
@@ -61,10 +61,15 @@ def write_ort(run: RunRanges) -> bytes:
         TensorsData,
     )
 
-    data = {t.name: TensorData(lowest=np.float32(t.min), highest=np.float32(t.max)) for t in run.tensors}
+    data = {name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()}
     payload = TensorsData(CalibrationMethod.MinMax, data).to_dict()
     payload["smooth_quant"] = False
     return json.dumps(payload, cls=CalibrationCacheEncoder).encode()
+
+
+def write_ort(run: RunRanges) -> bytes:
+    """The run's ranges as onnxruntime's calibration cache (:func:`ort_cache`): min and max per tensor."""
+    return ort_cache({t.name: (t.min, t.max) for t in run.tensors})
 
 
 def write_trt_table(run: RunRanges) -> bytes:
@@ -212,7 +217,7 @@ FORMATS: dict[str, Callable[[RunRanges], bytes]] = {
 
 
 def write_ranges(run_path: str | Path, fmt: str, out: str | Path, *, torch_format: bool = False,
-                 force: bool = False) -> Path:
+                 force: bool = False) -> tuple[Path, list[str]]:
     """Write the ranges of the run file ``run_path`` in the format ``fmt`` (a key of
     :data:`FORMATS`) to ``out``, whole or not at all.
 
@@ -221,7 +226,8 @@ def write_ranges(run_path: str | Path, fmt: str, out: str | Path, *, torch_forma
         force: replace an existing ``out`` that is not a file of this format (never an input).
 
     Returns:
-        ``out`` as a :class:`~pathlib.Path`.
+        ``out`` as a :class:`~pathlib.Path`, and the tensors the format left out (:func:`infinite`;
+        the TensorRT formats only).
 
     Raises:
         RangesError: ``torch_format`` with another format; the run lacks what the format needs; a
@@ -241,7 +247,7 @@ def write_ranges(run_path: str | Path, fmt: str, out: str | Path, *, torch_forma
                           "it; find where the NaN comes from (`analyzer run` names the sites that hold one)")
     data = write_smoothquant(run, torch_format) if fmt == "smoothquant" else FORMATS[fmt](run)
     write_atomically(out, data)
-    return out
+    return out, infinite(run) if fmt.startswith("trt") else []
 
 
 def is_ranges_file(path: Path, fmt: str) -> bool:
