@@ -40,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
         force=args.force,
         tensors=args.tensors,
         tensor_ops=args.tensor_ops,
+        tensor_stats=args.tensor_stats,
     )
     run(opts)
     return 0
@@ -228,9 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="main: extremes, locations, moments and per-channel maxima; full: also "
                         "every statistic of the study (top-k, Sun et al., histogram, attention shares; slower)")
     r.add_argument("--tensors", choices=("quantizable",),
-                   help="quantizable: also measure min/max/max|x| (per-channel max|x| and sum of x^2 at projection "
-                        "inputs; with --stats full the log10 histogram) of every tensor onnxruntime's QDQ "
-                        "quantize_static calibrates, keyed by ONNX tensor name, in /tensors")
+                   help="quantizable: also measure min/max/max|x| of every tensor onnxruntime's QDQ quantize_static "
+                        "calibrates (at projection inputs also per-channel max|x|, sum of x^2 and the log10 "
+                        "histogram), keyed by ONNX tensor name, in /tensors")
+    r.add_argument("--tensor-stats", choices=("main", "full"),
+                   help="the statistics of --tensors: main, or full (the log10 histogram of every tensor, which "
+                        "quantize's percentile policy needs; slower); default: as --stats")
     r.add_argument("--tensor-ops", metavar="OP,...",
                    help="only the inputs and outputs of nodes of these op types (e.g. MatMul,Gemm); "
                         "default: quantize_static's default op types")
@@ -299,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="a QDQ INT8 graph made by onnxruntime's quantiser from RUN.h5's ranges "
                                          "(no calibration pass of its own), by a policy")
     qz.add_argument("model", help="the fp32 .onnx graph the run measured (only read)")
-    qz.add_argument("run", help="its run file, of `analyzer run --tensors quantizable` (--stats full for the "
-                                "percentile and maxact policies; only read)")
+    qz.add_argument("run", help="its run file, of `analyzer run --tensors quantizable` (--tensor-stats full for the "
+                                "percentile policy; only read)")
     qz.add_argument("--out", required=True, metavar="Q.onnx",
                     help="the QDQ graph to write; its decisions go beside it, Q.onnx.decisions.json")
     qz.add_argument("--policy", default="maxact", choices=("minmax", "percentile", "maxact"),

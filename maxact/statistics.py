@@ -24,7 +24,7 @@ Adding a statistic: one entry here, its reducer in the graph (and in ``reduce_ba
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -255,7 +255,9 @@ _SITE = {s.name: s for s in SITE_STATISTICS}
 #: ``[batch * seq, ...]`` (``masked`` 1), else over every element (``masked`` 0). Reduced in float32
 #: in the graph; NaN is not dropped: a batch holding one gives a NaN range (``nonfinite_rows`` counts
 #: the rows, i.e. valid tokens or the whole tensor, holding NaN or Inf). ``per_channel_*`` only at
-#: projection inputs (the activation input of a MatMul or Gemm whose other input is a weight).
+#: projection inputs (the activation input of a MatMul or Gemm whose other input is a weight); the
+#: histogram (``optional`` of level ``full``) at projection inputs always, at every tensor with
+#: ``--tensor-stats full`` (:func:`tensor_outputs`).
 TENSOR_STATISTICS: tuple[Statistic, ...] = (
     Statistic("max", "float64", (), "max", "main", _TENSOR_RANGE, make=_range("max")),
     Statistic("min", "float64", (), "min", "main", _TENSOR_RANGE, make=_range("min")),
@@ -266,16 +268,18 @@ TENSOR_STATISTICS: tuple[Statistic, ...] = (
     _measured("per_channel_absmax", "float32", "float32", "max", "main", ("width",), optional=True),
     # Per batch in float32 (a MatMul of a ones row with x * x), summed over batches in float64.
     _measured("per_channel_sum_sq", "float64", "float64", "sum", "main", ("width",), optional=True),
-    _SITE["hist_log10"],
-    _SITE["hist_zero"],
+    replace(_SITE["hist_log10"], optional=True),
+    replace(_SITE["hist_zero"], optional=True),
 )
 
 
 def tensor_outputs(study: bool, per_channel: bool) -> tuple[Output, ...]:
     """The graph outputs of one tensor of :data:`TENSOR_STATISTICS`, in order: the ``main`` ones
-    (``per_channel_*`` with ``per_channel``), then with ``study`` the ``full`` ones'."""
+    (``per_channel_*`` with ``per_channel``: at a projection input), then the ``full`` ones' with
+    ``study``, and the optional ``full`` ones (the histogram) at a projection input without it."""
     made = (o for s in TENSOR_STATISTICS for o in s.outputs
-            if (s.level == "main" or study) and (per_channel or not s.optional))
+            if (s.level == "main" and (per_channel or not s.optional))
+            or (s.level == "full" and (study or (per_channel and s.optional))))
     return tuple({o.name: o for o in made}.values())
 
 

@@ -72,9 +72,11 @@ def _plant_massive_activation(folder, layer=2, channel=5, factor=1e5):
 
 
 def test_a_planted_massive_activation_is_kept_in_float_by_maxact_and_clipped_by_percentile(tmp_path):
+    """maxact from a ``--stats main`` run (its projection inputs' histograms), percentile from one
+    with every tensor's histogram (``--tensor-stats full``)."""
     model, down, activation = _plant_massive_activation(tmp_path / "planted")
-    run = measure(model, tmp_path / "run.h5", "--stats", "full")
-    _, maxact = quantize(model, run, tmp_path / "maxact.onnx", "--float-budget", "0.1")
+    _, maxact = quantize(model, measure(model, tmp_path / "main.h5"), tmp_path / "maxact.onnx", "--float-budget", "0.1")
+    run = measure(model, tmp_path / "run.h5", "--tensor-stats", "full")
     assert down in maxact["in_float"] and "massive activations" in maxact["in_float"][down]
     assert "/model/rotary_emb/MatMul" in maxact["in_float"]  # positions: no token data
     assert len(maxact["in_float"]) <= int(0.1 * 47)
@@ -129,10 +131,11 @@ def test_quantize_never_writes_over_an_input_and_refuses_a_run_it_cannot_use(ful
     for out in (MODEL, full_run):
         assert main(["quantize", str(MODEL), str(full_run), "--out", str(out)]) == 2
         assert "an input of this command" in capsys.readouterr().err
-    main_run = measure(MODEL, tmp_path / "main.h5")  # no histograms
-    assert main(["quantize", str(MODEL), str(main_run), "--out", str(tmp_path / "q.onnx")]) == 2
+    main_run = measure(MODEL, tmp_path / "main.h5")  # histograms at the projection inputs only
+    assert main(["quantize", str(MODEL), str(main_run), "--out", str(tmp_path / "q.onnx"), "--policy", "percentile"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --policy maxact clips ranges by the run's histograms") and err.count("\n") == 1
+    assert err.startswith("error: --policy percentile clips ranges by the run's histograms") and err.count("\n") == 1
+    assert "--tensor-stats full" in err
     assert main(["quantize", str(MODEL), str(full_run), "--out", str(tmp_path / "q.onnx"), "--ops", "Add"]) == 2
     assert "--tensors quantizable" in capsys.readouterr().err
     other = tmp_path / "other"

@@ -163,7 +163,29 @@ def test_tensor_ops_restricts_the_selection(tmp_path):
     stored = _tensors(_run(tmp_path / "mm.h5", "--tensor-ops", "MatMul,Gemm"))
     path, model = load_model(MODEL)
     assert list(stored) == [t.name for t in select_tensors(path, model.graph, "input_ids", ("Gemm", "MatMul"))]
-    assert all("hist_log10" not in st for st in stored.values())  # --stats main: no histogram
+    # --stats main: the histogram at projection inputs only (where the per-channel statistics are).
+    assert [n for n, st in stored.items() if "hist_log10" in st] == \
+        [n for n, st in stored.items() if "per_channel_sum_sq" in st] and PROJECTION_INPUT in stored
+
+
+def test_the_histograms_of_a_main_run_are_the_full_runs(batched, tmp_path):
+    """``--stats main`` measures the projection inputs' histograms, ``--tensor-stats full`` every
+    tensor's, without the study's site statistics: the same counts as the ``--stats full`` run's."""
+    full = _tensors(batched)
+    plain = _tensors(_run(tmp_path / "main.h5", "--batch-size", "4"))
+    hists = _tensors(_run(tmp_path / "hist.h5", "--batch-size", "4", "--tensor-stats", "full"))
+    projections = [n for n, st in full.items() if "per_channel_sum_sq" in st]
+    assert len(projections) > 10 and PROJECTION_INPUT in projections
+    assert [n for n, st in plain.items() if "hist_log10" in st] == projections
+    for name in projections:
+        np.testing.assert_array_equal(plain[name]["hist_log10"], full[name]["hist_log10"], err_msg=name)
+        assert plain[name]["hist_zero"] == full[name]["hist_zero"], name
+    assert all("hist_log10" in st for st in hists.values())
+    for name, st in full.items():
+        np.testing.assert_array_equal(hists[name]["hist_log10"], st["hist_log10"], err_msg=name)
+    with h5py.File(tmp_path / "hist.h5") as f:
+        assert f.attrs["tensor_stats"] == "full" and f.attrs["stats"] == "main" and "topk_values" not in \
+            f["sites"][next(iter(f["sites"]))]
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -181,6 +203,8 @@ def _exit_code(argv: list[str]) -> int:
      "error: --tensor-ops ',': give op types separated by commas, e.g. MatMul,Gemm"),
     (["--tensor-ops", "MatMul"], "error: --tensor-ops chooses the tensors of --tensors: add --tensors quantizable"),
     (["--tensors", "all"], "argument --tensors: invalid choice: 'all'"),
+    (["--tensor-stats", "full"], "error: --tensor-stats sets the statistics of --tensors: add --tensors quantizable"),
+    (["--tensors", "quantizable", "--tensor-stats", "most"], "argument --tensor-stats: invalid choice: 'most'"),
 ])
 def test_bad_tensor_options_exit_2_with_one_line(tmp_path, capsys, options, message):
     out = tmp_path / "run.h5"

@@ -32,7 +32,7 @@ from maxact.text import literal, plain_console
 #: may differ (the model is compared by its sha256), and so may the timing attributes.
 IDENTITY = ("corpus", "samples", "seed", "max_length", "batch_size", "bos", "stats", "provider", "threads",
             "tokenizer", "maxact_version", "model_sha256", "opset", "dtype", "n_layers", "family", "inputs",
-            "tensors", "tensor_ops", "n_tensors", "run_n_samples", "run_corpus_sha256")
+            "tensors", "tensor_ops", "tensor_stats", "n_tensors", "run_n_samples", "run_corpus_sha256")
 
 #: Root attributes that only partial files carry.
 PARTIAL_ATTRS = tuple(PARTIAL_ROOT_ATTRS)

@@ -73,6 +73,7 @@ class Variant:
         reducer: replaces the statistics (quant's fake-quantisation reducer).
         tensors: the tensors a quantiser calibrates to measure as well
             (:func:`maxact.discovery.tensors.select_tensors`).
+        tensor_study: the tensors' ``full`` statistics too (their histogram); None: as ``study``.
     """
 
     variant: str = "fast"
@@ -82,6 +83,7 @@ class Variant:
     site_ids: Sequence[str] | None = None
     reducer: Callable | None = None
     tensors: Sequence[QuantTensor] = ()
+    tensor_study: bool | None = None
 
 
 @dataclass
@@ -131,7 +133,7 @@ class Pipeline:
         sites = [s for s in found.sites if how.site_ids is None or s.site_id in how.site_ids]
         instrument = InstrumentPass(sites, variant=how.variant, float32=how.float32, study=how.study,
                                     reducer=how.reducer, attention=find_attention(found)[0] if how.attention else (),
-                                    tensors=how.tensors)
+                                    tensors=how.tensors, tensor_study=how.tensor_study)
         try:
             instrument(model)
         except ir.passes.PreconditionError as e:

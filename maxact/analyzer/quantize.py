@@ -8,7 +8,8 @@ Policies (:data:`POLICIES`), per tensor onnxruntime asks a range for:
   same passages without padding);
 - ``percentile``: [min, max] clipped to the ``--percentile`` quantile of |x| (the run's histogram);
 - ``maxact``: [min, max] clipped where the histogram says the INT8 error is least
-  (:func:`mse_clip`: rounding error inside the clip, clipping error outside), and kept in float
+  (:func:`mse_clip`: rounding error inside the clip, clipping error outside; where the run has a
+  histogram: at projection inputs, or at every tensor with ``--tensor-stats full``), and kept in float
   (within ``--float-budget`` of the MatMuls): the MatMuls that do not read the token stream (the
   rotary table's positions), then those whose activation input carries massive activations (max
   |x| over median |x| above 1000, the largest first), then the LM head. Designed from measurements
@@ -112,14 +113,14 @@ def quantize(opts: QuantizeOptions) -> tuple[Path, Decisions]:
     Raises:
         QuantizeError: an unknown policy or op type, a budget outside [0, 1], a run of another
             model, a run without ``/tensors`` of these op types, a policy that needs histograms
-            (``--stats full``) the run lacks; a NaN range.
+            the run lacks (:func:`_needs_histograms`); a NaN range.
         OutputError: ``out`` is an input, or an existing file of another kind without ``force``.
     """
     out = _check_options(opts)
     run = read_ranges(opts.run)
     _check_run(opts, run.meta)
     graph = onnx.load(str(opts.model), load_external_data=False).graph
-    tensors = {t.name: t for t in run.tensors}
+    tensors = {t.name: t for t in run.tensors if t.quantizable}  # what onnxruntime asks ranges of
     decisions = _POLICY[opts.policy](opts, graph, tensors)
     _write_graph(opts, decisions, out)
     return out, decisions
@@ -180,15 +181,19 @@ def _check_run(opts: QuantizeOptions, meta: Mapping[str, object]) -> None:
     lacking = [op for op in opts.op_types if op not in measured]
     if lacking:
         raise QuantizeError(f"{opts.run} has no ranges of the {', '.join(lacking)} tensors onnxruntime quantises: "
-                            f"run `analyzer run {opts.model} --tensors quantizable` (with --stats full for the "
-                            "percentile and maxact policies)")
+                            f"run `analyzer run {opts.model} --tensors quantizable` (with --tensor-stats full for the "
+                            "percentile policy)")
 
 
 def _needs_histograms(tensors: Mapping[str, TensorRange], policy: str) -> None:
-    lacking = [name for name, t in tensors.items() if t.hist is None and np.isfinite(t.absmax)]
+    """Raise unless the run has the histograms ``policy`` reads: every finite tensor's
+    (``percentile``), or every projection input's (``maxact``; any run of this version has them)."""
+    lacking = [name for name, t in tensors.items() if t.hist is None and np.isfinite(t.absmax)
+               and (policy == "percentile" or t.per_channel_sum_sq is not None)]
     if lacking:
+        flag = "--tensors quantizable" + (" --tensor-stats full" if policy == "percentile" else "")
         raise QuantizeError(f"--policy {policy} clips ranges by the run's histograms, which the run lacks (e.g. "
-                            f"{lacking[0]!r}): run `analyzer run ... --tensors quantizable --stats full`")
+                            f"{lacking[0]!r}): run `analyzer run ... {flag}` again")
 
 
 def _clipped(t: TensorRange, c: float, symmetric: bool) -> tuple[float, float]:
@@ -223,7 +228,8 @@ def _maxact(opts: QuantizeOptions, graph: onnx.GraphProto, tensors: Mapping[str,
         if name in probabilities or t.hist is None:
             d.ranges[name] = _clipped(t, absmax, opts.symmetric)
             d.reasons[name] = "attention probabilities: the whole [min, max] (the largest carry the attention)" \
-                if name in probabilities else "the measured range (no histogram: an infinite mask)"
+                if name in probabilities else "the measured range (no histogram: not a projection input in a " \
+                "run without --tensor-stats full, or an infinite mask)"
             continue
         c = mse_clip(t.hist, absmax)
         d.ranges[name] = _clipped(t, c, opts.symmetric)

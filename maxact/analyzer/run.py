@@ -91,6 +91,9 @@ class RunOptions:
     #: ``--tensor-ops``: the op types whose tensors ``--tensors`` measures (comma-separated; None:
     #: onnxruntime's default, :func:`maxact.discovery.tensors.default_op_types`).
     tensor_ops: str | None = None
+    #: ``--tensor-stats``: ``main`` or ``full`` (also each tensor's log10 histogram, which the
+    #: ``percentile`` and ``maxact`` policies of ``analyzer quantize`` read); None: as ``stats``.
+    tensor_stats: str | None = None
 
 
 def _float_dtype(model: ir.Model) -> str:
@@ -168,6 +171,10 @@ def _check_options(opts: RunOptions, model_path: Path, model: ir.Model) -> tuple
         raise AnalyzerError(f"--tensors must be 'quantizable', not {opts.tensors!r}")
     if opts.tensor_ops is not None and opts.tensors is None:
         raise AnalyzerError("--tensor-ops chooses the tensors of --tensors: add --tensors quantizable")
+    if opts.tensor_stats is not None and opts.tensors is None:
+        raise AnalyzerError("--tensor-stats sets the statistics of --tensors: add --tensors quantizable")
+    if opts.tensor_stats not in (None, "full", "main"):
+        raise AnalyzerError(f"--tensor-stats must be 'full' or 'main', not {opts.tensor_stats!r}")
     parse_op_types(opts.tensor_ops)
     ckpt = check_output(checkpoint_path(out), kind="run", inputs=read, recognise=is_run_file)
     if ckpt.exists() and not opts.resume:
@@ -287,9 +294,14 @@ def _run_meta(opts: RunOptions, model_path: Path, model: ir.Model, pipeline: Pip
         "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
         **({"tensors": opts.tensors, "tensor_ops": ",".join(parse_op_types(opts.tensor_ops)),
-            "n_tensors": len(tensors)} if tensors is not None else {}),
+            "tensor_stats": _tensor_stats(opts), "n_tensors": len(tensors)} if tensors is not None else {}),
         **({} if roles.standard else {"inputs": roles.spec()}),  # quant and report feed the same inputs
     }
+
+
+def _tensor_stats(opts: RunOptions) -> str:
+    """The statistics level of ``--tensors``: ``--tensor-stats``, or ``--stats``'s."""
+    return opts.tensor_stats or opts.stats
 
 
 def _resume(opts: RunOptions, ckpt: Path, run_meta: dict[str, object], site_ids: list[str], batches: list[Batch],
@@ -379,13 +391,16 @@ def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], 
         RunInterrupted: SIGINT or SIGTERM; the checkpoint is written.
     """
     float32, study, tensors = run_meta["dtype"] == "float32", opts.stats == "full", tensors or []
-    model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study, tensors=tensors))
+    tensor_study = _tensor_stats(opts) == "full"
+    model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study, tensors=tensors,
+                                               tensor_study=tensor_study))
     local = opts.ray is None and not finished
     session = Session(model, provider=opts.provider, threads=opts.threads, inputs=pipeline.roles) if local else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.
-        how = Variant("exact", float32=float32, study=study, attention=study, tensors=tensors)
+        how = Variant("exact", float32=float32, study=study, attention=study, tensors=tensors,
+                      tensor_study=tensor_study)
         return pipeline.session(how, provider=opts.provider, threads=opts.threads)[0]
 
     remote = nullcontext() if opts.ray is None or finished else ray_outputs(

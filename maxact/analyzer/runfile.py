@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -695,7 +695,8 @@ class TensorRange:
             when the run's family has no table.
         site: the site id when the tensor is a role site, else None.
         hist: int64 ``[513]``, the log10 |x| histogram with its zero bin in front
-            (:func:`maxact.statistics.full_hist`; ``--stats full``), or None.
+            (:func:`maxact.statistics.full_hist`), or None (not measured).
+        quantizable: the tensor is in ``/tensors`` (one a quantiser calibrates), not only a site.
     """
 
     name: str
@@ -708,6 +709,7 @@ class TensorRange:
     modules: tuple[str, ...] = ()
     site: str | None = None
     hist: np.ndarray | None = None
+    quantizable: bool = False
 
     @property
     def rows(self) -> int:
@@ -763,7 +765,7 @@ def read_ranges(path: str | Path) -> RunRanges:
             name = str(g.attrs.get("tensor", key))
             site = tensors.get(name)
             modules = tuple(g.attrs.get("modules", ())) or (site.modules if site else ())
-            tensors[name] = _tensor_range(name, g, modules, site.site if site else None)
+            tensors[name] = replace(_tensor_range(name, g, modules, site.site if site else None), quantizable=True)
     except (KeyError, TypeError, ValueError) as e:
         detail = str(e.args[0] if isinstance(e, KeyError) and e.args else e)[:160]
         raise RunFileError(f"{path}: {where} is missing or malformed ({type(e).__name__}: {detail}); it is not a "

@@ -290,7 +290,8 @@ class InstrumentPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, sites: Sequence[Site], variant: str = "fast", float32: bool = False,
-                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None, attention=(), tensors=()):
+                 study: bool = True, keep_outputs: Sequence[str] = (), reducer=None, attention=(), tensors=(),
+                 tensor_study: bool | None = None):
         super().__init__()
         if variant not in ("fast", "exact"):
             raise ValueError(f"variant must be 'fast' or 'exact', not {variant!r}")
@@ -306,6 +307,8 @@ class InstrumentPass(ir.passes.InPlacePass):
         self.attention = list(attention)
         # [QuantTensor]: the tensors a quantiser calibrates, reduced to their ranges.
         self.tensors = list(tensors)
+        # The tensors' ``full`` statistics (their histogram); None: as ``study``.
+        self.tensor_study = study if tensor_study is None else tensor_study
 
     def requires(self, model: ir.Model) -> None:
         """Preconditions: default-domain opset 13 or later (the reductions' forms), and a graph
@@ -388,12 +391,12 @@ class InstrumentPass(ir.passes.InPlacePass):
                 made, specs = {k: v for k, (v, _) in by_name.items()}, tuple(spec for _, spec in by_name.values())
             elif shared is not None:
                 at, rows, site_stats = shared
-                made, specs = site_tensor_reducer(b, tensor, rows, site_stats, self.study), \
-                    tensor_outputs(self.study, tensor.projection)
+                made, specs = site_tensor_reducer(b, tensor, rows, site_stats, self.tensor_study), \
+                    tensor_outputs(self.tensor_study, tensor.projection)
             else:
                 unread = not value.uses() and value.name not in self.keep_outputs
-                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.study, unread=unread)
-                specs = tensor_outputs(self.study, tensor.projection)
+                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.tensor_study, unread=unread)
+                specs = tensor_outputs(self.tensor_study, tensor.projection)
             if shared is None:
                 placed.append((value.producer(), b.tape.nodes))
             else:  # after the site's reductions, which it reads

@@ -1,7 +1,7 @@
 """In-graph reductions of the tensors a quantiser calibrates (:data:`maxact.statistics.TENSOR_STATISTICS`)
 that :class:`~maxact.passes.instrument.InstrumentPass` adds: min, max, max |x|, the element count and
-the rows holding NaN or Inf, per-channel max |x| and sum of x² at projection inputs, and the log10
-histogram with ``--stats full``.
+the rows holding NaN or Inf, per-channel max |x|, sum of x² and the log10 histogram at projection
+inputs, and the histogram of every tensor with ``--tensor-stats full``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
     if tensor.projection:
         out["per_channel_absmax"] = b.column_max(ax)
         out["per_channel_sum_sq"] = _channel_sum_sq(b, rows)
-    if study:
+    if study or tensor.projection:
         out["hist"] = b.histogram(b.hist_bins(ax, exact=False))
     return out
 
@@ -150,13 +150,17 @@ def site_tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, rows: ir.Value
     """:func:`tensor_reducer`'s outputs for a tensor that is a site's value, from the site's outputs
     ``site`` (variant ``fast``: their batch is redone by the exact graph where the site holds NaN or
     Inf, and they are the tensor's statistics otherwise) and its valid rows ``rows``: only the
-    projections' ``per_channel_sum_sq`` is reduced anew.
+    projections' ``per_channel_sum_sq``, and the histogram where the site has none (``study`` for
+    the tensors only), are reduced anew.
 
     Returns:
         output name -> value.
     """
     names = [o.name for o in tensor_outputs(study, tensor.projection)]
-    out = {name: b.op("Identity", [site[FROM_SITE[name]]]) for name in names if name in FROM_SITE}
+    out = {name: b.op("Identity", [site[FROM_SITE[name]]]) for name in names
+           if name in FROM_SITE and FROM_SITE[name] in site}
+    if "hist" in names and "hist" not in out:
+        out["hist"] = b.histogram(b.hist_bins(b.op("Abs", [rows]), exact=False))
     if tensor.projection:
         out["per_channel_sum_sq"] = _channel_sum_sq(b, rows)
     return out
