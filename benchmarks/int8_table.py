@@ -8,14 +8,20 @@ Run by hand (not by the tests), from the repository root:
 
 Every step is a child process under ``/usr/bin/time -f "%e %M"`` (wall seconds, peak RSS KiB):
 
-1. ``analyzer run MODEL --samples N --stats full --tensors quantizable --tensor-ops MatMul --out cal.h5``;
-2. ``analyzer quantize MODEL cal.h5 --out q_POLICY.onnx --policy POLICY`` for minmax, percentile, maxact;
+1. ``analyzer run MODEL --samples N --tensors quantizable --tensor-ops MatMul --out cal.h5`` (the ranges,
+   and the histograms at the projection inputs that the maxact policy reads), and the same with
+   ``--tensor-stats full --out cal_hist.h5`` (every tensor's histogram, which the percentile policy reads);
+2. ``analyzer quantize MODEL cal.h5 --out q_POLICY.onnx --policy POLICY`` for minmax and maxact, and from
+   ``cal_hist.h5`` for percentile;
 3. onnxruntime's ``quantize_static`` with its own MinMax, Percentile and Entropy calibration, as a user
    runs it (a ``CalibrationDataReader`` over the run's passages, ``/corpus/sample_index`` tokenised as
    the run did, one passage per batch, QDQ, MatMul, per-channel INT8 weights, INT8 activations,
    onnxruntime's default options otherwise). Where a calibrator fails on passages of different
    lengths it is run again with every passage right-padded to the longest (attention mask 0 at the
-   padding, which its histograms then count); the table says so. ``--skip-ort`` leaves these out;
+   padding, which its histograms then count); the table says so. Apart, onnxruntime's MinMax
+   calibration alone, the calibrator's steps ``quantize_static`` runs before it quantises
+   (``create_calibrator``, ``collect_data``, ``compute_data``), to compare with ``analyzer run``
+   alone. ``--skip-ort`` leaves these out;
 4. ``analyzer eval GRAPH --reference MODEL --exclude cal.h5 --samples M`` for every graph (fp32 without
    ``--reference``: its KL is 0 and its agreement 1 by definition);
 5. a Markdown table on stdout, and ``table.md`` and ``results.json`` in ``--out-dir``.
@@ -101,6 +107,16 @@ def ort_child(model: Path, run: Path, out: Path, method: str, pad: bool) -> None
             return next(self.it, None)
 
     large = model.stat().st_size + sum(p.stat().st_size for p in model.parent.glob(model.name + ".data*")) > 1.5e9
+    if method == "MinMaxCalibration":  # the calibration quantize_static runs, alone
+        from onnxruntime.quantization.calibrate import create_calibrator
+
+        with tempfile.TemporaryDirectory(prefix="ort.quant.") as tmp:
+            calibrator = create_calibrator(model, ["MatMul"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large)
+            calibrator.collect_data(Reader())
+            ranges = calibrator.compute_data()
+        out.write_text(json.dumps({"tensors": len(ranges.data)}) + "\n")
+        return
     quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=large)
@@ -137,16 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         return res[key]
 
     model, cal = str(a.model), str(d / "cal.h5")
-    r = step("run", cli("run", model, "--samples", str(a.calibrate), "--stats", "full", "--tensors", "quantizable",
-                        "--tensor-ops", "MatMul", "--out", cal, "--force", "--no-progress"))
-    if r["rc"]:
-        sys.exit(f"analyzer run failed: {r['last_line']} (see {r['log']})")
+    runs = {"run": ("cal.h5",), "run_hist": ("cal_hist.h5", "--tensor-stats", "full")}
+    for key, (name, *extra) in runs.items():
+        r = step(key, cli("run", model, "--samples", str(a.calibrate), "--tensors", "quantizable", "--tensor-ops",
+                          "MatMul", *extra, "--out", str(d / name), "--force", "--no-progress"))
+        if r["rc"]:
+            sys.exit(f"analyzer run failed: {r['last_line']} (see {r['log']})")
     graphs = {"fp32": (model, None)}
     for pol in POLICIES:
         q = str(d / f"q_{pol}.onnx")
-        s = step(f"quantize_{pol}", cli("quantize", model, cal, "--out", q, "--policy", pol, "--force"))
+        run = d / ("cal_hist.h5" if pol == "percentile" else "cal.h5")
+        s = step(f"quantize_{pol}", cli("quantize", model, str(run), "--out", q, "--policy", pol, "--force"))
         graphs[f"maxact {pol}"] = (q, s)
     if not a.skip_ort:
+        step("ort_MinMaxCalibration", [sys.executable, __file__, model, "--calibrate", "0", "--evaluate", "0",
+                                       "--ort-child", cal, str(d / "ort_calibration.json"), "MinMaxCalibration",
+                                       "nopad"])
         for m in ORT_METHODS:
             q = d / f"ort_{m}.onnx"
             base = [sys.executable, __file__, model, "--calibrate", "0", "--evaluate", "0",
@@ -180,7 +202,6 @@ def render(a: argparse.Namespace, res: dict, graphs: dict, evals: dict) -> str:
     base = evals["fp32"]
     idx = {tuple(e["sample_index"]) for e in evals.values()}
     assert len(idx) == 1, "the evaluations did not use the same passages"
-    run = res["run"]
     rows = ["| graph | perplexity | increase over fp32 | mean KL | top-1 agreement | MatMuls in float "
             "| calibration wall | calibration peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for name, (path, s) in graphs.items():
@@ -195,6 +216,7 @@ def render(a: argparse.Namespace, res: dict, graphs: dict, evals: dict) -> str:
         if s is None:
             wall = rss = ""
         elif name.startswith("maxact"):
+            run = res["run_hist" if name == "maxact percentile" else "run"]
             wall = f"{run['wall_s']:.0f} s run + {s['wall_s']:.0f} s quantize"
             rss = f"{run['peak_rss_mib']:.0f} MiB run, {s['peak_rss_mib']:.0f} MiB quantize"
         else:
@@ -207,7 +229,14 @@ def render(a: argparse.Namespace, res: dict, graphs: dict, evals: dict) -> str:
             f"({base['n_tokens']} predicted tokens); load average {os.getloadavg()[0]:.1f} at the end\n\n")
     fails = [f"- onnxruntime {m} without padding: {res[f'ort_{m}']['unpadded_error']}"
              for m in ORT_METHODS if "unpadded_error" in res.get(f"ort_{m}", {})]
-    return head + "\n".join(rows) + "\n" + ("\n" + "\n".join(fails) + "\n" if fails else "")
+    cost = ""
+    if "ort_MinMaxCalibration" in res and "ort_MinMax" in res:
+        c, q, r = res["ort_MinMaxCalibration"], res["ort_MinMax"], res["run"]
+        cost = (f"\nCalibration alone: `analyzer run` {r['wall_s']:.1f} s, {r['peak_rss_mib']:.0f} MiB peak; "
+                f"onnxruntime's MinMax calibrator (its steps in quantize_static) {c['wall_s']:.1f} s, "
+                f"{c['peak_rss_mib']:.0f} MiB; "
+                f"the whole quantize_static {q['wall_s']:.1f} s, {q['peak_rss_mib']:.0f} MiB.\n")
+    return head + "\n".join(rows) + "\n" + ("\n" + "\n".join(fails) + "\n" if fails else "") + cost
 
 
 if __name__ == "__main__":
