@@ -1,4 +1,4 @@
-"""One benchmark variant in its own process: ``python benchmarks/variants.py {a,d,e} SPEC.json RESULT.json``.
+"""One benchmark variant in its own process: ``python benchmarks/variants.py {a,l,d,e} SPEC.json RESULT.json``.
 
 (``prepare REQUEST.json SPEC.json`` writes the spec.)
 
@@ -9,7 +9,9 @@ of the batch loop and what the variant found. Variants b and c are ``analyzer ru
 
 - a: plain onnxruntime inference of the un-instrumented graph (the floor), default session
   options but the thread count; the graph's output is the final norm (as ``analyzer run`` prunes
-  the LM head, so does the floor).
+  the LM head, so does this floor).
+- l: the same of the model as exported, its outputs (the logits) kept: the LM head runs (the
+  floor issue 15's ratios are against).
 - d: onnxruntime's ``MinMaxCalibrater`` (``onnxruntime.quantization``) over the same site
   tensors, fed by a ``CalibrationDataReader`` yielding the same batches; whole process.
 - e: PyTorch forward hooks at the sites, every ``--stats full`` statistic in torch per batch
@@ -54,6 +56,18 @@ def feeds(batch, input_names) -> dict[str, np.ndarray]:
 
 
 def variant_a(spec: dict) -> dict:
+    """Plain onnxruntime inference of the floor graph (no LM head)."""
+    return plain_inference(spec, spec["floor"])
+
+
+def variant_l(spec: dict) -> dict:
+    """Plain onnxruntime inference of the model as exported, every output (the logits) kept."""
+    return plain_inference(spec, spec["model"])
+
+
+def plain_inference(spec: dict, graph: str) -> dict:
+    """Run ``graph`` over the spec's batches in an onnxruntime session with default options but
+    the thread count; returns the token count and the seconds of the batch loop."""
     import onnxruntime as ort
 
     batches = batches_of(spec)
@@ -62,7 +76,7 @@ def variant_a(spec: dict) -> dict:
         opts.intra_op_num_threads = spec["threads"]
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if spec.get("provider") == "cuda" \
         else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(spec["floor"], opts, providers=providers)
+    session = ort.InferenceSession(graph, opts, providers=providers)
     names = [i.name for i in session.get_inputs()]
     start = time.perf_counter()
     for batch in batches:
@@ -170,8 +184,9 @@ def variant_e(spec: dict) -> dict:
 def prepare(request: dict) -> dict:
     """The spec every variant reads: the model, its site list (maxact's site discovery), the floor
     graph (the un-instrumented graph with the final norm as its only output, written to the work
-    folder), the corpus selection, and the variants that cannot run here (``missing``: variant ->
-    why). Exits with one line when the graph is missing."""
+    folder), the corpus selection and its passage and token counts, and the variants that cannot
+    run here (``missing``: variant -> why). Exits with one line when the graph is missing or the
+    corpus cannot be read."""
     import importlib.util
 
     import onnx_ir as ir
@@ -181,6 +196,7 @@ def prepare(request: dict) -> dict:
     from maxact.analyzer.run import default_model_path
     from maxact.discovery.past import max_positions
     from maxact.discovery.sites import discover_sites
+    from maxact.errors import AnalyzerError
 
     onnx_path = Path(request["onnx"] or default_model_path())
     if not onnx_path.is_file():
@@ -207,12 +223,12 @@ def prepare(request: dict) -> dict:
             missing["e"] = f"{mod} is missing"
     if "e" not in missing and not Path(request["checkpoint"]).exists():
         missing["e"] = f"checkpoint {request['checkpoint']} not found"
-    return {
+    spec = {
         "missing": missing,
         "model": str(model_path),
         "floor": str(floor_path),
         "checkpoint": request["checkpoint"],
-        "corpus": "default",
+        "corpus": request["corpus"],
         "samples": request["samples"],
         "seed": request["seed"],
         "bos": "none",
@@ -224,6 +240,12 @@ def prepare(request: dict) -> dict:
         "sites": [{"site_id": s.site_id, "role": s.role, "layer": s.layer, "tensor": s.tensor}
                   for s in discovery.sites],
     }
+    try:
+        batches = batches_of(spec)
+    except AnalyzerError as e:
+        sys.exit(f"error: {e}")
+    spec.update(n_passages=sum(len(b.sample_index) for b in batches), n_tokens=sum(b.n_tokens for b in batches))
+    return spec
 
 
 def peak_rss_mb() -> float:
@@ -242,7 +264,7 @@ def main() -> None:
     if variant == "prepare":
         Path(result_path).write_text(json.dumps(prepare(spec)))
         return
-    result = {"a": variant_a, "d": variant_d, "e": variant_e}[variant](spec)
+    result = {"a": variant_a, "l": variant_l, "d": variant_d, "e": variant_e}[variant](spec)
     result["vmhwm_mb"] = peak_rss_mb()
     Path(result_path).write_text(json.dumps(result))
 
