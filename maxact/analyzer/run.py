@@ -111,9 +111,12 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     Every input is checked before the model runs; on any error no output file is written. With
     ``opts.shard`` only that shard's batches are measured (:func:`shard_of`; the file is a shard
     file, :mod:`maxact.analyzer.partial`). The merged state is saved to the checkpoint beside
-    ``out`` every ``opts.checkpoint_every`` seconds, on SIGINT/SIGTERM and before the final write
-    (deleted after it); ``opts.resume`` goes on from it (or only writes the run file, when it holds
-    every batch), and the result is bit-identical to an uninterrupted run's (timing attributes aside).
+    ``out`` every ``opts.checkpoint_every`` seconds and on SIGINT/SIGTERM; at the end, before the
+    final write where the batches measured since the last checkpoint (or the start) took
+    ``opts.checkpoint_every`` seconds or more, else only where the final write fails (the checkpoint
+    is deleted after the run file is written); ``opts.resume`` goes on from it (or only writes the
+    run file, when it holds every batch), and the result is bit-identical to an uninterrupted run's
+    (timing attributes aside).
 
     Returns:
         The path of the HDF5 run file.
@@ -125,7 +128,8 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
         OutputError: ``out`` or its checkpoint is an input, a folder, not writable, or (``out``)
             an existing file that is not a run file while ``opts.force`` is off.
         ResumableError: a checkpoint or the run file could not be written (a full disk); the
-            batches measured so far are in the checkpoint, for ``opts.resume``.
+            batches measured so far (or those of the checkpoint written before) are in the
+            checkpoint, for ``opts.resume``.
     """
     console = console or plain_console()
     model_path, model = load_model(opts.model)
@@ -142,7 +146,7 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
                      weight_statistics(model, pipeline.discovery.sites), tensors)  # before instrumentation prunes
     finished = start is not None and start.batches_done == len(batches)  # only the final write is left
     result = _measure(opts, pipeline, run_meta, batches, start, finished, writer, tensors)
-    saved = _save(out, result, finished, writer)
+    saved = _save(out, result, start, writer, opts.checkpoint_every)
     _print(console, out, result, saved, writer)
     return out
 
@@ -319,6 +323,9 @@ def _resume(opts: RunOptions, ckpt: Path, run_meta: dict[str, object], site_ids:
 class _Writer:
     """Writes the run file, or the checkpoint, of the batches measured so far."""
 
+    #: The measuring seconds (``RunResult.seconds``) of the last checkpoint this writer wrote (0: none).
+    kept_seconds: float = 0.0
+
     def __init__(self, ckpt: Path, run_meta: dict[str, object], discovery: Discovery, components: ComponentMap,
                  passages: _Passages, batches: list[Batch], weights: dict, tensors: list[QuantTensor] | None):
         self.ckpt, self.run_meta, self.passages, self.batches, self.weights = ckpt, run_meta, passages, batches, weights
@@ -366,8 +373,12 @@ class _Writer:
                   tensors=result.tensors, tensor_attrs=self.tensor_attrs)
         return meta, peak, roles, topk_tokens
 
-    def checkpoint(self, result: RunResult) -> None:
+    def checkpoint(self, result: RunResult, instead_of: OutputError | None = None) -> None:
         """Save ``result`` to the checkpoint.
+
+        Args:
+            instead_of: the failed write of the run file that this checkpoint stands in for
+                (named first in the error when this write fails too).
 
         Raises:
             OutputError: no checkpoint could be written, and none was before.
@@ -378,9 +389,11 @@ class _Writer:
             self.save(ckpt, result, {"checkpoint_batches_done": result.batches_done,
                                      "checkpoint_n_batches": len(self.batches)})
         except OutputError as e:  # a full disk: an earlier checkpoint is left as it was
+            failed = f"{instead_of}, and {e}" if instead_of else str(e)
             if not ckpt.exists():
-                raise OutputError(f"{e}; no batch could be kept: free some space and run again") from None
-            raise ResumableError(f"{e}; the checkpoint written before is kept") from None
+                raise OutputError(f"{failed}; no batch could be kept: free some space and run again") from None
+            raise ResumableError(f"{failed}; the checkpoint written before is kept") from None
+        self.kept_seconds = result.seconds
 
 
 def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], batches: list[Batch],
@@ -417,18 +430,29 @@ def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], 
             f"batches; their statistics are in {writer.ckpt}", exit_code=128 + e.signum) from None
 
 
-def _save(out: Path, result: RunResult, finished: bool, writer: _Writer):
-    """The merged state to the checkpoint first (so a failed final write loses nothing), then the run
-    file; the checkpoint deleted after. Returns what :meth:`_Writer.save` returns.
+def _save(out: Path, result: RunResult, start: RunResult | None, writer: _Writer, checkpoint_every: float):
+    """Write the run file, then delete the checkpoint. Returns what :meth:`_Writer.save` returns.
+
+    The merged state goes to the checkpoint first where the batches not in it (those measured since
+    the last checkpoint, or since ``start``) took ``checkpoint_every`` seconds or more, so that a
+    process killed during the final write loses no more than one killed between checkpoints; else
+    only where the final write fails, so that a failed final write loses nothing either way.
 
     Raises:
         ResumableError: the run file could not be written; every batch is in the checkpoint.
+        OutputError: neither the run file nor the checkpoint could be written, and there was no
+            checkpoint before (:meth:`_Writer.checkpoint`; ``ResumableError`` where there was).
     """
-    if not finished:
+    whole = start is not None and start.batches_done == result.batches_done  # the checkpoint holds every batch
+    unsaved = result.seconds - max(writer.kept_seconds, start.seconds if start else 0.0)
+    if not whole and unsaved >= checkpoint_every:
         writer.checkpoint(result)
+        whole = True
     try:
         saved = writer.save(out, result, {})
     except OutputError as e:
+        if not whole:
+            writer.checkpoint(result, instead_of=e)
         raise ResumableError(f"{e}; every batch is measured and kept in {writer.ckpt}") from None
     writer.ckpt.unlink(missing_ok=True)
     return saved
