@@ -117,7 +117,7 @@ def quantize(opts: QuantizeOptions) -> tuple[Path, Decisions]:
         OutputError: ``out`` is an input, or an existing file of another kind without ``force``.
     """
     out = _check_options(opts)
-    run = read_ranges(opts.run)
+    run = read_ranges(opts.run, sites=False)  # onnxruntime asks ranges of /tensors only
     _check_run(opts, run.meta)
     graph = onnx.load(str(opts.model), load_external_data=False).graph
     tensors = {t.name: t for t in run.tensors if t.quantizable}  # what onnxruntime asks ranges of

@@ -504,9 +504,11 @@ class Group:
     groups: dict[str, Group] = field(default_factory=dict)
 
 
-def read_groups(path: str | Path, wanted: Callable[[str], bool] = lambda name: False) -> Group:
+def read_groups(path: str | Path, wanted: Callable[[str], bool] = lambda name: False,
+                top: Sequence[str] | None = None) -> Group:
     """Read a run file leniently: every group's attributes, and the datasets whose path (e.g.
-    ``sites/embedding/absmax``) ``wanted`` accepts; nothing else is checked or read.
+    ``sites/embedding/absmax``) ``wanted`` accepts; nothing else is checked or read. ``top``: only
+    these top-level groups (None: all).
 
     Returns:
         the root :class:`Group` (root attributes, ``groups["sites"]``, ...).
@@ -516,7 +518,7 @@ def read_groups(path: str | Path, wanted: Callable[[str], bool] = lambda name: F
             ``/summary`` or ``maxact_version``.
     """
     with _open_run_file(path) as f:
-        return _read_group(f, "", wanted, _text_decoder(f))
+        return _read_group(f, "", wanted, _text_decoder(f), top)
 
 
 def read_datasets(path: str | Path, names: Sequence[str]) -> dict[str, object]:
@@ -531,9 +533,12 @@ def read_datasets(path: str | Path, names: Sequence[str]) -> dict[str, object]:
         return {n: _dataset(f[n], text) for n in names if n in f and isinstance(f[n], h5py.Dataset)}
 
 
-def _read_group(g: h5py.Group, where: str, wanted: Callable[[str], bool], text) -> Group:
+def _read_group(g: h5py.Group, where: str, wanted: Callable[[str], bool], text,
+                only: Sequence[str] | None = None) -> Group:
     out = Group(attrs={k: _attribute(k, v, text) for k, v in g.attrs.items()})
     for name, item in g.items():
+        if only is not None and name not in only:
+            continue
         if isinstance(item, h5py.Group):
             out.groups[name] = _read_group(item, f"{where}{name}/", wanted, text)
         elif wanted(f"{where}{name}"):
@@ -816,20 +821,22 @@ _RANGE_DATASETS = ("min", "max", "absmax", "count", "per_channel_absmax", "per_c
                    "hist_zero")
 
 
-def read_ranges(path: str | Path) -> RunRanges:
+def read_ranges(path: str | Path, sites: bool = True) -> RunRanges:
     """Read the ranges of every measured tensor of a run file: each site of ``/sites`` (its
-    ``tensor`` attribute names the ONNX value) and, when present, each group of ``/tensors``.
+    ``tensor`` attribute names the ONNX value; unless ``sites`` is off) and, when present, each
+    group of ``/tensors``.
 
     Raises:
         RunFileError: the file is missing or not a run file (:func:`read_groups`), or a site lacks
             ``tensor``, ``min``, ``max``, ``absmax`` or ``count`` (named in the message).
     """
-    root = read_groups(path, lambda name: name.rsplit("/", 1)[-1] in _RANGE_DATASETS)
+    root = read_groups(path, lambda name: name.rsplit("/", 1)[-1] in _RANGE_DATASETS,
+                       top=None if sites else (TENSORS_GROUP,))
     family = next((f for f in FAMILIES if f.name == root.attrs.get("family")), None)
     tensors: dict[str, TensorRange] = {}
     where = "/sites"
     try:
-        for sid, g in root.groups["sites"].groups.items():
+        for sid, g in root.groups["sites"].groups.items() if sites else ():
             where = f"/sites/{sid}"
             layer = int(g.attrs["layer"])
             modules = family.projections_reading(str(g.attrs["role"]), None if layer < 0 else layer) if family else ()
