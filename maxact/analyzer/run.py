@@ -199,7 +199,7 @@ def _tensors(opts: RunOptions, model_path: Path, pipeline: Pipeline) -> list[Qua
     if opts.tensors is None:
         return None
     return select_tensors(model_path, pipeline.model.graph, pipeline.roles.ids, parse_op_types(opts.tensor_ops),
-                          cache=pipeline.cache)
+                          pipeline.cache)
 
 
 @dataclass
