@@ -202,7 +202,8 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
     """The onnxruntime session of ``model``: from the cache's optimised graph where it has it,
     else made from ``model`` saved to a temporary folder (its optimised graph then cached)."""
     key = None
-    if cache is not None and weights_sha256:
+    # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
+    if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
         key = cache_key("onnxruntime-optimised", weights_sha256, graph_sha256(model), provider, int(_LEVEL),
                         ort.__version__, maxact.__version__, platform.machine())
         entry = cache.get(key)
