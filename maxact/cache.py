@@ -118,10 +118,10 @@ class Cache:
             COUNTS["miss"] += 1
             return None
         except (OSError, ValueError) as e:
-            return self._refuse(key, f"its manifest cannot be read ({e})")
+            return self.refuse(key, f"its manifest cannot be read ({e})")
         why = _differs(entry, manifest.get("files", {}))
         if why:
-            return self._refuse(key, why)
+            return self.refuse(key, why)
         with contextlib.suppress(OSError):  # a read-only cache still serves its entries
             os.utime(entry / MANIFEST)
         COUNTS["hit"] += 1
@@ -129,10 +129,8 @@ class Cache:
         return entry
 
     def refuse(self, key: str, why: str) -> None:
-        """Delete entry ``key`` with a warning saying ``why`` (e.g. onnxruntime cannot load it)."""
-        self._refuse(key, why)
-
-    def _refuse(self, key: str, why: str) -> None:  # returns None: what get() gives for it
+        """Delete entry ``key`` with a warning saying ``why`` (e.g. onnxruntime cannot load it);
+        returns None, what :meth:`get` gives for it."""
         COUNTS["refused"] += 1
         _warn(f"set-up cache entry {key[:12]} in {self.folder} is refused ({why}): deleted, building it again")
         self._delete(self._entries / key)
@@ -191,7 +189,7 @@ class Cache:
         try:
             return json.loads((entry / "value.json").read_text())
         except (OSError, ValueError) as e:
-            return self._refuse(key, f"its value cannot be read ({e})")
+            return self.refuse(key, f"its value cannot be read ({e})")
 
     def write_json(self, key: str, value: object) -> None:
         """Store the JSON value ``value`` under ``key`` (a failure warns once)."""
@@ -210,8 +208,7 @@ class Cache:
         found = []
         for entry in self._entries.iterdir() if self._entries.is_dir() else ():
             with contextlib.suppress(OSError):
-                used = (entry / MANIFEST).stat().st_mtime
-                found.append((used, sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()), entry))
+                found.append(((entry / MANIFEST).stat().st_mtime, _size(entry), entry))
         return sorted(found)
 
     def evict(self, keep: str | None = None) -> int:
@@ -235,19 +232,20 @@ class Cache:
 
     def _delete(self, path: Path) -> None:
         """Rename ``path`` out of the way first (a reader never sees half of it), then remove it."""
+        gone = None
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
             gone = Path(tempfile.mkdtemp(prefix="gone-", dir=self._tmp))
             os.rename(path, gone / "entry")
         except OSError:
-            gone = path
-        shutil.rmtree(gone, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)  # in place, then
+        if gone is not None:
+            shutil.rmtree(gone, ignore_errors=True)
 
     def info(self) -> CacheInfo:
         """The folder, its entries and their bytes (temporary folders counted in the bytes)."""
         listing = self._listing()
-        tmp = sum(p.stat().st_size for p in self._tmp.rglob("*") if p.is_file()) if self._tmp.is_dir() else 0
-        return CacheInfo(self.folder, len(listing), sum(size for _, size, _ in listing) + tmp)
+        return CacheInfo(self.folder, len(listing), sum(size for _, size, _ in listing) + _size(self._tmp))
 
     def clear(self) -> CacheInfo:
         """Delete every entry and temporary folder; returns what there was (:meth:`info`).
@@ -260,6 +258,15 @@ class Cache:
             if part.exists():
                 shutil.rmtree(part)
         return before
+
+
+def _size(folder: Path) -> int:
+    """The bytes of the files under ``folder`` (0 where there is none; files that go meanwhile left out)."""
+    total = 0
+    for p in folder.rglob("*") if folder.is_dir() else ():
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 def _differs(entry: Path, files: dict[str, dict[str, object]]) -> str | None:

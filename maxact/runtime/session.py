@@ -197,6 +197,17 @@ def _in_model_order(path: Path, model: ir.Model) -> None:
         onnx.save(proto, os.fspath(path))
 
 
+def _saving(threads: int | None, folder: Path) -> ort.SessionOptions:
+    """The options of a session that also writes its optimised graph into ``folder``, with its
+    weights as external data (a graph of more than 2 GB of weights cannot be one protobuf)."""
+    opts = _options(threads, _LEVEL)
+    opts.optimized_model_filepath = os.fspath(folder / _OPTIMISED)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{_OPTIMISED}.data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                  str(_SMALL_TENSOR_BYTES))
+    return opts
+
+
 def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | None,
           weights_sha256: str | None) -> ort.InferenceSession:
     """The onnxruntime session of ``model``: from the cache's optimised graph where it has it,
@@ -228,14 +239,8 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
         ir.save(model, path, external_data="instrumented.onnx.data", size_threshold_bytes=_SMALL_TENSOR_BYTES)
         _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
         if folder is not None:
-            saving = _options(threads, _LEVEL)
-            saving.optimized_model_filepath = os.fspath(folder / _OPTIMISED)
-            saving.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                            f"{_OPTIMISED}.data")  # > 2 GB of weights cannot be inline
-            saving.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                            str(_SMALL_TENSOR_BYTES))
             try:
-                session = ort.InferenceSession(path, saving, providers=[provider])
+                session = ort.InferenceSession(path, _saving(threads, folder), providers=[provider])
             except Exception:  # e.g. a full disk while saving the optimised graph: once more, without
                 cache.discard(folder)
             else:
