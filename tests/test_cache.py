@@ -274,3 +274,15 @@ def test_full_disk_while_writing_an_entry_warns_and_leaves_nothing(tmp_path, own
 def test_key_covers_every_part():
     assert cache_key("a", 1) == cache_key("a", 1)
     assert len({cache_key("a", 1), cache_key("a", 2), cache_key("b", 1), cache_key({"x": 1})}) == 4
+
+
+def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
+    from maxact.cache import default_folder
+
+    assert default_folder() == tmp_path / "cache"  # MAXACT_CACHE_DIR (the fixture's)
+    monkeypatch.delenv("MAXACT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_folder() == tmp_path / "xdg" / "maxact"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_folder() == tmp_path / "home" / ".cache" / "maxact"
