@@ -4,6 +4,7 @@ Layers, lowest first; a module imports only from its own layer or below (``tests
 
 - ground: ``errors`` (the user errors), ``outputs`` (safe output files), ``text`` (terminal text),
   ``formats`` (number-format limits), ``model_file`` (reading an ONNX file and its external data),
+  ``cache`` (the set-up cache of onnxruntime's optimised graphs and shape inference),
   ``statistics`` (every statistic declared once: dtype, shape, graph outputs, merge rule);
 - ``discovery``: read-only analyses of a graph (sites, residual chain, branches, family and
   operator tables, graph inputs, past inputs, weights, attention layers);

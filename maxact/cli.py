@@ -41,8 +41,24 @@ def _run(args: argparse.Namespace) -> int:
         tensors=args.tensors,
         tensor_ops=args.tensor_ops,
         tensor_stats=args.tensor_stats,
+        cache=not args.no_cache,
     )
     run(opts)
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from maxact.cache import Cache, default_folder
+
+    cache = Cache(default_folder())
+    try:
+        info = cache.clear() if args.action == "clear" else cache.info()
+    except OSError as e:
+        what = "emptied" if args.action == "clear" else "read"
+        raise AnalyzerError(f"the set-up cache {cache.folder} cannot be {what} ({e.strerror or e}): check its "
+                            "permissions, or set MAXACT_CACHE_DIR") from None
+    done = "cleared " if args.action == "clear" else ""
+    print(visible(f"{done}{info.folder}: {info.entries} entries, {info.bytes / 2**20:.1f} MiB"))
     return 0
 
 
@@ -255,7 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray actors (default: the cluster's CPUs divided by --threads, which is 1 with --ray)")
     _inputs(r)
     _force(r, "a run file")
+    r.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the set-up cache (onnxruntime's optimised graph, shape inference; "
+                        "see `analyzer cache`); MAXACT_CACHE=0 does the same")
     r.set_defaults(func=_run)
+
+    ca = sub.add_parser("cache", help="the set-up cache of `analyzer run` ($MAXACT_CACHE_DIR, else "
+                                      "$XDG_CACHE_HOME/maxact or ~/.cache/maxact): its size, or empty it")
+    ca.add_argument("action", choices=("info", "clear"),
+                    help="info: folder, entries and size; clear: delete every entry")
+    ca.set_defaults(func=_cache)
 
     m = sub.add_parser("merge", help="merge the shard files of one run (run --shard I/N) into the whole run's file")
     m.add_argument("runs", nargs="+", metavar="RUN.h5", help="the N shard files, in any order")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -17,6 +19,11 @@ SHARED = Path(os.environ.get("MAXACT_SHARED", REPO.parent / "shared"))
 STORIES = SHARED / "models" / "stories260K"
 BUILTIN = REPO / "maxact" / "data" / "stories260K"
 TEST_CORPUS = Path(__file__).resolve().parent / "data" / "passages.jsonl"
+
+# The tests' set-up cache (maxact/cache.py): never the user's own; child processes inherit it.
+_CACHE = tempfile.mkdtemp(prefix="maxact-test-cache-")
+os.environ["MAXACT_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 def require_stories() -> Path:

@@ -11,18 +11,22 @@ weight is ever held twice in memory and nothing is read from disk again.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import onnx_ir as ir
 
+from maxact.analyzer.runfile import file_sha256
+from maxact.cache import Cache, cache_key
 from maxact.discovery.attention import find_attention
 from maxact.discovery.inputs import InputRoles
 from maxact.discovery.sites import Discovery, Site, discover_sites
 from maxact.discovery.tensors import QuantTensor
 from maxact.errors import ModelFileError
-from maxact.model_file import read_model
+from maxact.model_file import external_data_files, read_model
 from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.passes.instrument import InstrumentPass
 from maxact.runtime.session import Session
@@ -97,6 +101,7 @@ class Pipeline:
     Attributes:
         path: the ``.onnx`` file. model: the loaded model (instrumented after the first
         :meth:`instrument`). roles: the graph's inputs by role. discovery: the sites of ``model``.
+        cache: the set-up cache its sessions use (:mod:`maxact.cache`); None: none.
     """
 
     path: Path
@@ -104,17 +109,27 @@ class Pipeline:
     roles: InputRoles
     discovery: Discovery
     want_logits: bool = False
+    cache: Cache | None = None
     _spare: ir.Model | None = field(default=None, repr=False)
 
     @classmethod
-    def discover(cls, path: Path, model: ir.Model, roles: InputRoles, want_logits: bool = False) -> Pipeline:
+    def discover(cls, path: Path, model: ir.Model, roles: InputRoles, want_logits: bool = False,
+                 cache: Cache | None = None) -> Pipeline:
         """Find the sites of ``model`` (loaded by :func:`load_model`), the family table chosen by the
         ``model_type`` of the ``config.json`` beside ``path`` where there is one.
 
         Raises:
             AnalyzerError: from :func:`~maxact.discovery.sites.discover_sites` (no residual stream, ...).
         """
-        return cls(path, model, roles, _discover(path, model, roles, want_logits), want_logits)
+        return cls(path, model, roles, _discover(path, model, roles, want_logits), want_logits, cache)
+
+    @cached_property
+    def files_sha256(self) -> str:
+        """The sha256 of the model's files together: the ``.onnx`` and each external-data file, by
+        name (each read once per process: :func:`~maxact.analyzer.runfile.file_sha256`, which
+        the run file's ``model_sha256`` reuses)."""
+        files = [self.path, *external_data_files(self.model)]
+        return cache_key("model files", {os.path.relpath(f, self.path.parent): file_sha256(f) for f in files})
 
     def instrument(self, how: Variant) -> tuple[ir.Model, list[Site]]:
         """The model instrumented as ``how`` says, and the sites it measures (model order).
@@ -149,7 +164,17 @@ class Pipeline:
                 :class:`~maxact.runtime.session.Session`.
         """
         model, sites = self.instrument(how)
-        return Session(model, provider=provider, threads=threads, inputs=self.roles), sites
+        return self.open_session(model, provider, threads), sites
+
+    def open_session(self, model: ir.Model, provider: str = "cpu", threads: int | None = None) -> Session:
+        """An onnxruntime session of ``model`` (instrumented by :meth:`instrument`), through the cache.
+
+        Raises:
+            ProviderError, ModelLoadError, UnsupportedInputError: from
+                :class:`~maxact.runtime.session.Session`.
+        """
+        return Session(model, provider=provider, threads=threads, inputs=self.roles, cache=self.cache,
+                       weights_sha256=self.files_sha256 if self.cache is not None else None)
 
 
 def _discover(path: Path, model: ir.Model, roles: InputRoles, want_logits: bool) -> Discovery:

@@ -25,6 +25,7 @@ from maxact.analyzer.pipeline import Pipeline, Variant, load_model
 from maxact.analyzer.runfile import file_sha256, is_run_file, read_run, write_run
 from maxact.analyzer.summary import print_summary
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
+from maxact.cache import open_cache
 from maxact.discovery.attention import find_attention
 from maxact.discovery.inputs import graph_inputs
 from maxact.discovery.past import max_positions
@@ -94,6 +95,8 @@ class RunOptions:
     #: ``--tensor-stats``: ``main`` or ``full`` (also each tensor's log10 histogram, which the
     #: ``percentile`` and ``maxact`` policies of ``analyzer quantize`` read); None: as ``stats``.
     tensor_stats: str | None = None
+    #: use the set-up cache (:mod:`maxact.cache`; off: ``--no-cache``, or ``MAXACT_CACHE=0``).
+    cache: bool = True
 
 
 def _float_dtype(model: ir.Model) -> str:
@@ -191,7 +194,7 @@ def _discover(opts: RunOptions, model_path: Path, model: ir.Model, console: Cons
     roles = graph_inputs(model.graph, opts.inputs)
     if not roles.standard:
         console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
-    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits)
+    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits, cache=open_cache(opts.cache))
     return pipeline, build_component_map(pipeline.discovery)
 
 
@@ -199,7 +202,8 @@ def _tensors(opts: RunOptions, model_path: Path, pipeline: Pipeline) -> list[Qua
     """The tensors ``--tensors quantizable`` measures (None without it)."""
     if opts.tensors is None:
         return None
-    return select_tensors(model_path, pipeline.model.graph, pipeline.roles.ids, parse_op_types(opts.tensor_ops))
+    return select_tensors(model_path, pipeline.model.graph, pipeline.roles.ids, parse_op_types(opts.tensor_ops),
+                          pipeline.cache)
 
 
 @dataclass
@@ -408,7 +412,7 @@ def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], 
     model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study, tensors=tensors,
                                                tensor_study=tensor_study))
     local = opts.ray is None and not finished
-    session = Session(model, provider=opts.provider, threads=opts.threads, inputs=pipeline.roles) if local else None
+    session = pipeline.open_session(model, opts.provider, opts.threads) if local else None
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.

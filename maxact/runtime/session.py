@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import os
+import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph as OrtInvalidGraph
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
+import maxact
+from maxact.cache import Cache, cache_key
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
@@ -84,6 +90,170 @@ def _release_external(model: ir.Model) -> None:
             v.const_value.release()
 
 
+_ORT_ERRORS = (OrtInvalidGraph, OrtFail)
+#: The optimised graph's file in a cache entry, and its weights' file beside it.
+_OPTIMISED = "optimised.onnx"
+
+
+def _options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # Priority-based order runs each site's reductions as soon as the site exists, so the
+    # full-size tensors are freed early; the default order kept them alive (2-3x peak memory).
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.graph_optimization_level = level
+    return opts
+
+
+# Extended, not all: onnxruntime's fusions (norms, activations, MatMul with transpose and scale)
+# stay, and a fusion never swallows a site, whose value the reductions read; level 3 only adds
+# NCHWc layouts for convolutions, which a decoder has none of, and took 0.5-2 s of set-up on
+# SmolLM2-135M's 19,500-node instrumented graph.
+_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+def _tensor_identity(tensor: ir.TensorProtocol | None) -> str:
+    """What names a tensor's data in :func:`graph_sha256`: its place in the model's files for
+    the weights read from them (their bytes are in the files' sha256), else its bytes' sha256."""
+    if isinstance(tensor, ir.ExternalTensor):
+        return f"{tensor.location}@{tensor.offset}+{tensor.length}"
+    if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.nbytes > _SMALL_TENSOR_BYTES:
+        return "in the model file"  # a weight of a model without external data
+    return "none" if tensor is None else hashlib.sha256(tensor.tobytes()).hexdigest()
+
+
+def graph_sha256(model: ir.Model) -> str:
+    """The hex sha256 of ``model``'s graph without the data of the weights it read from its files:
+    opsets, inputs, outputs, nodes (attributes included), functions, and each initializer's name,
+    type, shape and place in the files (a tensor a pass made: its bytes). With the sha256 of the
+    model's files it names the instrumented graph exactly (SmolLM2-135M's 20,000 nodes: 0.5 s)."""
+    h = hashlib.sha256(repr(sorted(model.opset_imports.items())).encode())
+    protos = [*(ir.serde.serialize_value(v) for v in (*model.graph.inputs, *model.graph.outputs)),
+              *(ir.serde.serialize_function(f) for f in model.functions.values())]
+    for proto in protos:
+        h.update(proto.SerializeToString(deterministic=True))
+    for name, v in model.graph.initializers.items():
+        h.update(f"{name}|{v.dtype}|{v.shape}|{_tensor_identity(v.const_value)}\n".encode())
+    for node in model.graph:
+        h.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """The names ``node`` reads: its inputs and those its subgraphs read (from the outer scope too)."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for graph in [*attr.graphs, *([attr.g] if attr.HasField("g") else [])]:
+            for sub in graph.node:
+                names += _node_inputs(sub)
+    return names
+
+
+def _in_model_order(path: Path, model: ir.Model) -> None:
+    """Rewrite the optimised graph at ``path`` (onnxruntime writes it in its default topological order)
+    with its nodes in the order of ``model``, the graph it was made from, as far as they share
+    outputs (a fused node: where the last node it replaces was; a new one: right after its inputs).
+
+    onnxruntime's priority-based order runs the ready node that comes first in the file, so the
+    order of the instrumented graph (each site's reductions right after the site) is what frees
+    the full-size tensors early: in the default order a cache hit of the built-in stories260K
+    peaked at 1.2 GB against 0.4 GB.
+    """
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    place = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
+    nodes = list(proto.graph.node)
+    producer = {out: j for j, node in enumerate(nodes) for out in node.output if out}
+    needs = [{producer[x] for x in _node_inputs(node) if x in producer} for node in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [len(n) for n in needs]
+    for j, inputs in enumerate(needs):
+        for i in inputs:
+            users[i].append(j)
+    rank = [0.0] * len(nodes)
+    ready = []
+
+    def release(j: int, after: float) -> None:
+        found = [place[out] for out in nodes[j].output if out in place]
+        rank[j] = min(found) if found else after  # new nodes go right after their last input
+        heapq.heappush(ready, (rank[j], j))
+
+    for j in range(len(nodes)):
+        if not waiting[j]:
+            release(j, -1.0)
+    order = []
+    while ready:
+        _, j = heapq.heappop(ready)
+        order.append(nodes[j])
+        for k in users[j]:
+            waiting[k] -= 1
+            if not waiting[k]:
+                release(k, max(rank[i] for i in needs[k]) + 0.5)
+    if len(order) == len(nodes):  # else a cycle, which onnxruntime never writes: the file is kept as it is
+        proto.graph.ClearField("node")
+        proto.graph.node.extend(order)
+        onnx.save(proto, os.fspath(path))
+
+
+def _saving(threads: int | None, folder: Path) -> ort.SessionOptions:
+    """The options of a session that also writes its optimised graph into ``folder``, with its
+    weights as external data (a graph of more than 2 GB of weights cannot be one protobuf)."""
+    opts = _options(threads, _LEVEL)
+    opts.optimized_model_filepath = os.fspath(folder / _OPTIMISED)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{_OPTIMISED}.data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                  str(_SMALL_TENSOR_BYTES))
+    return opts
+
+
+def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | None,
+          weights_sha256: str | None) -> ort.InferenceSession:
+    """The onnxruntime session of ``model``: from the cache's optimised graph where it has it,
+    else made from ``model`` saved to a temporary folder (its optimised graph then cached)."""
+    key = None
+    # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
+    if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
+        key = cache_key("onnxruntime-optimised", weights_sha256, graph_sha256(model), provider, int(_LEVEL),
+                        ort.__version__, maxact.__version__, platform.machine())
+        entry = cache.get(key)
+        if entry is not None:
+            # Optimised already: the same graph onnxruntime would make of ``model``, so the same outputs.
+            _release_external(model)  # the user's weights: onnxruntime reads the entry's copy
+            try:
+                return ort.InferenceSession(os.fspath(entry / _OPTIMISED),
+                                            _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                            providers=[provider])
+            except Exception as e:  # whatever onnxruntime says of an entry, the run goes on without it
+                cache.refuse(key, f"onnxruntime cannot load it: {' '.join(str(e).split())[:120]}")
+    folder = cache.begin() if key else None
+    # Always through a file in a private temporary folder (never next to, or over, the user's
+    # file), with the weights as external data: serialising the graph in memory held three copies
+    # of the weights at once (the loaded model, the proto and its bytes; SmolLM2-135M: 2.3 GB peak
+    # against 1.2 GB this way). onnxruntime reads the folder while the session is made, so it can
+    # go afterwards.
+    _inline_unmoved_external_tensors(model)
+    with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
+        path = os.fspath(Path(tmp) / "instrumented.onnx")
+        ir.save(model, path, external_data="instrumented.onnx.data", size_threshold_bytes=_SMALL_TENSOR_BYTES)
+        _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
+        if folder is not None:
+            try:
+                session = ort.InferenceSession(path, _saving(threads, folder), providers=[provider])
+            except Exception:  # e.g. a full disk while saving the optimised graph: once more, without
+                cache.discard(folder)
+            else:
+                try:
+                    _in_model_order(folder / _OPTIMISED, model)
+                except OSError as e:
+                    cache.abandon(folder, e)
+                else:
+                    cache.commit(folder, key)
+                return session
+        return ort.InferenceSession(path, _options(threads, _LEVEL), providers=[provider])
+
+
 class Session:
     """An onnxruntime session of an instrumented graph that runs :class:`Batch` es.
 
@@ -96,6 +266,9 @@ class Session:
             between device and host. None: on for ``cuda``, off for ``cpu`` (where it changes
             nothing but is allowed, for tests).
         inputs: the graph's inputs by role; None: :func:`maxact.discovery.inputs.graph_inputs`.
+        cache: the set-up cache of onnxruntime's optimised graph (:mod:`maxact.cache`); None: none.
+        weights_sha256: the sha256 of the model's files (the ``.onnx`` and its external data), which
+            the weights of ``model`` are read from; the cache is used only where it is given.
 
     Raises:
         ProviderError: ``provider`` is not available (e.g. ``cuda`` without onnxruntime-gpu).
@@ -105,7 +278,8 @@ class Session:
     """
 
     def __init__(self, model: ir.Model, provider: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None, inputs: InputRoles | None = None):
+                 io_binding: bool | None = None, inputs: InputRoles | None = None, cache: Cache | None = None,
+                 weights_sha256: str | None = None):
         self.roles = inputs or graph_inputs(model.graph)
         self.past = past_shapes(model.graph, self.roles.past)  # KV-cache graphs: past inputs fed empty
         name = PROVIDERS.get(provider)
@@ -117,39 +291,15 @@ class Session:
                 f"{', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu "
                 "in place of onnxruntime (see the README)"
             )
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        # Priority-based order runs each site's reductions as soon as the site exists, so the
-        # full-size tensors are freed early; the default order kept them alive (2-3x peak memory).
-        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        # Extended, not all: onnxruntime's fusions (norms, activations, MatMul with transpose and
-        # scale) stay, and a fusion never swallows a site, whose value the reductions read; level 3
-        # only adds NCHWc layouts for convolutions, which a decoder has none of, and took 0.5-2 s
-        # of set-up on SmolLM2-135M's 19,500-node instrumented graph.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
-            # Always through a file in a private temporary folder (never next to, or over, the
-            # user's file), with the weights as external data: serialising the graph in memory
-            # held three copies of the weights at once (the loaded model, the proto and its bytes;
-            # SmolLM2-135M: 2.3 GB peak against 1.2 GB this way). onnxruntime reads the folder
-            # while the session is made, so it can go afterwards.
-            _inline_unmoved_external_tensors(model)
-            with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
-                path = Path(tmp) / "instrumented.onnx"
-                ir.save(model, path, external_data="instrumented.onnx.data",
-                        size_threshold_bytes=_SMALL_TENSOR_BYTES)
-                _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
-                self.session = ort.InferenceSession(os.fspath(path), opts, providers=[name])
+            self.session = _open(model, name, threads, cache, weights_sha256)
         except OrtNotImplemented as e:
             raise ProviderError(
                 f"onnxruntime's {provider} execution provider has no kernel for part of this graph "
                 f"({str(e).split(':')[-1].strip()}); bfloat16 graphs need --provider cuda, or export "
                 "fp32/fp16 (`analyzer export --dtype fp16`)"
             ) from e
-        except (OrtInvalidGraph, OrtFail) as e:
+        except _ORT_ERRORS as e:
             detail = " ".join(str(e).split("failed:")[-1].split())[:300]
             raise ModelLoadError(
                 f"onnxruntime cannot load the graph ({detail}); check that MODEL.onnx loads in onnxruntime on "

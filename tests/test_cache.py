@@ -1,0 +1,288 @@
+"""The set-up cache of `analyzer run` (maxact/cache.py): hits give the same run file as no cache,
+a changed input misses, a damaged entry is refused and rebuilt, concurrent writers, the size bound,
+`analyzer cache info|clear`, and a cache that cannot be written never fails a run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import onnx
+import pytest
+
+import maxact.cache as cache_module
+from conftest import BUILTIN, REPO
+from maxact.cache import Cache, cache_key
+from maxact.cli import main
+
+#: Root attributes that differ between two runs of the same inputs.
+_TIMING = {"created", "wall_seconds", "tokens_per_second"}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own cache folder, counters and once-only warnings."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("MAXACT_CACHE_DIR", str(folder))
+    monkeypatch.delenv("MAXACT_CACHE", raising=False)
+    monkeypatch.delenv("MAXACT_CACHE_MAX_BYTES", raising=False)
+    cache_module.COUNTS.clear()
+    cache_module._warned.clear()
+    return folder
+
+
+def _run(model: Path, out: Path, *extra: str) -> int:
+    return main(["run", str(model), "--samples", "2", "--out", str(out), "--no-progress", *extra])
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted((folder / "entries").iterdir()) if (folder / "entries").is_dir() else []
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return sorted((folder / "tmp").iterdir()) if (folder / "tmp").is_dir() else []
+
+
+def _contents(path: Path) -> dict[str, object]:
+    """Every dataset's values and every attribute of a run file, by path (timing attributes left out)."""
+    found: dict[str, object] = {}
+
+    def visit(name, obj):
+        found.update({f"{name}@{k}": v for k, v in obj.attrs.items() if k not in _TIMING})
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj[()]
+
+    with h5py.File(path) as f:
+        found.update({f"@{k}": v for k, v in f.attrs.items() if k not in _TIMING})
+        f.visititems(visit)
+    return found
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    x, y = _contents(a), _contents(b)
+    assert sorted(x) == sorted(y)
+    differ = [k for k in x if not np.array_equal(np.asarray(x[k]), np.asarray(y[k]),
+                                                 equal_nan=np.asarray(x[k]).dtype.kind == "f")]
+    assert differ == []
+
+
+def _external_model(folder: Path) -> Path:
+    """The built-in model with its weights in ``model.onnx.data``, and its tokenizer beside it."""
+    folder.mkdir()
+    onnx.save(onnx.load(BUILTIN / "model.onnx"), folder / "model.onnx", save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    shutil.copyfile(BUILTIN / "tokenizer.json", folder / "tokenizer.json")
+    return folder / "model.onnx"
+
+
+def test_second_run_hits_and_writes_the_run_file_of_no_cache(tmp_path, own_cache):
+    model = BUILTIN / "model.onnx"
+    assert _run(model, tmp_path / "miss.h5", "--tensors", "quantizable") == 0
+    assert cache_module.COUNTS["write"] == 2  # the optimised graph and the symbolic shapes
+    assert cache_module.COUNTS["hit"] == 0
+    assert len(_entries(own_cache)) == 2
+    assert _run(model, tmp_path / "hit.h5", "--tensors", "quantizable") == 0
+    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["write"] == 2
+    before = {p: p.stat().st_mtime_ns for p in own_cache.rglob("*")}
+    assert _run(model, tmp_path / "none.h5", "--tensors", "quantizable", "--no-cache") == 0
+    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["miss"] == 2
+    assert {p: p.stat().st_mtime_ns for p in own_cache.rglob("*")} == before  # --no-cache: not even read
+    _assert_same_run(tmp_path / "hit.h5", tmp_path / "none.h5")
+    _assert_same_run(tmp_path / "miss.h5", tmp_path / "none.h5")
+    assert _leftovers(own_cache) == []
+
+
+def test_environment_turns_it_off(tmp_path, own_cache, monkeypatch):
+    monkeypatch.setenv("MAXACT_CACHE", "0")
+    assert _run(BUILTIN / "model.onnx", tmp_path / "r.h5") == 0
+    assert not own_cache.exists()
+    assert cache_module.COUNTS == {}
+
+
+def _peak_rss_kib(tmp_path: Path, out: str, *extra: str) -> int:
+    """The peak RSS of `analyzer run --tensors quantizable` on the built-in model in a fresh Python (KiB)."""
+    code = ("import resource, sys; from maxact.cli import main; assert main(sys.argv[1:]) == 0; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code, "run", str(BUILTIN / "model.onnx"), "--samples", "4",
+                           "--out", str(tmp_path / out), "--no-progress", "--threads", "1", "--tensors", "quantizable",
+                           *extra],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+def test_a_hit_runs_in_the_memory_of_no_cache(tmp_path, own_cache):
+    """The cached graph keeps the instrumented graph's node order (each site's reductions right after
+    it), which onnxruntime's priority-based order follows: in its own order a hit peaked at 3x
+    (1.2 GB against 0.4 GB)."""
+    none = _peak_rss_kib(tmp_path, "none.h5", "--no-cache")
+    _peak_rss_kib(tmp_path, "miss.h5")
+    hit = _peak_rss_kib(tmp_path, "hit.h5")
+    assert len(_entries(own_cache)) == 2
+    assert hit < 1.25 * none, (hit, none)
+
+
+def test_changed_external_data_misses(tmp_path, own_cache):
+    model = _external_model(tmp_path / "m")
+    assert _run(model, tmp_path / "a.h5") == 0
+    assert _run(model, tmp_path / "b.h5") == 0
+    assert cache_module.COUNTS["hit"] == 1 and cache_module.COUNTS["write"] == 1
+    data = model.parent / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-4:] = np.float32(0.25).tobytes()  # one weight changed; model.onnx itself is byte-identical
+    data.write_bytes(bytes(raw))
+    assert _run(model, tmp_path / "c.h5") == 0
+    assert cache_module.COUNTS["hit"] == 1 and cache_module.COUNTS["write"] == 2
+    assert len(_entries(own_cache)) == 2
+
+
+def test_tampered_entry_is_refused_and_rebuilt(tmp_path, own_cache, capsys):
+    model = BUILTIN / "model.onnx"
+    assert _run(model, tmp_path / "a.h5") == 0
+    (entry,) = _entries(own_cache)
+    weights = entry / "optimised.onnx.data"
+    raw = bytearray(weights.read_bytes())
+    raw[100] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert _run(model, tmp_path / "b.h5") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err == (f"warning: set-up cache entry {entry.name[:12]} in {own_cache} is refused (optimised.onnx.data "
+                   "differs from its manifest): deleted, building it again\n")
+    assert cache_module.COUNTS["refused"] == 1 and cache_module.COUNTS["write"] == 2
+    assert _entries(own_cache) == [entry] and weights.read_bytes() != bytes(raw)  # built again
+    _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_an_entry_onnxruntime_cannot_load_is_refused(tmp_path, own_cache, capsys):
+    """A manifest that matches a broken graph (written by hand): onnxruntime's refusal deletes it."""
+    model = BUILTIN / "model.onnx"
+    assert _run(model, tmp_path / "a.h5") == 0
+    (entry,) = _entries(own_cache)
+    (entry / "optimised.onnx").write_bytes(b"not onnx")
+    Cache(own_cache).commit(_rewritten(own_cache, entry), entry.name)
+    capsys.readouterr()
+    assert _run(model, tmp_path / "b.h5") == 0
+    assert "is refused (onnxruntime cannot load it" in capsys.readouterr().err
+    assert cache_module.COUNTS["refused"] == 1
+    _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def _rewritten(folder: Path, entry: Path) -> Path:
+    """``entry``'s files moved to a new folder of :meth:`Cache.begin` (its manifest dropped)."""
+    new = Cache(folder).begin()
+    for p in entry.iterdir():
+        if p.name != "manifest.json":
+            shutil.move(p, new / p.name)
+    shutil.rmtree(entry)
+    return new
+
+
+def test_concurrent_runs_both_succeed(tmp_path, own_cache):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "maxact.cli", "run", str(BUILTIN / "model.onnx"), "--samples",
+                               "2", "--out", str(tmp_path / f"{i}.h5"), "--no-progress", "--threads", "1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+    assert results == [(0, ""), (0, "")]
+    assert len(_entries(own_cache)) == 1 and _leftovers(own_cache) == []
+    _assert_same_run(tmp_path / "0.h5", tmp_path / "1.h5")
+
+
+def test_two_writers_of_one_key_first_wins(own_cache):
+    cache = Cache(own_cache)
+    first, second = cache.begin(), cache.begin()
+    (first / "value.json").write_text("1")
+    (second / "value.json").write_text("2")
+    cache.commit(first, "k")
+    cache.commit(second, "k")
+    assert cache.read_json("k") == 1
+    assert _leftovers(own_cache) == [] and cache_module.COUNTS["write"] == 1
+
+
+def test_size_bound_evicts_the_least_recently_used(own_cache):
+    cache = Cache(own_cache, max_bytes=10_000)
+    for key in ("a", "b", "c"):
+        cache.write_json(key, "x" * 3000)  # each entry: 3 kB of value and its manifest
+    assert cache.read_json("a") is not None  # a used last: b is the least recently used
+    os.utime(own_cache / "entries" / "b" / "manifest.json", (1, 1))  # the order, not the clock's resolution
+    cache.write_json("d", "x" * 3000)
+    assert [p.name for p in _entries(own_cache)] == ["a", "c", "d"]
+    assert cache_module.COUNTS["evicted"] == 1
+
+
+def test_an_entry_beyond_the_bound_is_not_kept(tmp_path, own_cache, monkeypatch):
+    monkeypatch.setenv("MAXACT_CACHE_MAX_BYTES", "1000")
+    assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5") == 0
+    assert _entries(own_cache) == [] and _leftovers(own_cache) == []
+    assert cache_module.COUNTS["write"] == 1 and cache_module.COUNTS["evicted"] == 1
+
+
+def test_cache_info_and_clear(tmp_path, own_cache, capsys):
+    assert main(["cache", "info"]) == 0
+    assert capsys.readouterr().out == f"{own_cache}: 0 entries, 0.0 MiB\n"
+    assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5", "--tensors", "quantizable") == 0
+    size = sum(p.stat().st_size for p in own_cache.rglob("*") if p.is_file())
+    capsys.readouterr()
+    assert main(["cache", "info"]) == 0
+    assert capsys.readouterr().out == f"{own_cache}: 2 entries, {size / 2**20:.1f} MiB\n"
+    assert main(["cache", "clear"]) == 0
+    assert capsys.readouterr().out == f"cleared {own_cache}: 2 entries, {size / 2**20:.1f} MiB\n"
+    assert _entries(own_cache) == [] and list(own_cache.rglob("*")) == []
+
+
+def test_cache_clear_that_cannot_empty_the_folder_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MAXACT_CACHE_DIR", str(tmp_path / "locked"))
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "entries").write_text("a file where the entries folder goes")
+    assert main(["cache", "clear"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the set-up cache {tmp_path / 'locked'} cannot be emptied (")
+    assert err.endswith("): check its permissions, or set MAXACT_CACHE_DIR\n") and err.count("\n") == 1
+    assert (tmp_path / "locked" / "entries").read_text() == "a file where the entries folder goes"
+
+
+def test_unwritable_cache_warns_once_and_the_run_succeeds(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, so no folder can be made under it")
+    monkeypatch.setenv("MAXACT_CACHE_DIR", str(blocker / "cache"))
+    assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5", "--tensors", "quantizable") == 0
+    err = capsys.readouterr().err
+    assert err == (f"warning: the set-up cache {blocker / 'cache'} cannot be written (Not a directory): running "
+                   "without it (set MAXACT_CACHE_DIR to a writable folder, or MAXACT_CACHE=0)\n")
+    assert (tmp_path / "a.h5").is_file() and blocker.read_text().startswith("a file")
+
+
+def test_full_disk_while_writing_an_entry_warns_and_leaves_nothing(tmp_path, own_cache, monkeypatch, capsys):
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "file_sha256", full)
+    assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5") == 0
+    assert capsys.readouterr().err == (f"warning: the set-up cache {own_cache} cannot be written (No space left on "
+                                       "device): running without it (set MAXACT_CACHE_DIR to a writable folder, or "
+                                       "MAXACT_CACHE=0)\n")
+    assert _entries(own_cache) == [] and _leftovers(own_cache) == []
+
+
+def test_key_covers_every_part():
+    assert cache_key("a", 1) == cache_key("a", 1)
+    assert len({cache_key("a", 1), cache_key("a", 2), cache_key("b", 1), cache_key({"x": 1})}) == 4
+
+
+def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
+    from maxact.cache import default_folder
+
+    assert default_folder() == tmp_path / "cache"  # MAXACT_CACHE_DIR (the fixture's)
+    monkeypatch.delenv("MAXACT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_folder() == tmp_path / "xdg" / "maxact"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_folder() == tmp_path / "home" / ".cache" / "maxact"
