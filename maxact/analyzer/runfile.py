@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import numbers
 import os
 import re
@@ -25,6 +24,7 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5g, h5p, h5s, h5t
 
+from maxact import cache
 from maxact.analyzer.headline import Peak, SiteInfo
 from maxact.discovery.patterns import FAMILIES, ROLE_ORDER
 from maxact.discovery.weights import WeightStat
@@ -740,11 +740,7 @@ def write_slim_copy(src: Path, dst: Path, site_datasets: Callable[[str], Sequenc
 
 @functools.lru_cache(maxsize=8)
 def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return cache.file_sha256(path)
 
 
 def file_sha256(path: str | Path) -> str:
