@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from tests.conftest import TEST_CORPUS
+from conftest import TEST_CORPUS
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("benchmarks_run", REPO / "benchmarks" / "run.py")
