@@ -9,6 +9,12 @@ An entry is the folder ``entries/KEY`` (KEY: :func:`cache_key` of everything tha
 so a reader sees a whole entry or none, and of two writers of one key the first rename wins. A
 cache that cannot be written (a read-only folder, a full disk) warns once and is not used again
 in the process: it never fails a run.
+
+``hashes/`` remembers the sha256 of files already read (the model's files, the entries' own),
+each under its file's identity: device, inode, size, and modification and status-change times in
+nanoseconds. Any write to a file changes its status-change time, which no program can set back
+(``touch`` and ``os.utime`` set the other two), so a changed file is always read again, as git's
+index and ccache's manifests assume; a 540 MB model is then hashed once, not at every run.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ DEFAULT_MAX_BYTES = 4 << 30
 MANIFEST = "manifest.json"
 #: Temporary folders left by a writer that died are removed after this many seconds.
 _STALE_TMP_SECONDS = 24 * 3600
+#: A file changed less than this long ago (ns) has its sha256 read, not remembered (git's "racy" files).
+_RACY_NS = 2_000_000_000
 
 log = logging.getLogger(__name__)
 #: What the caches of this process did: ``hit``, ``miss``, ``write``, ``refused``, ``evicted``.
@@ -60,14 +68,24 @@ def cache_key(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file's bytes, read in 1 MiB chunks.
+def file_sha256(path: Path, memo: Cache | None = None) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks; with ``memo``, remembered there
+    under the file's identity (:meth:`Cache.known_sha256`), so an unchanged file is read once.
 
     Raises:
         OSError: the file cannot be read.
     """
+    if memo is not None:
+        return memo.known_sha256(Path(path))
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _identity(path: Path) -> str:
+    """What names a file's current bytes without reading them: its device, inode, size, and
+    modification and status-change times (ns); any write changes the last, a rename none."""
+    st = os.stat(path)
+    return f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,43 @@ class Cache:
     def _tmp(self) -> Path:
         return self.folder / "tmp"
 
+    @property
+    def _hashes(self) -> Path:
+        return self.folder / "hashes"
+
+    def known_sha256(self, path: Path, settled: bool = False) -> str:
+        """The hex sha256 of the file ``path``: the one remembered for its identity (see the module's
+        text), else read and remembered (a memo that cannot be written is only not kept). A file
+        changed in the last :data:`_RACY_NS` is not remembered unless ``settled`` says that nothing
+        writes it any more (an entry's own files, closed before they are hashed).
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        before = _identity(path)
+        memo = self._hashes / hashlib.sha256(before.encode()).hexdigest()
+        with contextlib.suppress(OSError, ValueError):
+            known = memo.read_text()
+            if len(known) == 64 and int(known, 16) >= 0:
+                return known
+        digest = file_sha256(path)
+        changed = int(before.rsplit("|", 1)[1])
+        # Kept only for a file unchanged while read, and last changed a while ago: a write in the
+        # same tick of the file system's clock could leave every part of its identity as it was.
+        if self.usable and _identity(path) == before and (settled or time.time_ns() - changed > _RACY_NS):
+            tmp = None
+            try:
+                self._hashes.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self._hashes, prefix=".tmp-")
+                with os.fdopen(fd, "w") as f:
+                    f.write(digest)
+                os.replace(tmp, memo)
+            except OSError:
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        return digest
+
     def _unusable(self, e: OSError) -> None:
         self.usable = False
         _warn(f"the set-up cache {self.folder} cannot be written ({e.strerror or e}): running without it "
@@ -119,7 +174,7 @@ class Cache:
             return None
         except (OSError, ValueError) as e:
             return self.refuse(key, f"its manifest cannot be read ({e})")
-        why = _differs(entry, manifest.get("files", {}))
+        why = _differs(entry, manifest.get("files", {}), self)
         if why:
             return self.refuse(key, why)
         with contextlib.suppress(OSError):  # a read-only cache still serves its entries
@@ -128,6 +183,9 @@ class Cache:
         log.info("set-up cache hit %s", key)
         return entry
 
+    def _settled_sha256(self, path: Path) -> str:
+        return file_sha256(path) if not self.usable else self.known_sha256(path, settled=True)
+
     def refuse(self, key: str, why: str) -> None:
         """Delete entry ``key`` with a warning saying ``why`` (e.g. onnxruntime cannot load it);
         returns None, what :meth:`get` gives for it."""
@@ -135,6 +193,10 @@ class Cache:
         _warn(f"set-up cache entry {key[:12]} in {self.folder} is refused ({why}): deleted, building it again")
         self._delete(self._entries / key)
         return None
+
+    def forget(self, key: str) -> None:
+        """Delete entry ``key``, silently (it is out of date, not damaged)."""
+        self._delete(self._entries / key)
 
     def begin(self) -> Path | None:
         """A new empty folder to build an entry in (then :meth:`commit` or :meth:`discard` it);
@@ -148,12 +210,12 @@ class Cache:
             self._unusable(e)
             return None
 
-    def commit(self, folder: Path, key: str) -> None:
+    def commit(self, folder: Path, key: str) -> bool:
         """Make ``folder`` (from :meth:`begin`) entry ``key``: its manifest written, renamed into
-        place (where another writer was first, theirs is kept), then the cache bounded. A failure
-        (a full disk) warns once and leaves no part of the entry."""
+        place (where another writer was first, theirs is kept), then the cache bounded; returns
+        whether the entry is there. A failure (a full disk) warns once and leaves no part of the entry."""
         try:
-            files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": self._settled_sha256(p)}
                      for p in sorted(folder.rglob("*")) if p.is_file()}
             (folder / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=1))
             self._entries.mkdir(parents=True, exist_ok=True)
@@ -163,13 +225,14 @@ class Cache:
                 if not (self._entries / key / MANIFEST).is_file():
                     raise
                 self.discard(folder)  # another process wrote the same entry first
-                return
+                return True
         except OSError as e:
             self.abandon(folder, e)
-            return
+            return False
         COUNTS["write"] += 1
         log.info("set-up cache write %s", key)
         self.evict(keep=key)
+        return (self._entries / key).is_dir()  # unless beyond the bound itself
 
     def discard(self, folder: Path) -> None:
         """Remove a folder of :meth:`begin` that is not to become an entry."""
@@ -245,7 +308,8 @@ class Cache:
     def info(self) -> CacheInfo:
         """The folder, its entries and their bytes (temporary folders counted in the bytes)."""
         listing = self._listing()
-        return CacheInfo(self.folder, len(listing), sum(size for _, size, _ in listing) + _size(self._tmp))
+        return CacheInfo(self.folder, len(listing),
+                         sum(size for _, size, _ in listing) + _size(self._tmp) + _size(self._hashes))
 
     def clear(self) -> CacheInfo:
         """Delete every entry and temporary folder; returns what there was (:meth:`info`).
@@ -254,7 +318,7 @@ class Cache:
             OSError: the folder cannot be emptied (e.g. read-only).
         """
         before = self.info()
-        for part in (self._entries, self._tmp):
+        for part in (self._entries, self._tmp, self._hashes):
             if part.exists():
                 shutil.rmtree(part)
         return before
@@ -269,7 +333,7 @@ def _size(folder: Path) -> int:
     return total
 
 
-def _differs(entry: Path, files: dict[str, dict[str, object]]) -> str | None:
+def _differs(entry: Path, files: dict[str, dict[str, object]], memo: Cache) -> str | None:
     """Why the files of ``entry`` differ from its manifest (None: they match)."""
     present = {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()} - {MANIFEST}
     if present != set(files):
@@ -277,7 +341,7 @@ def _differs(entry: Path, files: dict[str, dict[str, object]]) -> str | None:
     for name, want in files.items():
         path = entry / name
         try:
-            if path.stat().st_size != want.get("size") or file_sha256(path) != want.get("sha256"):
+            if path.stat().st_size != want.get("size") or file_sha256(path, memo) != want.get("sha256"):
                 return f"{name} differs from its manifest"
         except OSError as e:
             return f"{name} cannot be read ({e})"

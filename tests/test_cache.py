@@ -5,10 +5,12 @@ a changed input misses, a damaged entry is refused and rebuilt, concurrent write
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -43,6 +45,11 @@ def _run(model: Path, out: Path, *extra: str) -> int:
 
 def _entries(folder: Path) -> list[Path]:
     return sorted((folder / "entries").iterdir()) if (folder / "entries").is_dir() else []
+
+
+def _graphs(folder: Path) -> list[Path]:
+    """The entries that hold an optimised graph (the others: set-ups and symbolic shapes)."""
+    return [e for e in _entries(folder) if (e / "optimised.onnx").is_file()]
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -84,14 +91,15 @@ def _external_model(folder: Path) -> Path:
 def test_second_run_hits_and_writes_the_run_file_of_no_cache(tmp_path, own_cache):
     model = BUILTIN / "model.onnx"
     assert _run(model, tmp_path / "miss.h5", "--tensors", "quantizable") == 0
-    assert cache_module.COUNTS["write"] == 2  # the optimised graph and the symbolic shapes
+    assert cache_module.COUNTS["write"] == 3  # the optimised graph, the symbolic shapes and the set-up
     assert cache_module.COUNTS["hit"] == 0
-    assert len(_entries(own_cache)) == 2
+    assert len(_entries(own_cache)) == 3
     assert _run(model, tmp_path / "hit.h5", "--tensors", "quantizable") == 0
-    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["write"] == 2
+    # The set-up and its optimised graph: nothing is loaded, discovered or inferred again.
+    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["write"] == 3
     before = {p: p.stat().st_mtime_ns for p in own_cache.rglob("*")}
     assert _run(model, tmp_path / "none.h5", "--tensors", "quantizable", "--no-cache") == 0
-    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["miss"] == 2
+    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["miss"] == 3
     assert {p: p.stat().st_mtime_ns for p in own_cache.rglob("*")} == before  # --no-cache: not even read
     _assert_same_run(tmp_path / "hit.h5", tmp_path / "none.h5")
     _assert_same_run(tmp_path / "miss.h5", tmp_path / "none.h5")
@@ -123,7 +131,7 @@ def test_a_hit_runs_in_the_memory_of_no_cache(tmp_path, own_cache):
     none = _peak_rss_kib(tmp_path, "none.h5", "--no-cache")
     _peak_rss_kib(tmp_path, "miss.h5")
     hit = _peak_rss_kib(tmp_path, "hit.h5")
-    assert len(_entries(own_cache)) == 2
+    assert len(_graphs(own_cache)) == 1
     assert hit < 1.25 * none, (hit, none)
 
 
@@ -131,20 +139,21 @@ def test_changed_external_data_misses(tmp_path, own_cache):
     model = _external_model(tmp_path / "m")
     assert _run(model, tmp_path / "a.h5") == 0
     assert _run(model, tmp_path / "b.h5") == 0
-    assert cache_module.COUNTS["hit"] == 1 and cache_module.COUNTS["write"] == 1
+    assert cache_module.COUNTS["hit"] == 2 and cache_module.COUNTS["write"] == 2  # the set-up and its graph
     data = model.parent / "model.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[-4:] = np.float32(0.25).tobytes()  # one weight changed; model.onnx itself is byte-identical
     data.write_bytes(bytes(raw))
     assert _run(model, tmp_path / "c.h5") == 0
-    assert cache_module.COUNTS["hit"] == 1 and cache_module.COUNTS["write"] == 2
-    assert len(_entries(own_cache)) == 2
+    # The set-up is found (model.onnx is the same) but its external data differs: made again.
+    assert cache_module.COUNTS["hit"] == 3 and cache_module.COUNTS["write"] == 4
+    assert len(_graphs(own_cache)) == 2 and len(_entries(own_cache)) == 3
 
 
 def test_tampered_entry_is_refused_and_rebuilt(tmp_path, own_cache, capsys):
     model = BUILTIN / "model.onnx"
     assert _run(model, tmp_path / "a.h5") == 0
-    (entry,) = _entries(own_cache)
+    (entry,) = _graphs(own_cache)
     weights = entry / "optimised.onnx.data"
     raw = bytearray(weights.read_bytes())
     raw[100] ^= 0xFF
@@ -155,8 +164,8 @@ def test_tampered_entry_is_refused_and_rebuilt(tmp_path, own_cache, capsys):
     assert err.count("\n") == 1
     assert err == (f"warning: set-up cache entry {entry.name[:12]} in {own_cache} is refused (optimised.onnx.data "
                    "differs from its manifest): deleted, building it again\n")
-    assert cache_module.COUNTS["refused"] == 1 and cache_module.COUNTS["write"] == 2
-    assert _entries(own_cache) == [entry] and weights.read_bytes() != bytes(raw)  # built again
+    assert cache_module.COUNTS["refused"] == 1 and cache_module.COUNTS["write"] == 4  # graph and set-up again
+    assert _graphs(own_cache) == [entry] and weights.read_bytes() != bytes(raw)  # built again
     _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")
 
 
@@ -164,7 +173,7 @@ def test_an_entry_onnxruntime_cannot_load_is_refused(tmp_path, own_cache, capsys
     """A manifest that matches a broken graph (written by hand): onnxruntime's refusal deletes it."""
     model = BUILTIN / "model.onnx"
     assert _run(model, tmp_path / "a.h5") == 0
-    (entry,) = _entries(own_cache)
+    (entry,) = _graphs(own_cache)
     (entry / "optimised.onnx").write_bytes(b"not onnx")
     Cache(own_cache).commit(_rewritten(own_cache, entry), entry.name)
     capsys.readouterr()
@@ -191,7 +200,7 @@ def test_concurrent_runs_both_succeed(tmp_path, own_cache):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
     assert results == [(0, ""), (0, "")]
-    assert len(_entries(own_cache)) == 1 and _leftovers(own_cache) == []
+    assert len(_graphs(own_cache)) == 1 and len(_entries(own_cache)) == 2 and _leftovers(own_cache) == []
     _assert_same_run(tmp_path / "0.h5", tmp_path / "1.h5")
 
 
@@ -231,9 +240,9 @@ def test_cache_info_and_clear(tmp_path, own_cache, capsys):
     size = sum(p.stat().st_size for p in own_cache.rglob("*") if p.is_file())
     capsys.readouterr()
     assert main(["cache", "info"]) == 0
-    assert capsys.readouterr().out == f"{own_cache}: 2 entries, {size / 2**20:.1f} MiB\n"
+    assert capsys.readouterr().out == f"{own_cache}: 3 entries, {size / 2**20:.1f} MiB\n"
     assert main(["cache", "clear"]) == 0
-    assert capsys.readouterr().out == f"cleared {own_cache}: 2 entries, {size / 2**20:.1f} MiB\n"
+    assert capsys.readouterr().out == f"cleared {own_cache}: 3 entries, {size / 2**20:.1f} MiB\n"
     assert _entries(own_cache) == [] and list(own_cache.rglob("*")) == []
 
 
@@ -260,8 +269,12 @@ def test_unwritable_cache_warns_once_and_the_run_succeeds(tmp_path, monkeypatch,
 
 
 def test_full_disk_while_writing_an_entry_warns_and_leaves_nothing(tmp_path, own_cache, monkeypatch, capsys):
-    def full(path):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real = cache_module.file_sha256
+
+    def full(path, memo=None):  # the entry's files cannot be written; the model's are read as ever
+        if own_cache in Path(path).parents:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, memo)
 
     monkeypatch.setattr(cache_module, "file_sha256", full)
     assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5") == 0
@@ -286,3 +299,54 @@ def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_folder() == tmp_path / "home" / ".cache" / "maxact"
+
+
+def test_a_files_sha256_is_read_once_while_it_is_unchanged(tmp_path, own_cache, monkeypatch):
+    """The memo answers for an unchanged file without reading it, and reads a written one again:
+    a write of the same size with the old modification time set back still misses."""
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # the file, written just now, counts as settled
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    old = time.time_ns() - 10_000_000_000
+    os.utime(path, ns=(old, old))
+    cache = Cache(own_cache)
+    assert cache.known_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert len(list((own_cache / "hashes").iterdir())) == 1
+    reads = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p, memo=None: reads.append(p) or real(p, memo))
+    assert cache.known_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert reads == []  # remembered
+    time.sleep(0.01)
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(old, old))  # size and times as before: only the status-change time differs
+    assert cache.known_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert reads == [path]
+
+
+def test_a_file_changed_just_now_is_not_remembered(tmp_path, own_cache):
+    path = tmp_path / "fresh.bin"
+    path.write_bytes(b"x")
+    cache = Cache(own_cache)
+    assert cache.known_sha256(path) == hashlib.sha256(b"x").hexdigest()
+    assert not (own_cache / "hashes").exists()
+
+
+def test_a_repeated_run_loads_discovers_and_instruments_nothing(tmp_path, own_cache, monkeypatch):
+    """The set-up (sites, tensors, weights' statistics) and its optimised graph come from the cache;
+    another --stats is another set-up."""
+    model = BUILTIN / "model.onnx"
+    assert _run(model, tmp_path / "first.h5", "--tensors", "quantizable") == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    import maxact.analyzer.run as run_module
+    import maxact.analyzer.setup as setup_module
+
+    monkeypatch.setattr(run_module, "load_model", refuse)
+    monkeypatch.setattr(setup_module, "load_model", refuse)
+    assert _run(model, tmp_path / "repeated.h5", "--tensors", "quantizable") == 0
+    _assert_same_run(tmp_path / "first.h5", tmp_path / "repeated.h5")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        _run(model, tmp_path / "full.h5", "--tensors", "quantizable", "--stats", "full")

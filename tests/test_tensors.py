@@ -283,8 +283,8 @@ def test_a_flattened_token_layout_gives_the_same_statistics(batched, tmp_path, m
         return [dataclasses.replace(t, layout="flat_tokens") if t.name == PROJECTION_INPUT else t
                 for t in select(*args)]
 
-    monkeypatch.setattr(run_module, "select_tensors", flat)
-    stored = _tensors(_run(tmp_path / "flat.h5", "--batch-size", "4", "--stats", "full"))
+    monkeypatch.setattr(run_module, "select_tensors", flat)  # a set-up from the cache would not call it
+    stored = _tensors(_run(tmp_path / "flat.h5", "--batch-size", "4", "--stats", "full", "--no-cache"))
     assert stored[PROJECTION_INPUT]["@layout"] == "flat_tokens"
     reference = _tensors(batched)[PROJECTION_INPUT]
     for name, value in stored[PROJECTION_INPUT].items():

@@ -32,6 +32,12 @@ from maxact.passes.instrument import InstrumentPass
 from maxact.runtime.session import Session
 
 
+def model_file(path: Path) -> Path:
+    """The ``.onnx`` file of ``path``: ``path`` itself, or the ``model.onnx`` of a folder."""
+    path = Path(path)
+    return path / "model.onnx" if path.is_dir() else path
+
+
 def load_model(path: Path, expose_sums: bool = True) -> tuple[Path, ir.Model]:
     """Load an ONNX model lazily (external data stays on disk), fused norms' residual sums exposed
     (unless ``expose_sums`` is off: the graph as it is, for ``analyzer eval``).
@@ -43,9 +49,7 @@ def load_model(path: Path, expose_sums: bool = True) -> tuple[Path, ir.Model]:
         ExternalDataError: external data outside the model's folder, missing or too short
             (:func:`maxact.model_file.check_external_data`).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.onnx"
+    path = model_file(path)
     model = read_model(path)  # missing, not ONNX, or external data checked to lie inside the model's folder
     if model.graph.num_nodes() == 0:
         raise ModelFileError(f"{path} is not an ONNX model (it holds no graph nodes)")
@@ -129,7 +133,8 @@ class Pipeline:
         name (each read once per process: :func:`~maxact.analyzer.runfile.file_sha256`, which
         the run file's ``model_sha256`` reuses)."""
         files = [self.path, *external_data_files(self.model)]
-        return cache_key("model files", {os.path.relpath(f, self.path.parent): file_sha256(f) for f in files})
+        return cache_key("model files", {os.path.relpath(f, self.path.parent): file_sha256(f, self.cache)
+                                         for f in files})
 
     def instrument(self, how: Variant) -> tuple[ir.Model, list[Site]]:
         """The model instrumented as ``how`` says, and the sites it measures (model order).

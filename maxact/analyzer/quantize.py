@@ -31,6 +31,7 @@ import onnx
 
 from maxact.analyzer.ranges import ort_cache
 from maxact.analyzer.runfile import TensorRange, file_sha256, read_ranges
+from maxact.cache import open_cache
 from maxact.errors import AnalyzerError
 from maxact.model_file import external_data_files, read_model
 from maxact.outputs import check_output
@@ -174,7 +175,7 @@ def matmuls_in_float(path: Path) -> tuple[int, int]:
 
 
 def _check_run(opts: QuantizeOptions, meta: Mapping[str, object]) -> None:
-    if meta.get("model_sha256") != file_sha256(opts.model):
+    if meta.get("model_sha256") != file_sha256(opts.model, open_cache()):
         raise QuantizeError(f"{opts.run} measured another model than {opts.model} (model_sha256 differs): "
                             "give the run of this model")
     measured = set(str(meta.get("tensor_ops", "")).split(",")) if meta.get("tensors") == "quantizable" else set()

@@ -17,21 +17,18 @@ from rich.console import Console
 from tokenizers import Tokenizer
 
 import maxact
-from maxact.analyzer.components import ComponentMap, build_component_map
+from maxact.analyzer.components import build_component_map
 from maxact.analyzer.corpus import DEFAULT, Corpus, load_corpus, select_samples
 from maxact.analyzer.headline import SiteInfo, attention_shares, global_peak, role_absmax
 from maxact.analyzer.partial import checkpoint_path, first_difference, identity
-from maxact.analyzer.pipeline import Pipeline, Variant, load_model
+from maxact.analyzer.pipeline import Pipeline, Variant, load_model, model_file
 from maxact.analyzer.runfile import file_sha256, is_run_file, read_run, write_run
+from maxact.analyzer.setup import Setup, SiteRecord, cached_setup, setup_key
 from maxact.analyzer.summary import print_summary
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
-from maxact.cache import open_cache
-from maxact.discovery.attention import find_attention
+from maxact.cache import Cache, open_cache
 from maxact.discovery.inputs import graph_inputs
-from maxact.discovery.past import max_positions
-from maxact.discovery.sites import Discovery
-from maxact.discovery.tensors import QuantTensor, parse_op_types, select_tensors
-from maxact.discovery.weights import weight_statistics
+from maxact.discovery.tensors import parse_op_types, select_tensors
 from maxact.errors import (
     AnalyzerError,
     CorpusError,
@@ -135,33 +132,40 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
             checkpoint, for ``opts.resume``.
     """
     console = console or plain_console()
-    model_path, model = load_model(opts.model)
-    out, ckpt = _check_options(opts, model_path, model)
-    pipeline, components = _discover(opts, model_path, model, console)
-    tensors = _tensors(opts, model_path, pipeline)
-    passages = _tokenise(opts, model_path, model.graph, pipeline.discovery, console)
+    cache = open_cache(opts.cache)
+    key = _setup_key(opts, cache)
+    setup = cached_setup(model_file(opts.model), cache, key, opts.keep_logits)
+    if setup is None:  # a first run: the model loaded, checked and discovered
+        model_path, model = load_model(opts.model)
+        out, ckpt = _check_options(opts, model_path, external_data_files(model))
+        setup = _set_up(opts, model_path, model, cache)
+    else:
+        out, ckpt = _check_options(opts, setup.model_path, setup.external_files)
+    if not setup.roles.standard:
+        console.print(f"inputs: {setup.roles.describe()}", markup=False, highlight=False)
+    passages = _tokenise(opts, setup, console)
     batches = _batches(opts, passages)
-    for msg in pipeline.discovery.disagreements + components.disagreements:
+    for msg in setup.disagreements:
         console.print(f"[yellow]warning:[/yellow] site discovery: {literal(msg)}")
-    run_meta = _run_meta(opts, model_path, model, pipeline, components, passages, tensors)
-    start = _resume(opts, ckpt, run_meta, [s.site_id for s in pipeline.discovery.sites], batches, console)
-    writer = _Writer(ckpt, run_meta, pipeline.discovery, components, passages, batches,
-                     weight_statistics(model, pipeline.discovery.sites), tensors)  # before instrumentation prunes
+    run_meta = _run_meta(opts, setup, passages)
+    start = _resume(opts, ckpt, run_meta, setup.site_ids, batches, console)
+    writer = _Writer(ckpt, run_meta, setup, passages, batches)
     finished = start is not None and start.batches_done == len(batches)  # only the final write is left
-    result = _measure(opts, pipeline, run_meta, batches, start, finished, writer, tensors)
+    result = _measure(opts, setup, key, run_meta, batches, start, finished, writer)
     saved = _save(out, result, start, writer, opts.checkpoint_every)
     _print(console, out, result, saved, writer)
     return out
 
 
-def _check_options(opts: RunOptions, model_path: Path, model: ir.Model) -> tuple[Path, Path]:
-    """The run file and its checkpoint, after checking the options and that neither path is an input.
+def _check_options(opts: RunOptions, model_path: Path, external: list[Path]) -> tuple[Path, Path]:
+    """The run file and its checkpoint, after checking the options and that neither path is an input
+    (``external``: the model's external-data files).
 
     Raises:
         AnalyzerError, OutputError: as :func:`run` says, before any work.
     """
     out = Path(opts.out) if opts.out else Path.cwd() / f"{model_path.parent.name or model_path.stem}.h5"
-    read = {"the model file": model_path, "external data of the model": external_data_files(model),
+    read = {"the model file": model_path, "external data of the model": external,
             "the tokenizer": opts.tokenizer or model_path.parent / "tokenizer.json",
             "the model's config.json": model_path.parent / "config.json",
             "the corpus": [] if opts.corpus == DEFAULT else opts.corpus}
@@ -189,21 +193,29 @@ def _check_options(opts: RunOptions, model_path: Path, model: ir.Model) -> tuple
     return out, ckpt
 
 
-def _discover(opts: RunOptions, model_path: Path, model: ir.Model, console: Console) -> tuple[Pipeline, ComponentMap]:
-    """The graph's inputs by role (said when not the standard names), its sites and their components."""
-    roles = graph_inputs(model.graph, opts.inputs)
-    if not roles.standard:
-        console.print(f"inputs: {roles.describe()}", markup=False, highlight=False)
-    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits, cache=open_cache(opts.cache))
-    return pipeline, build_component_map(pipeline.discovery)
-
-
-def _tensors(opts: RunOptions, model_path: Path, pipeline: Pipeline) -> list[QuantTensor] | None:
-    """The tensors ``--tensors quantizable`` measures (None without it)."""
-    if opts.tensors is None:
+def _setup_key(opts: RunOptions, cache: Cache | None) -> str | None:
+    """The set-up cache key of this run's model and options (:func:`~maxact.analyzer.setup.setup_key`);
+    None where the set-up is not cached: no cache, Ray, a provider other than the CPU (whose
+    optimised graph is not cached), or a model file that cannot be read (the slow way says why)."""
+    path = model_file(opts.model)
+    if cache is None or opts.ray is not None or opts.provider != "cpu" or not path.is_file():
         return None
-    return select_tensors(model_path, pipeline.model.graph, pipeline.roles.ids, parse_op_types(opts.tensor_ops),
-                          pipeline.cache)
+    options = {"inputs": opts.inputs, "keep_logits": opts.keep_logits, "stats": opts.stats, "tensors": opts.tensors,
+               "tensor_ops": opts.tensor_ops, "tensor_stats": opts.tensor_stats, "provider": opts.provider}
+    try:
+        return setup_key(path, cache, options)
+    except OSError:
+        return None
+
+
+def _set_up(opts: RunOptions, model_path: Path, model: ir.Model, cache: Cache | None) -> Setup:
+    """The set-up of a loaded model: its inputs by role, sites, components and ``--tensors``."""
+    roles = graph_inputs(model.graph, opts.inputs)
+    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits, cache=cache)
+    tensors = None
+    if opts.tensors is not None:
+        tensors = select_tensors(model_path, model.graph, roles.ids, parse_op_types(opts.tensor_ops), cache)
+    return Setup.build(pipeline, build_component_map(pipeline.discovery), tensors, _float_dtype(model))
 
 
 @dataclass
@@ -226,8 +238,7 @@ class _Passages:
         return token_text(self.tokenizer, int(self.ids[self._row[int(sample)]][int(position)]))
 
 
-def _tokenise(opts: RunOptions, model_path: Path, graph: ir.Graph, discovery: Discovery,
-              console: Console) -> _Passages:
+def _tokenise(opts: RunOptions, setup: Setup, console: Console) -> _Passages:
     """The chosen passages tokenised (cut to the graph's rotary cache, where it is shorter), those
     without a token dropped.
 
@@ -235,12 +246,12 @@ def _tokenise(opts: RunOptions, model_path: Path, graph: ir.Graph, discovery: Di
         TokenizerError, CorpusError: no tokenizer, a corpus that cannot be read or yields no token,
             ids beyond the embedding table (:func:`_check_vocabulary`).
     """
-    tok_path = find_tokenizer(model_path, opts.tokenizer)
+    tok_path = find_tokenizer(setup.model_path, opts.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     corpus = load_corpus(opts.corpus)
     chosen = select_samples(corpus, opts.samples, opts.seed)
     max_length = opts.max_length
-    limit = max_positions(graph)
+    limit = setup.max_positions
     if limit is not None and limit < max_length:
         console.print(f"[yellow]warning:[/yellow] the graph's rotary cache covers {limit} positions: passages are "
                       f"truncated to {limit} tokens, not --max-length {max_length}")
@@ -251,7 +262,7 @@ def _tokenise(opts: RunOptions, model_path: Path, graph: ir.Graph, discovery: Di
         raise CorpusError(f"corpus {opts.corpus!r}: no passage yields a token with this tokenizer")
     chosen = [chosen[j] for j in keep]
     ids = [ids[j] for j in keep]
-    _check_vocabulary(tokenizer, tok_path, ids, discovery.chain.embedding_rows, console)
+    _check_vocabulary(tokenizer, tok_path, ids, setup.embedding_rows, console)
     return _Passages(corpus, tokenizer, tok_path, chosen, ids, max_length)
 
 
@@ -273,22 +284,21 @@ def _threads(opts: RunOptions) -> int:
     return opts.threads or (1 if opts.ray else 0)  # 0: onnxruntime's default; a Ray actor's: 1
 
 
-def _run_meta(opts: RunOptions, model_path: Path, model: ir.Model, pipeline: Pipeline, components: ComponentMap,
-              passages: _Passages, tensors: list[QuantTensor] | None) -> dict[str, object]:
+def _run_meta(opts: RunOptions, setup: Setup, passages: _Passages) -> dict[str, object]:
     """The run file's root attributes that do not depend on the measurement (what a resume must match)."""
-    discovery, roles, chosen = pipeline.discovery, pipeline.roles, passages.chosen
+    roles, chosen, tensors, model_path = setup.roles, passages.chosen, setup.tensors, setup.model_path
     index, count = opts.shard or (1, 1)
     return {
         "maxact_version": maxact.__version__,
         "model_path": str(model_path.resolve()),
-        "model_sha256": file_sha256(model_path),
-        "opset": int(model.graph.opset_imports.get("", 0)),
-        "dtype": _float_dtype(model),
+        "model_sha256": file_sha256(model_path, setup.cache),
+        "opset": setup.opset,
+        "dtype": setup.dtype,
         "provider": opts.provider,
         "corpus": passages.corpus.name,
         "corpus_sha256": passages.corpus.sha256(chosen),
         "tokenizer": str(passages.tok_path.resolve()),
-        "tokenizer_sha256": file_sha256(passages.tok_path),
+        "tokenizer_sha256": file_sha256(passages.tok_path, setup.cache),
         "n_samples": len(chosen),
         "max_length": passages.max_length,
         "bos": opts.bos,
@@ -297,9 +307,9 @@ def _run_meta(opts: RunOptions, model_path: Path, model: ir.Model, pipeline: Pip
         "seed": opts.seed,
         "batch_size": opts.batch_size,
         "threads": _threads(opts),
-        "n_layers": discovery.n_layers,
-        "family": discovery.family or "structure",
-        "discovery_warnings": "\n".join(discovery.disagreements + components.disagreements),
+        "n_layers": setup.n_layers,
+        "family": setup.family or "structure",
+        "discovery_warnings": "\n".join(setup.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
         **({"tensors": opts.tensors, "tensor_ops": ",".join(parse_op_types(opts.tensor_ops)),
             "tensor_stats": _tensor_stats(opts), "n_tensors": len(tensors)} if tensors is not None else {}),
@@ -330,22 +340,26 @@ class _Writer:
     #: The measuring seconds (``RunResult.seconds``) of the last checkpoint this writer wrote (0: none).
     kept_seconds: float = 0.0
 
-    def __init__(self, ckpt: Path, run_meta: dict[str, object], discovery: Discovery, components: ComponentMap,
-                 passages: _Passages, batches: list[Batch], weights: dict, tensors: list[QuantTensor] | None):
-        self.ckpt, self.run_meta, self.passages, self.batches, self.weights = ckpt, run_meta, passages, batches, weights
+    def __init__(self, ckpt: Path, run_meta: dict[str, object], setup: Setup, passages: _Passages,
+                 batches: list[Batch]):
+        self.ckpt, self.run_meta, self.passages, self.batches = ckpt, run_meta, passages, batches
+        self.setup, self.weights = setup, setup.weights
         self.tensor_attrs = {t.name: {"tensor": t.name, "masked": int(t.masked), "layout": t.layout,
                                       "producer": t.producer, "consumers": list(t.consumers)}
-                             for t in tensors} if tensors is not None else None
-        self.sites, self.components = discovery.sites, components
-        self.infos = [SiteInfo(s.site_id, s.role, s.layer) for s in discovery.sites]
-        self.fused_attention = find_attention(discovery)[1]  # fused layers are listed either way
+                             for t in setup.tensors} if setup.tensors is not None else None
+        self.fused_attention = setup.fused_attention  # fused layers are listed either way
+
+    @cached_property
+    def infos(self) -> list[SiteInfo]:
+        """The measured sites (known once the graph is instrumented)."""
+        return [SiteInfo(s.site_id, s.role, s.layer) for s in self.setup.sites]
 
     @cached_property
     def site_attrs(self) -> dict[str, dict[str, object]]:
         """Each site's attributes in the run file (read once the graph is instrumented)."""
         return {s.site_id: {"role": s.role, "layer": -1 if s.layer is None else s.layer, "tensor": s.tensor,
-                            "op_type": s.op_type, "component": self.components.component[s.site_id]}
-                for s in self.sites}
+                            "op_type": s.op_type, "component": self.setup.component[s.site_id]}
+                for s in self.setup.sites}
 
     def save(self, path: Path, result: RunResult, extra: dict[str, object]):
         """Write the run file of ``result`` (the first ``result.batches_done`` batches); returns what
@@ -400,32 +414,38 @@ class _Writer:
         self.kept_seconds = result.seconds
 
 
-def _measure(opts: RunOptions, pipeline: Pipeline, run_meta: dict[str, object], batches: list[Batch],
-             start: RunResult | None, finished: bool, writer: _Writer, tensors: list[QuantTensor] | None) -> RunResult:
-    """Instrument the graph and run the batches from ``start`` on (here or on Ray), checkpointing.
+def _measure(opts: RunOptions, setup: Setup, key: str | None, run_meta: dict[str, object], batches: list[Batch],
+             start: RunResult | None, finished: bool, writer: _Writer) -> RunResult:
+    """Instrument the graph (or open its optimised graph from the set-up cache, ``key``: this run's
+    set-up, stored there once made) and run the batches from ``start`` on (here or on Ray), checkpointing.
 
     Raises:
         RunInterrupted: SIGINT or SIGTERM; the checkpoint is written.
     """
-    float32, study, tensors = run_meta["dtype"] == "float32", opts.stats == "full", tensors or []
+    float32, study, tensors = run_meta["dtype"] == "float32", opts.stats == "full", setup.tensors or []
     tensor_study = _tensor_stats(opts) == "full"
-    model, sites = pipeline.instrument(Variant("fast", float32=float32, study=study, attention=study, tensors=tensors,
-                                               tensor_study=tensor_study))
-    local = opts.ray is None and not finished
-    session = pipeline.open_session(model, opts.provider, opts.threads) if local else None
+
+    def variant(name: str) -> Variant:
+        return Variant(name, float32=float32, study=study, attention=study, tensors=tensors, tensor_study=tensor_study)
+
+    session = model = None
+    if opts.ray is None and not finished:
+        session = setup.open_session(variant("fast"), opts.provider, opts.threads, key)
+    elif opts.ray is not None or setup.sites is None:  # Ray's workers, or only the final write left
+        model, sites = setup.pipeline().instrument(variant("fast"))
+        setup.sites = [SiteRecord(s.site_id, s.role, s.layer, s.tensor, s.op_type) for s in sites]
 
     def exact_session() -> Session:
         # Rare: a batch holds NaN/Inf. The exact variant, instrumented on a copy of the graph.
-        how = Variant("exact", float32=float32, study=study, attention=study, tensors=tensors,
-                      tensor_study=tensor_study)
-        return pipeline.session(how, provider=opts.provider, threads=opts.threads)[0]
+        return setup.pipeline().session(variant("exact"), provider=opts.provider, threads=opts.threads)[0]
 
     remote = nullcontext() if opts.ray is None or finished else ray_outputs(
         model, batches, start.batches_done if start else 0, opts.ray, opts.ray_workers, opts.provider,
-        _threads(opts), pipeline.roles)
+        _threads(opts), setup.roles)
     try:
         with remote as outputs:
-            return run_batches(session, [s.site_id for s in sites], batches, exact_session, progress=opts.progress,
+            return run_batches(session, [s.site_id for s in setup.sites], batches, exact_session,
+                               progress=opts.progress,
                                start=start, checkpoint=writer.checkpoint, checkpoint_every=opts.checkpoint_every,
                                outputs=outputs, tensors=[t.name for t in tensors])
     except Interrupted as e:

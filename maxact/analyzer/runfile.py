@@ -743,13 +743,16 @@ def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
     return cache.file_sha256(path)
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, memo: cache.Cache | None = None) -> str:
     """Hex SHA-256 of a file's bytes (``model_sha256`` of the run file); cached per path, size and
-    modification time, so a large model is read once per process.
+    modification time, so a large model is read once per process, and with ``memo`` (a set-up
+    cache) once while the file is unchanged (:meth:`maxact.cache.Cache.known_sha256`).
 
     Raises:
         OSError: the file cannot be read.
     """
+    if memo is not None:
+        return memo.known_sha256(Path(path))
     st = Path(path).stat()
     return _sha256_of(Path(path).resolve(), st.st_mtime_ns, st.st_size)
 

@@ -208,10 +208,24 @@ def _saving(threads: int | None, folder: Path) -> ort.SessionOptions:
     return opts
 
 
+def _open_entry(entry: Path, provider: str, threads: int | None, cache: Cache,
+                key: str) -> ort.InferenceSession | None:
+    """The session of the optimised graph of cache entry ``entry`` (key ``key``); None where
+    onnxruntime cannot load it (the entry is then refused: deleted with a warning)."""
+    try:
+        return ort.InferenceSession(os.fspath(entry / _OPTIMISED),
+                                    _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                    providers=[provider])
+    except Exception as e:  # whatever onnxruntime says of an entry, the run goes on without it
+        cache.refuse(key, f"onnxruntime cannot load it: {' '.join(str(e).split())[:120]}")
+        return None
+
+
 def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | None,
-          weights_sha256: str | None) -> ort.InferenceSession:
-    """The onnxruntime session of ``model``: from the cache's optimised graph where it has it,
-    else made from ``model`` saved to a temporary folder (its optimised graph then cached)."""
+          weights_sha256: str | None) -> tuple[ort.InferenceSession, str | None]:
+    """The onnxruntime session of ``model`` and its cache key (None: not cached): from the cache's
+    optimised graph where it has it, else made from ``model`` saved to a temporary folder (its
+    optimised graph then cached)."""
     key = None
     # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
     if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
@@ -221,12 +235,9 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
         if entry is not None:
             # Optimised already: the same graph onnxruntime would make of ``model``, so the same outputs.
             _release_external(model)  # the user's weights: onnxruntime reads the entry's copy
-            try:
-                return ort.InferenceSession(os.fspath(entry / _OPTIMISED),
-                                            _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                            providers=[provider])
-            except Exception as e:  # whatever onnxruntime says of an entry, the run goes on without it
-                cache.refuse(key, f"onnxruntime cannot load it: {' '.join(str(e).split())[:120]}")
+            session = _open_entry(entry, provider, threads, cache, key)
+            if session is not None:
+                return session, key
     folder = cache.begin() if key else None
     # Always through a file in a private temporary folder (never next to, or over, the user's
     # file), with the weights as external data: serialising the graph in memory held three copies
@@ -248,10 +259,9 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
                     _in_model_order(folder / _OPTIMISED, model)
                 except OSError as e:
                     cache.abandon(folder, e)
-                else:
-                    cache.commit(folder, key)
-                return session
-        return ort.InferenceSession(path, _options(threads, _LEVEL), providers=[provider])
+                    return session, None
+                return session, key if cache.commit(folder, key) else None
+        return ort.InferenceSession(path, _options(threads, _LEVEL), providers=[provider]), None
 
 
 class Session:
@@ -270,6 +280,9 @@ class Session:
         weights_sha256: the sha256 of the model's files (the ``.onnx`` and its external data), which
             the weights of ``model`` are read from; the cache is used only where it is given.
 
+    Attributes:
+        cache_key: the set-up cache key of the optimised graph it runs (None: not in the cache).
+
     Raises:
         ProviderError: ``provider`` is not available (e.g. ``cuda`` without onnxruntime-gpu).
         UnsupportedInputError: the graph has an input other than the token ids, attention mask,
@@ -277,11 +290,13 @@ class Session:
         PastShapeError: a past key/value input whose shape cannot be told.
     """
 
-    def __init__(self, model: ir.Model, provider: str = "cpu", threads: int | None = None,
+    def __init__(self, model: ir.Model | None, provider: str = "cpu", threads: int | None = None,
                  io_binding: bool | None = None, inputs: InputRoles | None = None, cache: Cache | None = None,
-                 weights_sha256: str | None = None):
+                 weights_sha256: str | None = None, _opened: tuple[ort.InferenceSession, str] | None = None,
+                 _past: dict[str, tuple[int, int]] | None = None):
         self.roles = inputs or graph_inputs(model.graph)
-        self.past = past_shapes(model.graph, self.roles.past)  # KV-cache graphs: past inputs fed empty
+        # KV-cache graphs: past inputs fed empty
+        self.past = _past if _past is not None else past_shapes(model.graph, self.roles.past)
         name = PROVIDERS.get(provider)
         if name is None:
             raise ProviderError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
@@ -292,7 +307,7 @@ class Session:
                 "in place of onnxruntime (see the README)"
             )
         try:
-            self.session = _open(model, name, threads, cache, weights_sha256)
+            self.session, self.cache_key = _opened or _open(model, name, threads, cache, weights_sha256)
         except OrtNotImplemented as e:
             raise ProviderError(
                 f"onnxruntime's {provider} execution provider has no kernel for part of this graph "
@@ -318,6 +333,24 @@ class Session:
                 "(`analyzer export`, task text-generation)"
             )
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def from_optimised(cls, entry: Path, provider: str, threads: int | None, inputs: InputRoles,
+                       past: dict[str, tuple[int, int]], cache: Cache, key: str) -> Session | None:
+        """The session of the optimised graph of set-up cache entry ``entry`` (key ``key``, made by a
+        session of the graph with ``inputs`` and ``past`` inputs), without the graph itself; None
+        where onnxruntime cannot load it (the entry is refused) or ``provider`` is not the CPU.
+
+        Raises:
+            ProviderError, UnsupportedInputError: as the class says.
+        """
+        name = PROVIDERS.get(provider)
+        if name != PROVIDERS["cpu"]:
+            return None
+        session = _open_entry(entry, name, threads, cache, key)
+        if session is None:
+            return None
+        return cls(None, provider, threads, inputs=inputs, _opened=(session, key), _past=past)
 
     def feeds(self, batch: Batch) -> dict[str, np.ndarray]:
         """The graph's inputs for one batch, in the dtypes the graph declares.
