@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -135,7 +136,7 @@ class Cache:
         memo = self._hashes / hashlib.sha256(before.encode()).hexdigest()
         with contextlib.suppress(OSError, ValueError):
             known = memo.read_text()
-            if len(known) == 64 and int(known, 16) >= 0:
+            if re.fullmatch("[0-9a-f]{64}", known):
                 return known
         digest = file_sha256(path)
         changed = int(before.rsplit("|", 1)[1])

@@ -128,13 +128,18 @@ class Pipeline:
         return cls(path, model, roles, _discover(path, model, roles, want_logits), want_logits, cache)
 
     @cached_property
+    def external_data_sha256(self) -> dict[str, str]:
+        """Each external-data file of the model (its path relative to the model's folder) -> its
+        sha256 (:func:`~maxact.analyzer.runfile.file_sha256`, remembered in ``cache``)."""
+        return {os.path.relpath(f, self.path.parent): file_sha256(f, self.cache)
+                for f in external_data_files(self.model)}
+
+    @cached_property
     def files_sha256(self) -> str:
         """The sha256 of the model's files together: the ``.onnx`` and each external-data file, by
-        name (each read once per process: :func:`~maxact.analyzer.runfile.file_sha256`, which
-        the run file's ``model_sha256`` reuses)."""
-        files = [self.path, *external_data_files(self.model)]
-        return cache_key("model files", {os.path.relpath(f, self.path.parent): file_sha256(f, self.cache)
-                                         for f in files})
+        name (the ``.onnx``'s as the run file's ``model_sha256``)."""
+        return cache_key("model files", {self.path.name: file_sha256(self.path, self.cache),
+                                         **self.external_data_sha256})
 
     def instrument(self, how: Variant) -> tuple[ir.Model, list[Site]]:
         """The model instrumented as ``how`` says, and the sites it measures (model order).

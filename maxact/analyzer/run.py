@@ -133,8 +133,9 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     """
     console = console or plain_console()
     cache = open_cache(opts.cache)
-    key = _setup_key(opts, cache)
-    setup = cached_setup(model_file(opts.model), cache, key, opts.keep_logits)
+    path = model_file(opts.model)
+    key = _setup_key(opts, path, cache)
+    setup = cached_setup(path, cache, key, opts.keep_logits)
     if setup is None:  # a first run: the model loaded, checked and discovered
         model_path, model = load_model(opts.model)
         out, ckpt = _check_options(opts, model_path, external_data_files(model))
@@ -193,11 +194,10 @@ def _check_options(opts: RunOptions, model_path: Path, external: list[Path]) -> 
     return out, ckpt
 
 
-def _setup_key(opts: RunOptions, cache: Cache | None) -> str | None:
+def _setup_key(opts: RunOptions, path: Path, cache: Cache | None) -> str | None:
     """The set-up cache key of this run's model and options (:func:`~maxact.analyzer.setup.setup_key`);
     None where the set-up is not cached: no cache, Ray, a provider other than the CPU (whose
-    optimised graph is not cached), or a model file that cannot be read (the slow way says why)."""
-    path = model_file(opts.model)
+    optimised graph is not cached), or a model file ``path`` that cannot be read (the slow way says why)."""
     if cache is None or opts.ray is not None or opts.provider != "cpu" or not path.is_file():
         return None
     options = {"inputs": opts.inputs, "keep_logits": opts.keep_logits, "stats": opts.stats, "tensors": opts.tensors,

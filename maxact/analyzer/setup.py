@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ from maxact.discovery.inputs import InputRoles
 from maxact.discovery.past import max_positions, past_shapes
 from maxact.discovery.tensors import QuantTensor
 from maxact.discovery.weights import WeightStat, weight_statistics
-from maxact.model_file import external_data_files
 from maxact.runtime.session import Session
 
 #: Bumped when a field of :class:`Setup` changes meaning (the source hash covers the rest).
@@ -99,11 +97,8 @@ class Setup:
         """The set-up of a loaded, discovered model (before it is instrumented: the weights'
         statistics read the graph as it is)."""
         model, discovery = pipeline.model, pipeline.discovery
-        folder = pipeline.path.parent
         return cls(
-            model_path=pipeline.path,
-            external_data={os.path.relpath(f, folder): file_sha256(f, pipeline.cache)
-                           for f in external_data_files(model)},
+            model_path=pipeline.path, external_data=pipeline.external_data_sha256,
             roles=pipeline.roles, site_ids=[s.site_id for s in discovery.sites], n_layers=discovery.n_layers,
             family=discovery.family, embedding_rows=discovery.chain.embedding_rows,
             disagreements=discovery.disagreements + components.disagreements, component=components.component,
@@ -149,7 +144,7 @@ class Setup:
         self.sites = [SiteRecord(s.site_id, s.role, s.layer, s.tensor, s.op_type) for s in sites]
         session = pipeline.open_session(model, provider, threads)
         self.optimised_key = session.cache_key
-        if key is not None and self.optimised_key is not None and self._cache is not None:
+        if key is not None and self.optimised_key is not None:  # a key: there is a cache
             self._cache.write_json(key, self.to_json())
         return session
 
@@ -193,21 +188,23 @@ def _source_sha256() -> str:
 
 
 def setup_key(model_path: Path, cache: Cache, options: dict[str, object]) -> str:
-    """The set-up cache key of ``model_path`` measured with ``options`` (JSON values: those that
-    choose the sites, tensors and statistics, and the provider).
+    """The set-up cache key of ``model_path`` (its place too: the tokenizer and ``config.json`` are
+    found beside it) measured with ``options`` (JSON values: those that choose the sites, tensors
+    and statistics, and the provider).
 
     Raises:
         OSError: the model file cannot be read.
     """
     config = model_path.parent / "config.json"
-    return cache_key("run set-up", _FORMAT, file_sha256(model_path, cache),
+    return cache_key("run set-up", _FORMAT, str(model_path.resolve()), file_sha256(model_path, cache),
                      file_sha256(config, cache) if config.is_file() else None, options, _source_sha256(),
                      ort.__version__, ir.__version__, platform.machine())
 
 
 def cached_setup(model_path: Path, cache: Cache | None, key: str | None, want_logits: bool) -> Setup | None:
-    """The set-up stored under ``key`` (:func:`setup_key`) whose external data files are as they were
-    and whose optimised graph is still in the cache; None where there is none (a first run)."""
+    """The set-up stored under ``key`` (:func:`setup_key` of ``model_path``, which it is given as
+    the caller names it) whose external data files are as they were and whose optimised graph is
+    still in the cache; None where there is none (a first run)."""
     if cache is None or key is None:
         return None
     value = cache.read_json(key)
@@ -217,8 +214,9 @@ def cached_setup(model_path: Path, cache: Cache | None, key: str | None, want_lo
         setup = Setup.from_json(value, cache, want_logits)
     except (KeyError, TypeError, ValueError) as e:
         return cache.refuse(key, f"it is not a set-up ({e})")
-    if setup.model_path != model_path or setup.sites is None or setup.optimised_key is None:
+    if setup.sites is None or setup.optimised_key is None:
         return None
+    setup.model_path = model_path  # the same file (the key holds its place), named as this run names it
     try:
         same = all(file_sha256(path, cache) == sha256
                    for path, sha256 in zip(setup.external_files, setup.external_data.values(), strict=True))
