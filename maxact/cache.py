@@ -133,11 +133,9 @@ class Cache:
             OSError: the file cannot be read.
         """
         before = _identity(path)
-        memo = self._hashes / hashlib.sha256(before.encode()).hexdigest()
-        with contextlib.suppress(OSError, ValueError):
-            known = memo.read_text()
-            if re.fullmatch("[0-9a-f]{64}", known):
-                return known
+        known = self._remembered(before)
+        if known is not None:
+            return known
         digest = file_sha256(path)
         changed = int(before.rsplit("|", 1)[1])
         # Kept only for a file unchanged while read, and last changed a while ago: a write in the
@@ -149,12 +147,30 @@ class Cache:
                 fd, tmp = tempfile.mkstemp(dir=self._hashes, prefix=".tmp-")
                 with os.fdopen(fd, "w") as f:
                     f.write(digest)
-                os.replace(tmp, memo)
+                os.replace(tmp, self._memo(before))
             except OSError:
                 if tmp is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
         return digest
+
+    def remembered_sha256(self, path: Path) -> str | None:
+        """The sha256 :meth:`known_sha256` remembers for the file ``path`` as it is now, without
+        reading the file; None where none is remembered (or the file cannot be read)."""
+        try:
+            return self._remembered(_identity(path))
+        except OSError:
+            return None
+
+    def _memo(self, identity: str) -> Path:
+        return self._hashes / hashlib.sha256(identity.encode()).hexdigest()
+
+    def _remembered(self, identity: str) -> str | None:
+        with contextlib.suppress(OSError, ValueError):
+            known = self._memo(identity).read_text()
+            if re.fullmatch("[0-9a-f]{64}", known):
+                return known
+        return None
 
     def _unusable(self, e: OSError) -> None:
         self.usable = False

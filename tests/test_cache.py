@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def test_tampered_entry_is_refused_and_rebuilt(tmp_path, own_cache, capsys):
     model = BUILTIN / "model.onnx"
     assert _run(model, tmp_path / "a.h5") == 0
     (entry,) = _graphs(own_cache)
-    weights = entry / "optimised.onnx.data"
+    weights = entry / "weights.data"
     raw = bytearray(weights.read_bytes())
     raw[100] ^= 0xFF
     weights.write_bytes(bytes(raw))
@@ -162,7 +163,7 @@ def test_tampered_entry_is_refused_and_rebuilt(tmp_path, own_cache, capsys):
     assert _run(model, tmp_path / "b.h5") == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err == (f"warning: set-up cache entry {entry.name[:12]} in {own_cache} is refused (optimised.onnx.data "
+    assert err == (f"warning: set-up cache entry {entry.name[:12]} in {own_cache} is refused (weights.data "
                    "differs from its manifest): deleted, building it again\n")
     assert cache_module.COUNTS["refused"] == 1 and cache_module.COUNTS["write"] == 4  # graph and set-up again
     assert _graphs(own_cache) == [entry] and weights.read_bytes() != bytes(raw)  # built again
@@ -310,8 +311,10 @@ def test_a_files_sha256_is_read_once_while_it_is_unchanged(tmp_path, own_cache, 
     old = time.time_ns() - 10_000_000_000
     os.utime(path, ns=(old, old))
     cache = Cache(own_cache)
+    assert cache.remembered_sha256(path) is None
     assert cache.known_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
     assert len(list((own_cache / "hashes").iterdir())) == 1
+    assert cache.remembered_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
     reads = []
     real = cache_module.file_sha256
     monkeypatch.setattr(cache_module, "file_sha256", lambda p, memo=None: reads.append(p) or real(p, memo))
@@ -320,6 +323,7 @@ def test_a_files_sha256_is_read_once_while_it_is_unchanged(tmp_path, own_cache, 
     time.sleep(0.01)
     path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(old, old))  # size and times as before: only the status-change time differs
+    assert cache.remembered_sha256(path) is None  # the rewrite is another file
     assert cache.known_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
     assert reads == [path]
 
@@ -334,19 +338,62 @@ def test_a_file_changed_just_now_is_not_remembered(tmp_path, own_cache):
 
 def test_a_repeated_run_loads_discovers_and_instruments_nothing(tmp_path, own_cache, monkeypatch):
     """The set-up (sites, tensors, weights' statistics) and its optimised graph come from the cache;
-    another --stats is another set-up."""
+    another --stats is another set-up. The first run, of a file the cache has not hashed, hashes it
+    in a thread while the model loads; the repeated one finds its hash remembered."""
+    import maxact.analyzer.run as run_module
+    import maxact.analyzer.setup as setup_module
+
     model = BUILTIN / "model.onnx"
+    threads = []
+    real_key = run_module._setup_key
+    monkeypatch.setattr(run_module, "_setup_key",
+                        lambda *a: threads.append(threading.current_thread().name) or real_key(*a))
     assert _run(model, tmp_path / "first.h5", "--tensors", "quantizable") == 0
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    import maxact.analyzer.run as run_module
-    import maxact.analyzer.setup as setup_module
 
     monkeypatch.setattr(run_module, "load_model", refuse)
     monkeypatch.setattr(setup_module, "load_model", refuse)
     assert _run(model, tmp_path / "repeated.h5", "--tensors", "quantizable") == 0
+    assert threads[1:] == [threading.main_thread().name]
     _assert_same_run(tmp_path / "first.h5", tmp_path / "repeated.h5")
     with pytest.raises(AssertionError, match="the model was loaded"):
         _run(model, tmp_path / "full.h5", "--tensors", "quantizable", "--stats", "full")
+
+
+def test_a_first_run_writes_the_weights_once_while_it_discovers(tmp_path, own_cache, capsys, monkeypatch):
+    """The entry's weights are the model's, written once (before onnxruntime reads them); a run
+    that fails after they were written (a tokenizer that is not one) leaves no part of an entry."""
+    import maxact.analyzer.run as run_module
+
+    staged = []
+
+    class Recorded(run_module.StagedWeights):
+        def __init__(self, *args):
+            super().__init__(*args)
+            staged.append(self)
+
+    monkeypatch.setattr(run_module, "StagedWeights", Recorded)
+    model = _external_model(tmp_path / "m")
+    not_a_tokenizer = tmp_path / "tokenizer.json"
+    not_a_tokenizer.write_text("{}")
+    assert _run(model, tmp_path / "bad.h5", "--tokenizer", str(not_a_tokenizer)) == 2
+    assert len(staged) == 1 and not staged[0].folder.exists()
+    assert _entries(own_cache) == [] and _leftovers(own_cache) == []
+    capsys.readouterr()
+    assert _run(model, tmp_path / "a.h5") == 0
+    (entry,) = _graphs(own_cache)
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "optimised.onnx", "weights.data"]
+    graph = onnx.load(str(entry / "optimised.onnx"), load_external_data=False).graph
+    kept = {t.name: t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert kept and {e.value for t in kept.values() for e in t.external_data if e.key == "location"} == {"weights.data"}
+    source = onnx.load(str(model))  # its external data read
+    for t in source.graph.initializer:
+        if t.name in kept:
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(t),
+                                          onnx.numpy_helper.to_array(kept[t.name], base_dir=str(entry)))
+    assert _run(model, tmp_path / "b.h5") == 0
+    _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")

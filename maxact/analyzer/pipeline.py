@@ -29,7 +29,7 @@ from maxact.errors import ModelFileError
 from maxact.model_file import external_data_files, read_model
 from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.passes.instrument import InstrumentPass
-from maxact.runtime.session import Session
+from maxact.runtime.session import Session, StagedWeights
 
 
 def model_file(path: Path) -> Path:
@@ -105,7 +105,9 @@ class Pipeline:
     Attributes:
         path: the ``.onnx`` file. model: the loaded model (instrumented after the first
         :meth:`instrument`). roles: the graph's inputs by role. discovery: the sites of ``model``.
-        cache: the set-up cache its sessions use (:mod:`maxact.cache`); None: none.
+        cache: the set-up cache its sessions use (:mod:`maxact.cache`); None: none. staged: the
+        model's weights being written into a cache entry for the first session
+        (:class:`~maxact.runtime.session.StagedWeights`); None: none.
     """
 
     path: Path
@@ -114,18 +116,19 @@ class Pipeline:
     discovery: Discovery
     want_logits: bool = False
     cache: Cache | None = None
+    staged: StagedWeights | None = None
     _spare: ir.Model | None = field(default=None, repr=False)
 
     @classmethod
     def discover(cls, path: Path, model: ir.Model, roles: InputRoles, want_logits: bool = False,
-                 cache: Cache | None = None) -> Pipeline:
+                 cache: Cache | None = None, staged: StagedWeights | None = None) -> Pipeline:
         """Find the sites of ``model`` (loaded by :func:`load_model`), the family table chosen by the
         ``model_type`` of the ``config.json`` beside ``path`` where there is one.
 
         Raises:
             AnalyzerError: from :func:`~maxact.discovery.sites.discover_sites` (no residual stream, ...).
         """
-        return cls(path, model, roles, _discover(path, model, roles, want_logits), want_logits, cache)
+        return cls(path, model, roles, _discover(path, model, roles, want_logits), want_logits, cache, staged)
 
     @cached_property
     def external_data_sha256(self) -> dict[str, str]:
@@ -183,8 +186,9 @@ class Pipeline:
             ProviderError, ModelLoadError, UnsupportedInputError: from
                 :class:`~maxact.runtime.session.Session`.
         """
+        staged, self.staged = self.staged, None  # the first session's entry
         return Session(model, provider=provider, threads=threads, inputs=self.roles, cache=self.cache,
-                       weights_sha256=self.files_sha256 if self.cache is not None else None)
+                       weights_sha256=self.files_sha256 if self.cache is not None else None, staged=staged)
 
 
 def _discover(path: Path, model: ir.Model, roles: InputRoles, want_logits: bool) -> Discovery:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import signal
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,7 +44,7 @@ from maxact.outputs import check_output
 from maxact.runtime.batching import Batch, length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
-from maxact.runtime.session import Session
+from maxact.runtime.session import Session, StagedWeights
 from maxact.text import literal, plain_console
 
 
@@ -133,15 +134,24 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     """
     console = console or plain_console()
     cache = open_cache(opts.cache)
-    path = model_file(opts.model)
-    key = _setup_key(opts, path, cache)
-    setup = cached_setup(path, cache, key, opts.keep_logits)
+    key, setup, loaded = _find_setup(opts, model_file(opts.model), cache)
+    staged = None
     if setup is None:  # a first run: the model loaded, checked and discovered
-        model_path, model = load_model(opts.model)
+        model_path, model = loaded
         out, ckpt = _check_options(opts, model_path, external_data_files(model))
-        setup = _set_up(opts, model_path, model, cache)
+        # The weights written into the cache entry of its optimised graph while the graph is discovered.
+        staged = StagedWeights(model, cache) if key is not None else None
     else:
         out, ckpt = _check_options(opts, setup.model_path, setup.external_files)
+    try:
+        return _run(opts, console, key, setup or _set_up(opts, model_path, model, cache, staged), out, ckpt)
+    finally:
+        if staged is not None:
+            staged.discard_unused()  # an error before the session opened: nothing left in the cache
+
+
+def _run(opts: RunOptions, console: Console, key: str | None, setup: Setup, out: Path, ckpt: Path) -> Path:
+    """:func:`run` once the set-up is made or found."""
     if not setup.roles.standard:
         console.print(f"inputs: {setup.roles.describe()}", markup=False, highlight=False)
     passages = _tokenise(opts, setup, console)
@@ -194,6 +204,32 @@ def _check_options(opts: RunOptions, model_path: Path, external: list[Path]) -> 
     return out, ckpt
 
 
+def _find_setup(opts: RunOptions, path: Path, cache: Cache | None
+                ) -> tuple[str | None, Setup | None, tuple[Path, ir.Model] | None]:
+    """The set-up cache key (:func:`_setup_key`), the cached set-up (None: a first run) and, on a
+    first run, the model loaded (:func:`~maxact.analyzer.pipeline.load_model`).
+
+    Where the cache remembers no sha256 for the model file as it is now (nearly always a first
+    run), the file is hashed in a thread while the model loads: the hash reads the file without
+    holding the interpreter, so the two take the time of one (SmolLM2-135M: 0.7 s each).
+
+    Raises:
+        AnalyzerError: as :func:`~maxact.analyzer.pipeline.load_model`, where the model is loaded.
+    """
+    if cache is None or not path.is_file() or cache.remembered_sha256(path) is not None:
+        key = _setup_key(opts, path, cache)
+        setup = cached_setup(path, cache, key, opts.keep_logits)
+        return key, setup, None if setup is not None else load_model(opts.model)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashed = pool.submit(_setup_key, opts, path, cache)
+        try:
+            loaded = load_model(opts.model)
+        finally:
+            key = hashed.result()
+    setup = cached_setup(path, cache, key, opts.keep_logits)  # a hit: the same bytes under another name
+    return key, setup, None if setup is not None else loaded
+
+
 def _setup_key(opts: RunOptions, path: Path, cache: Cache | None) -> str | None:
     """The set-up cache key of this run's model and options (:func:`~maxact.analyzer.setup.setup_key`);
     None where the set-up is not cached: no cache, Ray, a provider other than the CPU (whose
@@ -208,10 +244,12 @@ def _setup_key(opts: RunOptions, path: Path, cache: Cache | None) -> str | None:
         return None
 
 
-def _set_up(opts: RunOptions, model_path: Path, model: ir.Model, cache: Cache | None) -> Setup:
-    """The set-up of a loaded model: its inputs by role, sites, components and ``--tensors``."""
+def _set_up(opts: RunOptions, model_path: Path, model: ir.Model, cache: Cache | None,
+            staged: StagedWeights | None) -> Setup:
+    """The set-up of a loaded model: its inputs by role, sites, components and ``--tensors``
+    (``staged``: its weights being written into the cache, for its first session)."""
     roles = graph_inputs(model.graph, opts.inputs)
-    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits, cache=cache)
+    pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits, cache=cache, staged=staged)
     tensors = None
     if opts.tensors is not None:
         tensors = select_tensors(model_path, model.graph, roles.ids, parse_op_types(opts.tensor_ops), cache)

@@ -69,9 +69,8 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     # Mul + ReduceSum: onnxruntime's CPU ReduceSumSquare is slower than the two together.
     out["sum_sq"] = b.total(b.reduce("ReduceSum", b.op("Mul", [ax, ax]), [-1]), f64)
     out["abs_sum"] = b.total(b.reduce("ReduceSum", ax, [-1]), f64)
-    zero = b.const(np.array(0, np.int64), "zero_count")
-    out["nan_count"] = b.op("Identity", [zero])
-    out["inf_count"] = b.op("Identity", [zero])
+    out["nan_count"] = b.constant_output(np.array(0, np.int64))
+    out["inf_count"] = b.constant_output(np.array(0, np.int64))
     # A token holding NaN or +-Inf has a non-finite sum, and s - s is NaN exactly then.
     bad = b.op("IsNaN", [b.op("Sub", [tok_sum, tok_sum])])
     out[NONFINITE_TOKENS.name] = b.total(b.op("Cast", [bad], to=f32), i64)
@@ -416,6 +415,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                 graph.insert_after(producer, nodes)
         first = next(iter(graph))
         graph.insert_before(first, b.head.nodes)
+        for value in b.initializers:
+            graph.register_initializer(value)
         kept = [v for v in graph.outputs if v.name in self.keep_outputs]
         graph.outputs.clear()
         graph.outputs.extend(kept + new_outputs)

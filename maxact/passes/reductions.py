@@ -44,6 +44,15 @@ class ReductionBuilder:
         self.tape = self.head  # where op() records; one tape per site
         self.opset = opset
         self._consts: dict[tuple, ir.Value] = {}
+        self.initializers: list[ir.Value] = []  # constant outputs, registered once named
+
+    def constant_output(self, array: np.ndarray) -> ir.Value:
+        """A value of its own holding ``array``, to become a graph output and an initializer (the
+        caller names and registers it, from :attr:`initializers`): no node computes it, so none is
+        left for onnxruntime's constant folding, which an ``Identity`` of a constant was."""
+        value = ir.Value(const_value=ir.tensor(array))
+        self.initializers.append(value)
+        return value
 
     def const(self, array: np.ndarray, name: str) -> ir.Value:
         key = (name, array.dtype.str, array.tobytes())

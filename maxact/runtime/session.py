@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import os
 import platform
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +93,11 @@ def _release_external(model: ir.Model) -> None:
 
 
 _ORT_ERRORS = (OrtInvalidGraph, OrtFail)
-#: The optimised graph's file in a cache entry, and its weights' file beside it.
+#: The optimised graph's file in a cache entry, the weights' file beside it (which the graph
+#: onnxruntime optimises, :data:`_INSTRUMENTED`, is saved with, and removed once it is read).
 _OPTIMISED = "optimised.onnx"
+_WEIGHTS = "weights.data"
+_INSTRUMENTED = "instrumented.onnx"
 
 
 def _options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
@@ -109,9 +114,13 @@ def _options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.Sess
 
 
 # Extended, not all: onnxruntime's fusions (norms, activations, MatMul with transpose and scale)
-# stay, and a fusion never swallows a site, whose value the reductions read; level 3 only adds
-# NCHWc layouts for convolutions, which a decoder has none of, and took 0.5-2 s of set-up on
-# SmolLM2-135M's 19,500-node instrumented graph.
+# stay, as in a deployment at onnxruntime's default level, and a fusion never swallows a site,
+# whose value the reductions read; level 3 only adds NCHWc layouts for convolutions, which a
+# decoder has none of, and took 0.5-2 s of set-up on SmolLM2-135M's 19,500-node instrumented graph.
+# The basic level would save 0.9 s of set-up (2.2 s with --tensors quantizable) at the same batch
+# loop, but its unfused RMSNorm rounds otherwise than the deployed graph and than the study's
+# PyTorch code (up to 2e-5 relative; tests/test_quant.py's clip rates against PyTorch's tensors
+# then differ at a massive activation that two passages share).
 _LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 
@@ -198,14 +207,119 @@ def _in_model_order(path: Path, model: ir.Model) -> None:
 
 
 def _saving(threads: int | None, folder: Path) -> ort.SessionOptions:
-    """The options of a session that also writes its optimised graph into ``folder``, with its
-    weights as external data (a graph of more than 2 GB of weights cannot be one protobuf)."""
+    """The options of a session that also writes its optimised graph into ``folder``. No file of
+    external initializers is named: onnxruntime's optimised graph then refers to the data file of
+    the graph it read for every initializer it keeps as it was (and holds the few it makes,
+    folded constants, inline), so the weights are written once, by :func:`_save_instrumented`."""
     opts = _options(threads, _LEVEL)
     opts.optimized_model_filepath = os.fspath(folder / _OPTIMISED)
-    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{_OPTIMISED}.data")
-    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                  str(_SMALL_TENSOR_BYTES))
     return opts
+
+
+def _save_instrumented(model: ir.Model, folder: Path) -> str:
+    """Save ``model`` into ``folder`` with its weights as external data (:data:`_WEIGHTS`); the path
+    of its graph. Serialising the graph in memory held three copies of the weights at once (the
+    loaded model, the proto and its bytes; SmolLM2-135M: 2.3 GB peak against 1.2 GB this way)."""
+    path = folder / _INSTRUMENTED
+    ir.save(model, os.fspath(path), external_data=_WEIGHTS, size_threshold_bytes=_SMALL_TENSOR_BYTES)
+    _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
+    return os.fspath(path)
+
+
+class StagedWeights:
+    """The weights of a loaded model written into a new cache entry folder (:meth:`Cache.begin`)
+    as :data:`_WEIGHTS`, and their sha256 read for its manifest, in a thread, while the graph is
+    discovered and instrumented (its weights are the model's: the reductions add small constants
+    only). Writing SmolLM2-135M's 540 MB took 0.8-1.0 s of a first run's set-up.
+
+    Args:
+        model: the loaded model; the initializers of its main graph above 1 KiB are written.
+        cache: the set-up cache the entry is for.
+    """
+
+    def __init__(self, model: ir.Model, cache: Cache):
+        self._cache = cache
+        self._taken = False
+        self.folder = cache.begin()
+        tensors = [v.const_value for v in model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.nbytes > _SMALL_TENSOR_BYTES]
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._written = None if self.folder is None else self._pool.submit(self._write, tensors)
+        self._pool.shutdown(wait=False)
+
+    def _write(self, tensors: list[ir.TensorProtocol]) -> dict[int, ir.ExternalTensor]:
+        external = ir.external_data.convert_tensors_to_external(tensors, self.folder, _WEIGHTS)
+        self._cache.known_sha256(self.folder / _WEIGHTS, settled=True)
+        return {id(t): e for t, e in zip(tensors, external, strict=True)}
+
+    def result(self) -> tuple[Path, dict[int, ir.ExternalTensor]] | None:
+        """(the entry folder, the copies by the ``id`` of the tensor each copies), once written;
+        None where the writing failed (the folder removed; a disk error also stops the cache for
+        this process)."""
+        self._taken = True
+        if self._written is None:
+            return None
+        try:
+            return self.folder, self._written.result()
+        except OSError as e:  # a full disk
+            self._cache.abandon(self.folder, e)
+            return None
+
+    def discard(self) -> None:
+        """Remove the folder (the entry is not made after all)."""
+        self._taken = True
+        if self._written is not None:
+            with contextlib.suppress(OSError):
+                self._written.result()
+            self._cache.discard(self.folder)
+
+    def discard_unused(self) -> None:
+        """:meth:`discard`, unless :meth:`result` or :meth:`discard` was called."""
+        if not self._taken:
+            self.discard()
+
+
+def _save_graph(model: ir.Model, folder: Path, copies: dict[int, ir.ExternalTensor]) -> str:
+    """Save the graph of ``model`` into ``folder`` (:data:`_INSTRUMENTED`; its path), the weights
+    that ``copies`` holds referring to their copies there; ``model`` is left as it was."""
+    path = os.fspath(folder / _INSTRUMENTED)
+    originals = {}
+    for v in model.graph.initializers.values():
+        copy = copies.get(id(v.const_value))
+        if copy is not None:
+            originals[v], v.const_value = v.const_value, copy
+    try:
+        ir.save(model, path)
+    finally:
+        for v, tensor in originals.items():
+            v.const_value = tensor
+    _release_external(model)
+    return path
+
+
+def _open_saving(model: ir.Model, provider: str, threads: int | None, cache: Cache, folder: Path,
+                 copies: dict[int, ir.ExternalTensor] | None) -> ort.InferenceSession | None:
+    """The session of ``model``, with the cache entry folder ``folder`` (:meth:`Cache.begin`) made
+    ready to commit: the weights (there already where ``copies`` gives them: :class:`StagedWeights`),
+    onnxruntime's optimised graph (in the order of ``model``) and nothing else. None where that
+    fails (``folder`` removed; a disk error also stops the cache for this process)."""
+    try:
+        path = _save_instrumented(model, folder) if copies is None else _save_graph(model, folder, copies)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # The weights' sha256, which the entry's manifest holds, read while onnxruntime optimises
+            # (it does not hold the interpreter meanwhile).
+            hashed = pool.submit(cache.known_sha256, folder / _WEIGHTS, True)
+            session = ort.InferenceSession(path, _saving(threads, folder), providers=[provider])
+            hashed.result()
+        os.unlink(path)
+        _in_model_order(folder / _OPTIMISED, model)
+    except OSError as e:  # a full disk
+        cache.abandon(folder, e)
+        return None
+    except Exception:  # onnxruntime could not write its graph: the session is opened without
+        cache.discard(folder)
+        return None
+    return session
 
 
 def _open_entry(entry: Path, provider: str, threads: int | None, cache: Cache,
@@ -222,7 +336,7 @@ def _open_entry(entry: Path, provider: str, threads: int | None, cache: Cache,
 
 
 def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | None,
-          weights_sha256: str | None) -> tuple[ort.InferenceSession, str | None]:
+          weights_sha256: str | None, staged: StagedWeights | None = None) -> tuple[ort.InferenceSession, str | None]:
     """The onnxruntime session of ``model`` and its cache key (None: not cached): from the cache's
     optimised graph where it has it, else made from ``model`` saved to a temporary folder (its
     optimised graph then cached)."""
@@ -233,34 +347,28 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
                         ort.__version__, maxact.__version__, platform.machine())
         entry = cache.get(key)
         if entry is not None:
+            if staged is not None:
+                staged.discard()
             # Optimised already: the same graph onnxruntime would make of ``model``, so the same outputs.
             _release_external(model)  # the user's weights: onnxruntime reads the entry's copy
             session = _open_entry(entry, provider, threads, cache, key)
             if session is not None:
                 return session, key
-    folder = cache.begin() if key else None
-    # Always through a file in a private temporary folder (never next to, or over, the user's
-    # file), with the weights as external data: serialising the graph in memory held three copies
-    # of the weights at once (the loaded model, the proto and its bytes; SmolLM2-135M: 2.3 GB peak
-    # against 1.2 GB this way). onnxruntime reads the folder while the session is made, so it can
-    # go afterwards.
+    folder, copies = None, None
+    if key:
+        written = staged.result() if staged is not None else None
+        folder, copies = written or (cache.begin(), None)
+    elif staged is not None:
+        staged.discard()
     _inline_unmoved_external_tensors(model)
+    if folder is not None:
+        session = _open_saving(model, provider, threads, cache, folder, copies)
+        if session is not None:
+            return session, key if cache.commit(folder, key) else None
+    # Through a file in a private temporary folder (never next to, or over, the user's file), which
+    # onnxruntime reads while the session is made, so it can go afterwards.
     with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
-        path = os.fspath(Path(tmp) / "instrumented.onnx")
-        ir.save(model, path, external_data="instrumented.onnx.data", size_threshold_bytes=_SMALL_TENSOR_BYTES)
-        _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
-        if folder is not None:
-            try:
-                session = ort.InferenceSession(path, _saving(threads, folder), providers=[provider])
-            except Exception:  # e.g. a full disk while saving the optimised graph: once more, without
-                cache.discard(folder)
-            else:
-                try:
-                    _in_model_order(folder / _OPTIMISED, model)
-                except OSError as e:
-                    cache.abandon(folder, e)
-                    return session, None
-                return session, key if cache.commit(folder, key) else None
+        path = _save_instrumented(model, Path(tmp))
         return ort.InferenceSession(path, _options(threads, _LEVEL), providers=[provider]), None
 
 
@@ -279,6 +387,9 @@ class Session:
         cache: the set-up cache of onnxruntime's optimised graph (:mod:`maxact.cache`); None: none.
         weights_sha256: the sha256 of the model's files (the ``.onnx`` and its external data), which
             the weights of ``model`` are read from; the cache is used only where it is given.
+        staged: the weights of ``model`` written into a new cache entry already
+            (:class:`StagedWeights`), which its optimised graph then goes into (discarded where
+            the graph is cached already, or not cached).
 
     Attributes:
         cache_key: the set-up cache key of the optimised graph it runs (None: not in the cache).
@@ -292,7 +403,8 @@ class Session:
 
     def __init__(self, model: ir.Model | None, provider: str = "cpu", threads: int | None = None,
                  io_binding: bool | None = None, inputs: InputRoles | None = None, cache: Cache | None = None,
-                 weights_sha256: str | None = None, _opened: tuple[ort.InferenceSession, str] | None = None,
+                 weights_sha256: str | None = None, staged: StagedWeights | None = None,
+                 _opened: tuple[ort.InferenceSession, str] | None = None,
                  _past: dict[str, tuple[int, int]] | None = None):
         self.roles = inputs or graph_inputs(model.graph)
         # KV-cache graphs: past inputs fed empty
@@ -307,7 +419,7 @@ class Session:
                 "in place of onnxruntime (see the README)"
             )
         try:
-            self.session, self.cache_key = _opened or _open(model, name, threads, cache, weights_sha256)
+            self.session, self.cache_key = _opened or _open(model, name, threads, cache, weights_sha256, staged)
         except OrtNotImplemented as e:
             raise ProviderError(
                 f"onnxruntime's {provider} execution provider has no kernel for part of this graph "
