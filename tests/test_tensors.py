@@ -331,3 +331,28 @@ def test_quant_of_the_tensors_needs_a_run_with_them(tmp_path, capsys):
     assert err.strip() == (f"error: --sites quantizable: {out} has no /tensors: measure them with `analyzer run "
                            "... --tensors quantizable` first"), err
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_the_lm_heads_transposed_embedding_is_measured_once_from_the_weight(tmp_path, monkeypatch):
+    """The lm_head's weight, a Transpose of the tied embedding, is a tensor onnxruntime calibrates;
+    its range is the embedding's, made once with numpy (no node of the graph reads it), and equal
+    to the one the graph reduces when the numpy way is switched off."""
+    import maxact.passes.instrument as instrument_module
+
+    name = "model.embed_tokens.weight_transposed"
+    weight = next(onnx.numpy_helper.to_array(t) for t in onnx.load(MODEL).graph.initializer
+                  if t.name == "model.embed_tokens.weight")
+    made = []
+    real = instrument_module.constant_tensor_reducer
+    monkeypatch.setattr(instrument_module, "constant_tensor_reducer",
+                        lambda b, tensor, *a: made.append(tensor.name) or real(b, tensor, *a))
+    numpy_way = _tensors(_run(tmp_path / "numpy.h5", "--batch-size", "4", "--no-cache"))[name]
+    assert name in made
+    batches = -(-6 // 4)
+    assert (numpy_way["max"], numpy_way["min"]) == (weight.max(), weight.min())
+    assert numpy_way["absmax"] == np.abs(weight).max() and numpy_way["count"] == batches * weight.size
+    monkeypatch.setattr(instrument_module, "constant_tensor_reducer", lambda *a: None)
+    graph_way = _tensors(_run(tmp_path / "graph.h5", "--batch-size", "4", "--no-cache"))[name]
+    assert numpy_way.keys() == graph_way.keys()
+    for key, value in numpy_way.items():
+        assert np.array_equal(value, graph_way[key]), key

@@ -14,7 +14,13 @@ import onnx_ir.passes.common as common_passes
 from maxact.discovery.sites import Site
 from maxact.passes.attention import attention_name, attention_reducer
 from maxact.passes.reductions import ReductionBuilder, graph_dtype
-from maxact.passes.tensors import site_tensor_reducer, tensor_output_name, tensor_reducer, tensor_rows
+from maxact.passes.tensors import (
+    constant_tensor_reducer,
+    site_tensor_reducer,
+    tensor_output_name,
+    tensor_reducer,
+    tensor_rows,
+)
 from maxact.statistics import (
     ATTENTION_STATISTICS,
     HIST_BINS,
@@ -393,9 +399,11 @@ class InstrumentPass(ir.passes.InPlacePass):
                 made, specs = site_tensor_reducer(b, tensor, rows, site_stats, self.tensor_study), \
                     tensor_outputs(self.tensor_study, tensor.projection)
             else:
-                unread = not value.uses() and value.name not in self.keep_outputs
-                made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.tensor_study, unread=unread)
                 specs = tensor_outputs(self.tensor_study, tensor.projection)
+                made = constant_tensor_reducer(b, tensor, value, self.tensor_study)
+                if made is None:
+                    unread = not value.uses() and value.name not in self.keep_outputs
+                    made = tensor_reducer(b, tensor, value, valid_index, token_rows, self.tensor_study, unread=unread)
             if shared is None:
                 placed.append((value.producer(), b.tape.nodes))
             else:  # after the site's reductions, which it reads
