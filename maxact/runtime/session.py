@@ -338,8 +338,9 @@ def _open_entry(entry: Path, provider: str, threads: int | None, cache: Cache,
 def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | None,
           weights_sha256: str | None, staged: StagedWeights | None = None) -> tuple[ort.InferenceSession, str | None]:
     """The onnxruntime session of ``model`` and its cache key (None: not cached): from the cache's
-    optimised graph where it has it, else made from ``model`` saved to a temporary folder (its
-    optimised graph then cached)."""
+    optimised graph where it has it, else made from ``model`` saved into a new cache entry (its
+    weights there already where ``staged`` wrote them), which its optimised graph joins; without a
+    cache, or where that fails, saved to a temporary folder."""
     key = None
     # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
     if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
