@@ -17,11 +17,16 @@ from maxact.analyzer.pipeline import load_model
 from maxact.analyzer.runfile import tensor_group_name
 from maxact.analyzer.tokenize import encode, load_tokenizer
 from maxact.cli import main
-from maxact.discovery.tensors import default_op_types, select_tensors
+from maxact.discovery.tensors import TensorSelection, default_op_types
 
 MODEL = BUILTIN / "model.onnx"
 PROJECTION = "/model/layers.2/mlp/down_proj/MatMul_output_0"  # checked against numpy below
 PROJECTION_INPUT = "/model/layers.2/mlp/Mul_output_0"  # the activation input of down_proj
+
+
+def _select(model, ops):
+    """The tensors ``run --tensors quantizable --tensor-ops OPS`` chooses in ``model`` (loaded)."""
+    return TensorSelection(model, ops).tensors(model.graph, "input_ids")
 
 
 def _run(out, *options: str):
@@ -49,8 +54,8 @@ def test_the_selection_is_onnxruntimes(ops):
 
     calibrater = MinMaxCalibrater(str(MODEL), op_types_to_calibrate=list(ops or default_op_types()))
     theirs, _ = calibrater.select_tensors_to_calibrate(calibrater.model)
-    path, model = load_model(MODEL)
-    mine = select_tensors(path, model.graph, "input_ids", ops or default_op_types())
+    _, model = load_model(MODEL, expose_sums=False)
+    mine = _select(model, ops or default_op_types())
     assert {t.name for t in mine} == theirs and len(mine) == len(theirs) > (20 if ops else 300)
 
 
@@ -106,7 +111,7 @@ def test_the_logits_are_measured_from_their_valid_rows_made_in_chunks(batched):
     path, model = load_model(MODEL)
     pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
     weight = next(n for n in model.graph if "logits" in [v.name for v in n.outputs]).inputs[1]
-    tensors = select_tensors(path, model.graph, "input_ids", ("MatMul",))
+    tensors = _select(model, ("MatMul",))
     instrumented, _ = pipeline.instrument(Variant(float32=True, study=False, tensors=tensors))
     assert "logits" not in {v.name for n in instrumented.graph for v in n.outputs}
     assert sum(n.op_type == "MatMul" and n.inputs[1] is weight for n in instrumented.graph) == CHUNKS
@@ -115,22 +120,33 @@ def test_the_logits_are_measured_from_their_valid_rows_made_in_chunks(batched):
 def test_a_tensor_that_is_a_site_takes_the_sites_outputs_in_the_fast_graph():
     from maxact.analyzer.pipeline import Pipeline, Variant
     from maxact.discovery.inputs import graph_inputs
-    from maxact.passes.instrument import output_name
+    from maxact.passes.instrument import output_aliases, output_name
     from maxact.passes.tensors import tensor_output_name
+    from maxact.runtime.batching import length_sorted_batches
 
     path, model = load_model(MODEL)
     pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
     site = next(s for s in pipeline.discovery.sites if s.tensor == PROJECTION_INPUT)
-    tensors = select_tensors(path, model.graph, "input_ids", ("MatMul",))
+    tensors = _select(model, ("MatMul",))
     index = [t.name for t in tensors].index(PROJECTION_INPUT)
     for variant, shared in (("fast", True), ("exact", False)):
-        graph = pipeline.instrument(Variant(variant, float32=True, study=False, tensors=tensors))[0].graph
-        made = {v.name: n for n in graph for v in n.outputs}
+        instrumented = pipeline.instrument(Variant(variant, float32=True, study=False, tensors=tensors))[0]
+        made = {v.name: n for n in instrumented.graph for v in n.outputs}
+        outputs = {v.name for v in instrumented.graph.outputs}
+        aliases = output_aliases(instrumented.metadata_props)
         for stat, of_site in (("max", "max"), ("nonfinite_rows", "nonfinite_tokens"),
                               ("per_channel_absmax", "per_channel_absmax")):
-            node = made[tensor_output_name(index, stat)]
-            assert (node.op_type == "Identity" and node.inputs[0].name == output_name(site.site_id, of_site)) == shared
+            name = tensor_output_name(index, stat)
+            # Shared: no output (nor node) of its own, a second name of the site's output.
+            assert (aliases.get(name) == output_name(site.site_id, of_site) in outputs) == shared
+            assert (name in outputs and name in made) != shared
         assert made[tensor_output_name(index, "per_channel_sum_sq")].op_type == "Cast"  # measured anew
+    # A run reads the site's output under the tensor's name.
+    session = pipeline.session(Variant(float32=True, study=False, tensors=tensors))[0]
+    batch = next(iter(length_sorted_batches([np.arange(1, 9)], [0], 1)))
+    out = session.run(batch)
+    np.testing.assert_array_equal(out[tensor_output_name(index, "per_channel_absmax")],
+                                  out[output_name(site.site_id, "per_channel_absmax")])
 
 
 def test_padding_is_excluded_from_masked_tensors(batched, tmp_path):
@@ -162,7 +178,7 @@ def test_names_are_escaped_and_the_attributes_say_what_the_tensor_is(batched):
 def test_tensor_ops_restricts_the_selection(tmp_path):
     stored = _tensors(_run(tmp_path / "mm.h5", "--tensor-ops", "MatMul,Gemm"))
     path, model = load_model(MODEL)
-    assert list(stored) == [t.name for t in select_tensors(path, model.graph, "input_ids", ("Gemm", "MatMul"))]
+    assert list(stored) == [t.name for t in _select(model, ("Gemm", "MatMul"))]
     # --stats main: the histogram at projection inputs only (where the per-channel statistics are).
     assert [n for n, st in stored.items() if "hist_log10" in st] == \
         [n for n, st in stored.items() if "per_channel_sum_sq" in st] and PROJECTION_INPUT in stored
@@ -275,15 +291,13 @@ def test_a_flattened_token_layout_gives_the_same_statistics(batched, tmp_path, m
     input ``flat_tokens`` (it is [batch, seq, 172]; the Reshape to [batch * seq, -1] is the same rows)."""
     import dataclasses
 
-    import maxact.analyzer.run as run_module
-
-    select = run_module.select_tensors
+    select = TensorSelection.tensors
 
     def flat(*args):
         return [dataclasses.replace(t, layout="flat_tokens") if t.name == PROJECTION_INPUT else t
                 for t in select(*args)]
 
-    monkeypatch.setattr(run_module, "select_tensors", flat)  # a set-up from the cache would not call it
+    monkeypatch.setattr(TensorSelection, "tensors", flat)  # a set-up from the cache would not call it
     stored = _tensors(_run(tmp_path / "flat.h5", "--batch-size", "4", "--stats", "full", "--no-cache"))
     assert stored[PROJECTION_INPUT]["@layout"] == "flat_tokens"
     reference = _tensors(batched)[PROJECTION_INPUT]

@@ -80,7 +80,7 @@ class Variant:
         site_ids: instrument only these sites (None: every site found).
         reducer: replaces the statistics (quant's fake-quantisation reducer).
         tensors: the tensors a quantiser calibrates to measure as well
-            (:func:`maxact.discovery.tensors.select_tensors`).
+            (:class:`maxact.discovery.tensors.TensorSelection`).
         tensor_study: the tensors' ``full`` statistics too (their histogram); None: as ``study``.
     """
 

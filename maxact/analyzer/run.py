@@ -29,7 +29,7 @@ from maxact.analyzer.summary import print_summary
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.cache import Cache, open_cache
 from maxact.discovery.inputs import graph_inputs
-from maxact.discovery.tensors import parse_op_types, select_tensors
+from maxact.discovery.tensors import TensorSelection, parse_op_types
 from maxact.errors import (
     AnalyzerError,
     CorpusError,
@@ -41,6 +41,7 @@ from maxact.errors import (
 )
 from maxact.model_file import external_data_files
 from maxact.outputs import check_output
+from maxact.passes.fused import ExposeSkipSumsPass
 from maxact.runtime.batching import Batch, length_sorted_batches, shard_of
 from maxact.runtime.distributed import ray_outputs
 from maxact.runtime.runner import Interrupted, RunResult, run_batches
@@ -135,16 +136,19 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     console = console or plain_console()
     cache = open_cache(opts.cache)
     key, setup, loaded = _find_setup(opts, model_file(opts.model), cache)
-    staged = None
+    staged, selection = None, None
     if setup is None:  # a first run: the model loaded, checked and discovered
         model_path, model = loaded
         out, ckpt = _check_options(opts, model_path, external_data_files(model))
+        # --tensors: chosen in the graph as the file holds it, the layouts inferred while it is discovered.
+        selection = TensorSelection(model, parse_op_types(opts.tensor_ops), cache) if opts.tensors else None
+        ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
         # The weights written into the cache entry of its optimised graph while the graph is discovered.
         staged = StagedWeights(model, cache) if key is not None else None
     else:
         out, ckpt = _check_options(opts, setup.model_path, setup.external_files)
     try:
-        return _run(opts, console, key, setup or _set_up(opts, model_path, model, cache, staged), out, ckpt)
+        return _run(opts, console, key, setup or _set_up(opts, model_path, model, cache, staged, selection), out, ckpt)
     finally:
         if staged is not None:
             staged.discard_unused()  # an error before the session opened: nothing left in the cache
@@ -207,7 +211,8 @@ def _check_options(opts: RunOptions, model_path: Path, external: list[Path]) -> 
 def _find_setup(opts: RunOptions, path: Path, cache: Cache | None
                 ) -> tuple[str | None, Setup | None, tuple[Path, ir.Model] | None]:
     """The set-up cache key (:func:`_setup_key`), the cached set-up (None: a first run) and, on a
-    first run, the model loaded (:func:`~maxact.analyzer.pipeline.load_model`).
+    first run, the model loaded as its file holds it (:func:`~maxact.analyzer.pipeline.load_model`
+    without ``expose_sums``).
 
     Where the cache remembers no sha256 for the model file as it is now (nearly always a first
     run), the file is hashed in a thread while the model loads: the hash reads the file without
@@ -219,11 +224,11 @@ def _find_setup(opts: RunOptions, path: Path, cache: Cache | None
     if cache is None or not path.is_file() or cache.remembered_sha256(path) is not None:
         key = _setup_key(opts, path, cache)
         setup = cached_setup(path, cache, key, opts.keep_logits)
-        return key, setup, None if setup is not None else load_model(opts.model)
+        return key, setup, None if setup is not None else load_model(opts.model, expose_sums=False)
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashed = pool.submit(_setup_key, opts, path, cache)
         try:
-            loaded = load_model(opts.model)
+            loaded = load_model(opts.model, expose_sums=False)
         finally:
             key = hashed.result()
     setup = cached_setup(path, cache, key, opts.keep_logits)  # a hit: the same bytes under another name
@@ -245,14 +250,13 @@ def _setup_key(opts: RunOptions, path: Path, cache: Cache | None) -> str | None:
 
 
 def _set_up(opts: RunOptions, model_path: Path, model: ir.Model, cache: Cache | None,
-            staged: StagedWeights | None) -> Setup:
-    """The set-up of a loaded model: its inputs by role, sites, components and ``--tensors``
-    (``staged``: its weights being written into the cache, for its first session)."""
+            staged: StagedWeights | None, selection: TensorSelection | None) -> Setup:
+    """The set-up of a loaded model: its inputs by role, sites, components and the tensors of
+    ``selection`` (``--tensors``; ``staged``: its weights being written into the cache, for its
+    first session)."""
     roles = graph_inputs(model.graph, opts.inputs)
     pipeline = Pipeline.discover(model_path, model, roles, want_logits=opts.keep_logits, cache=cache, staged=staged)
-    tensors = None
-    if opts.tensors is not None:
-        tensors = select_tensors(model_path, model.graph, roles.ids, parse_op_types(opts.tensor_ops), cache)
+    tensors = selection.tensors(model.graph, roles.ids) if selection is not None else None
     return Setup.build(pipeline, build_component_map(pipeline.discovery), tensors, _float_dtype(model))
 
 

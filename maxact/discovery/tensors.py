@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from maxact.cache import Cache, cache_key
 from maxact.discovery.dataflow import is_weight
+from maxact.discovery.symbolic_shapes import symbolic_dims, value_dims
 from maxact.errors import AnalyzerError
 
 #: The layouts of :attr:`QuantTensor.layout`.
@@ -90,14 +86,6 @@ def parse_op_types(spec: str | None) -> tuple[str, ...]:
     return tuple(sorted(set(ops)))
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[object] | None:
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return None
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
-            for d in t.shape.dim]
-
-
 def _layout(dims: list[object] | None, batch: object, seq: object) -> str:
     """The layout of a tensor of shape ``dims`` where the token ids are ``[batch, seq]`` (symbolic)."""
     if not dims or not isinstance(batch, str) or not isinstance(seq, str):
@@ -109,44 +97,22 @@ def _layout(dims: list[object] | None, batch: object, seq: object) -> str:
     return "all"
 
 
-def _symbolic_dims(proto: onnx.ModelProto, cache: Cache | None = None) -> dict[str, list[object] | None]:
-    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails), in a
-    child Python where one runs: the inference imports sympy, which would stay in this process
-    (0.2 GB). Kept in ``cache`` under the sha256 of the graph given to the inference (weights
-    without their data) and the versions of onnxruntime and onnx (SmolLM2-135M: 3.9 s)."""
+def _symbolic_dims(proto: onnx.ModelProto, cache: Cache | None) -> dict[str, list[object] | None]:
+    """Value name -> dims by onnxruntime's symbolic shape inference (empty where it fails;
+    :func:`~maxact.discovery.symbolic_shapes.symbolic_dims`), kept in ``cache`` under the sha256 of
+    the graph given to the inference (weights without their data) and the versions of onnxruntime
+    and onnx."""
     model = proto.SerializeToString()
     if cache is None:
-        return _symbolic_dims_of(model)
+        return symbolic_dims(model)
     import onnxruntime
 
     key = cache_key("symbolic dims", hashlib.sha256(model).hexdigest(), onnxruntime.__version__, onnx.__version__)
     dims = cache.read_json(key)
     if not isinstance(dims, dict):
-        dims = _symbolic_dims_of(model)
+        dims = symbolic_dims(model)
         cache.write_json(key, dims)
     return dims
-
-
-def _symbolic_dims_of(model: bytes) -> dict[str, list[object] | None]:
-    child = ("import json, sys; from maxact.discovery.tensors import _infer_symbolic_dims as infer; "
-             "json.dump(infer(sys.stdin.buffer.read()), sys.stdout)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's maxact
-    try:
-        done = subprocess.run([sys.executable, "-c", child], input=model, capture_output=True, check=True, env=env)
-        return json.loads(done.stdout)
-    except (OSError, subprocess.CalledProcessError, ValueError):  # no child Python: in this one
-        return _infer_symbolic_dims(model)
-
-
-def _infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(onnx.load_from_string(model), auto_merge=True)
-    except Exception:  # an op it does not know: every tensor is then reduced over all its elements
-        return {}
-    infos = itertools.chain(inferred.graph.value_info, inferred.graph.input, inferred.graph.output)
-    return {vi.name: _dims(vi) for vi in infos}
 
 
 #: Initializers of more elements than this are given to shape inference as inputs of their shape,
@@ -154,69 +120,90 @@ def _infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
 _WEIGHT_ELEMENTS = 1024
 
 
-def _weights_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with its large initializers made graph inputs of the same type and shape, their data
-    dropped (in place): onnx's and onnxruntime's shape inference copy the model, weights and all
-    (SmolLM2-135M: 8.6 s and 3.3 GB peak with them, against a few seconds and MBs without)."""
-    graph, kept = proto.graph, []
-    inputs = {i.name for i in graph.input}
-    for t in graph.initializer:
-        if int(np.prod(t.dims, dtype=np.int64)) <= _WEIGHT_ELEMENTS:
-            kept.append(onnx.TensorProto())
-            kept[-1].CopyFrom(t)
-        elif t.name not in inputs:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
-    return proto
+def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` serialised with its initializers of more than :data:`_WEIGHT_ELEMENTS` elements made
+    graph inputs of the same type and shape, their data left out; ``model`` is left as it was. onnx's
+    and onnxruntime's shape inference copy the model, weights and all (SmolLM2-135M: 8.6 s and
+    3.3 GB peak with them, against a few seconds and MBs without); the same as onnx-ir's own passes
+    do around onnx's C API (``onnx_ir.passes.common._c_api_utils``)."""
+    graph = model.graph
+    values, inputs = list(graph.initializers.values()), list(graph.inputs)
+    weights = {v: v.const_value for v in values if v.const_value is not None and v.const_value.size > _WEIGHT_ELEMENTS}
+    try:
+        for v, tensor in weights.items():
+            v.shape, v.dtype = v.shape or tensor.shape, v.dtype or tensor.dtype
+            graph.initializers.pop(v.name)
+            v.const_value = None
+            if v not in inputs:
+                graph.inputs.append(v)
+        return ir.serde.serialize_model(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        graph.initializers.clear()
+        for v in values:
+            v.const_value = weights.get(v, v.const_value)
+            graph.initializers.add(v)
 
 
-def select_tensors(model_path: Path, graph: ir.Graph, ids_input: str, op_types: Sequence[str],
-                   cache: Cache | None = None) -> list[QuantTensor]:
-    """The tensors ``quantize_static`` calibrates in the model file ``model_path``, in graph order.
+class TensorSelection:
+    """The tensors ``quantize_static`` calibrates in a graph, chosen from the graph as its file holds
+    it: onnx's shape inference runs at construction, and onnxruntime's symbolic shape inference
+    (the layouts; SmolLM2-135M: 2 s, in a child process) starts there and runs while the caller
+    goes on (discovers the graph), until :meth:`tensors`.
 
     Args:
-        model_path: the ``.onnx`` file as the user gave it (read without its external data).
-        graph: the same model loaded (maxact's rewrites add values, never rename one), for the
-            weights of projections.
-        ids_input: the name of the token-ids input (its dimensions name batch and sequence).
+        model: the model as read from its file (:func:`~maxact.model_file.read_model`), before any
+            rewrite of maxact's (which may add outputs to the nodes ``quantize_static`` reads);
+            left as it was.
         op_types: the op types whose nodes' tensors are calibrated.
         cache: the set-up cache of the symbolic shape inference (:mod:`maxact.cache`); None: none.
-
-    Raises:
-        AnalyzerError: a selected tensor the loaded graph lacks (a model file changed meanwhile).
     """
-    proto = onnx.load(str(model_path), load_external_data=False)
-    initializers = {t.name for t in proto.graph.initializer}
-    proto = _weights_as_inputs(proto)
-    typed = onnx.shape_inference.infer_shapes(proto)
-    infos = {vi.name: vi for vi in itertools.chain(typed.graph.value_info, typed.graph.output, typed.graph.input)}
-    ops = set(op_types)
-    chosen: list[str] = []
-    for node in typed.graph.node:
-        if node.op_type not in ops:
-            continue
-        for name in itertools.chain(node.input, node.output):
-            vi = infos.get(name)
-            if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOATS
-                    and name not in initializers and name not in chosen):
-                chosen.append(name)
-    if not chosen:
-        return []
-    dims = _symbolic_dims(proto, cache)
-    ids_dims = dims.get(ids_input) or [None, None]
-    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
-    found = []
-    for name in chosen:
-        value = values.get(name)
-        if value is None:
-            raise AnalyzerError(f"{model_path}: tensor {name!r} is not in the loaded graph: was the file changed?")
-        layout = _layout(dims.get(name, _dims(infos[name])), *ids_dims[:2])
-        consumers = [(use.op_type, use.inputs) for use, _ in value.uses()]
-        projection = layout != "all" and any(
-            op in ("MatMul", "Gemm") and len(ins) > 1 and ins[0] is value and is_weight(ins[1])
-            for op, ins in consumers)
-        producer = value.producer()
-        found.append(QuantTensor(name, layout, projection, "input" if producer is None else producer.op_type,
-                                 tuple(op for op, _ in consumers)))
-    return found
+
+    def __init__(self, model: ir.Model, op_types: Sequence[str], cache: Cache | None = None):
+        proto = _weightless_proto(model)
+        initializers = set(model.graph.initializers)
+        typed = onnx.shape_inference.infer_shapes(proto)
+        infos = {vi.name: vi for vi in itertools.chain(typed.graph.value_info, typed.graph.output, typed.graph.input)}
+        ops = set(op_types)
+        chosen: dict[str, list[object] | None] = {}  # name -> dims by onnx's shape inference
+        for node in typed.graph.node:
+            if node.op_type not in ops:
+                continue
+            for name in itertools.chain(node.input, node.output):
+                vi = infos.get(name)
+                if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOATS
+                        and name not in initializers):
+                    chosen.setdefault(name, value_dims(vi))
+        self._chosen = chosen
+        self._dims = None
+        if chosen:
+            pool = ThreadPoolExecutor(max_workers=1)
+            self._dims = pool.submit(_symbolic_dims, proto, cache)
+            pool.shutdown(wait=False)
+
+    def tensors(self, graph: ir.Graph, ids_input: str) -> list[QuantTensor]:
+        """The chosen tensors in graph order, once the symbolic shape inference is done.
+
+        Args:
+            graph: the graph of the model given at construction, rewritten or not (maxact's rewrites
+                add values, never remove or rename one), for the consumers and producers.
+            ids_input: the name of the token-ids input (its dimensions name batch and sequence).
+        """
+        if self._dims is None:
+            return []
+        dims = self._dims.result()
+        ids_dims = dims.get(ids_input) or [None, None]
+        values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+        found = []
+        for name, onnx_dims in self._chosen.items():
+            value = values[name]
+            layout = _layout(dims.get(name, onnx_dims), *ids_dims[:2])
+            consumers = [(use.op_type, use.inputs) for use, _ in value.uses()]
+            projection = layout != "all" and any(
+                op in ("MatMul", "Gemm") and len(ins) > 1 and ins[0] is value and is_weight(ins[1])
+                for op, ins in consumers)
+            producer = value.producer()
+            found.append(QuantTensor(name, layout, projection, "input" if producer is None else producer.op_type,
+                                     tuple(op for op, _ in consumers)))
+        return found

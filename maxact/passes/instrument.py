@@ -5,7 +5,8 @@ Only small tensors leave the session: per site a handful of scalars and one ``[w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -37,6 +38,17 @@ from maxact.statistics import (
 #: position holds a real token (the attention mask), False at padding.
 TOKEN_MASK = "maxact_token_mask"
 OUTPUT_PREFIX = "maxact/"
+#: The key of the instrumented model's metadata that holds ``{output name: graph output name}`` as
+#: JSON: outputs that are another output's value under a second name (a tensor that is a site's
+#: value reads the site's statistics), left out of the graph, which would need an Identity node
+#: for each (onnxruntime keeps them all; about 1,600 of them for SmolLM2-135M's MatMul tensors).
+OUTPUT_ALIASES = "maxact.output_aliases"
+
+
+def output_aliases(metadata: Mapping[str, str]) -> dict[str, str]:
+    """``{output name: graph output name}`` of an instrumented model's ``metadata`` (its
+    ``metadata_props``, or onnxruntime's ``custom_metadata_map``): :data:`OUTPUT_ALIASES`."""
+    return json.loads(metadata.get(OUTPUT_ALIASES, "{}"))
 
 
 _ATTENTION = by_name(ATTENTION_STATISTICS)
@@ -59,7 +71,7 @@ def valid_rows(b: ReductionBuilder, x: ir.Value, valid_index: ir.Value, cast: bo
 
 def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     """Statistics of ``xv [n, width]`` assuming it is finite; ``nonfinite_tokens`` checks that."""
-    f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
+    f64, i64 = ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
     ax = b.op("Abs", [xv])
     tok_sum = b.reduce("ReduceSum", xv, [-1])
@@ -79,7 +91,7 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     out["inf_count"] = b.constant_output(np.array(0, np.int64))
     # A token holding NaN or +-Inf has a non-finite sum, and s - s is NaN exactly then.
     bad = b.op("IsNaN", [b.op("Sub", [tok_sum, tok_sum])])
-    out[NONFINITE_TOKENS.name] = b.total(b.op("Cast", [bad], to=f32), i64)
+    out[NONFINITE_TOKENS.name] = b.total(bad, i64)
     return out, xv, ax, tok_absmax
 
 
@@ -288,7 +300,9 @@ class InstrumentPass(ir.passes.InPlacePass):
        ``maxact_tensor/<index>/<output>`` (:func:`~maxact.passes.tensors.tensor_output_name`), in
        both variants (or the ``reducer``'s, as for sites), placed after the tensor's producer as well.
        A tensor that is a measured site's value takes, in variant ``fast``, the statistics the site
-       has as copies of the site's outputs (:func:`~maxact.passes.tensors.site_tensor_reducer`).
+       has from the site's outputs (:func:`~maxact.passes.tensors.site_tensor_reducer`): not graph
+       outputs of their own, but names of the site's, in the model's metadata
+       (:data:`OUTPUT_ALIASES`).
     5. The model's own outputs (logits, present key/values) are removed, unless ``keep_outputs``
        names them, and nodes that then feed nothing are deleted, so the run does not pay for the
        LM head.
@@ -387,6 +401,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                                             for d in spec.shape])
                     new_outputs.append(value)
         values = {v.name: v for v in graph.inputs} | {v.name: v for node in graph for v in node.outputs}
+        site_values = {id(v) for v in new_outputs}
+        aliases: dict[str, str] = {}
         for index, tensor in enumerate(self.tensors):
             b.tape = ir.tape.Tape()
             value = values[tensor.name]
@@ -410,6 +426,9 @@ class InstrumentPass(ir.passes.InPlacePass):
                 placed[at] = (placed[at][0], [*placed[at][1], *b.tape.nodes])
             for spec in specs:
                 out = made[spec.name]
+                if id(out) in site_values:  # the site's own output, read under the tensor's name too
+                    aliases[tensor_output_name(index, spec.name)] = out.name
+                    continue
                 out.name = tensor_output_name(index, spec.name)
                 out.dtype = graph_dtype(spec)
                 out.shape = ir.Shape([f"tensor{index}_{d}" if isinstance(d, str) else d for d in spec.shape])
@@ -428,5 +447,7 @@ class InstrumentPass(ir.passes.InPlacePass):
         kept = [v for v in graph.outputs if v.name in self.keep_outputs]
         graph.outputs.clear()
         graph.outputs.extend(kept + new_outputs)
+        if aliases:
+            model.metadata_props[OUTPUT_ALIASES] = json.dumps(aliases)
         common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=True)

@@ -138,7 +138,7 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
     Returns:
         output name -> value.
     """
-    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    i64 = ir.DataType.INT64
     projection = _weight_projection(tensor, x) if unread else None
     if projection is not None:
         return _chunked_reducer(b, tensor, _valid_rows_in_chunks(b, tensor, *projection, valid_index, token_rows),
@@ -158,7 +158,7 @@ def tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, x: ir.Value, valid_
     out["count"] = count
     # A row holding NaN or +-Inf has a non-finite sum, and s - s is NaN exactly then.
     bad = b.op("IsNaN", [b.op("Sub", [row_sum, row_sum])])
-    out["nonfinite_rows"] = b.total(b.op("Cast", [bad], to=f32), i64)
+    out["nonfinite_rows"] = b.total(bad, i64)
     ax = b.op("Abs", [rows]) if tensor.projection or study else None
     if tensor.projection:
         out["per_channel_absmax"] = b.column_max(ax)
@@ -194,11 +194,10 @@ def site_tensor_reducer(b: ReductionBuilder, tensor: QuantTensor, rows: ir.Value
     the tensors only), are reduced anew.
 
     Returns:
-        output name -> value.
+        output name -> value: the site's own output value where the site has the statistic.
     """
     names = [o.name for o in tensor_outputs(study, tensor.projection)]
-    out = {name: b.op("Identity", [site[FROM_SITE[name]]]) for name in names
-           if name in FROM_SITE and FROM_SITE[name] in site}
+    out = {name: site[FROM_SITE[name]] for name in names if name in FROM_SITE and FROM_SITE[name] in site}
     if "hist" in names and "hist" not in out:
         out["hist"] = b.histogram(b.hist_bins(b.op("Abs", [rows]), exact=False))
     if tensor.projection:
@@ -211,7 +210,7 @@ def _chunked_reducer(b: ReductionBuilder, tensor: QuantTensor, parts: list[ir.Va
     """:func:`tensor_reducer`'s outputs from the valid rows given in consecutive chunks ``parts``
     (float32 ``[rows, width]``; the tensor is not a projection input): each chunk's per-row
     reductions and histogram, then their concatenation and sum."""
-    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    i64 = ir.DataType.INT64
     per_row = {op: b.op("Concat", [b.reduce(op, p, [-1]) for p in parts], axis=0)
                for op in ("ReduceMax", "ReduceMin", "ReduceSum")}
     out = {"max": b.reduce("ReduceMax", per_row["ReduceMax"], None),
@@ -221,7 +220,7 @@ def _chunked_reducer(b: ReductionBuilder, tensor: QuantTensor, parts: list[ir.Va
         np.array([1], np.int64), "one_dim")]) for p in parts], axis=0), None)
     row_sum = per_row["ReduceSum"]
     bad = b.op("IsNaN", [b.op("Sub", [row_sum, row_sum])])
-    out["nonfinite_rows"] = b.total(b.op("Cast", [bad], to=f32), i64)
+    out["nonfinite_rows"] = b.total(bad, i64)
     if study:
         hists = [b.histogram(b.hist_bins(b.op("Abs", [p]), exact=False)) for p in parts]
         out["hist"] = functools.reduce(lambda h1, h2: b.op("Add", [h1, h2]), hists)

@@ -24,7 +24,7 @@ from maxact.cache import Cache, cache_key
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
-from maxact.passes.instrument import TOKEN_MASK
+from maxact.passes.instrument import TOKEN_MASK, output_aliases
 from maxact.runtime.batching import Batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -446,6 +446,8 @@ class Session:
                 "(`analyzer export`, task text-generation)"
             )
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Outputs that are another's value under a second name (kept in the graph's metadata).
+        self.aliases = output_aliases(self.session.get_modelmeta().custom_metadata_map)
 
     @classmethod
     def from_optimised(cls, entry: Path, provider: str, threads: int | None, inputs: InputRoles,
@@ -489,15 +491,20 @@ class Session:
         }
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
-        """Run one batch; returns output name -> array (host memory)."""
+        """Run one batch; returns output name -> array (host memory), the graph's outputs and their
+        aliases (:data:`~maxact.passes.instrument.OUTPUT_ALIASES`)."""
         feeds = self.feeds(batch)
         if not self.io_binding:
             outs = self.session.run(self.output_names, feeds)
-            return dict(zip(self.output_names, outs, strict=False))
-        binding = self.session.io_binding()
-        for name, x in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, *self._device))
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=False))
+        else:
+            binding = self.session.io_binding()
+            for name, x in feeds.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, *self._device))
+            for name in self.output_names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            outs = binding.copy_outputs_to_cpu()
+        out = dict(zip(self.output_names, outs, strict=True))
+        for alias, name in self.aliases.items():
+            out[alias] = out[name]
+        return out
