@@ -107,14 +107,21 @@ def test_the_logits_are_measured_from_their_valid_rows_made_in_chunks(batched):
     np.testing.assert_allclose([st["max"], st["min"], st["absmax"]], [x.max(), x.min(), np.abs(x).max()], rtol=1e-5)
     hist = np.concatenate([[st["hist_zero"]], st["hist_log10"]])
     assert st["count"] == x.size == hist.sum() and st["nonfinite_rows"] == 0 and st["@masked"] == 1
-    # The model's own lm_head MatMul (every row, padding too) is gone: CHUNKS MatMuls of the valid rows.
+    # The model's own lm_head MatMul (every row, padding too) is gone: CHUNKS products of the valid
+    # rows, with the tied embedding table itself (Gemm, transB), not its transpose, which
+    # onnxruntime would fold into a copy of the table.
     path, model = load_model(MODEL)
     pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
     weight = next(n for n in model.graph if "logits" in [v.name for v in n.outputs]).inputs[1]
+    transpose = weight.producer()
+    table = transpose.inputs[0].name
+    assert transpose.op_type == "Transpose" and table == "model.embed_tokens.weight"
     tensors = _select(model, ("MatMul",))
     instrumented, _ = pipeline.instrument(Variant(float32=True, study=False, tensors=tensors))
     assert "logits" not in {v.name for n in instrumented.graph for v in n.outputs}
-    assert sum(n.op_type == "MatMul" and n.inputs[1] is weight for n in instrumented.graph) == CHUNKS
+    chunks = [n for n in instrumented.graph if n.op_type == "Gemm" and n.inputs[1].name == table]
+    assert len(chunks) == CHUNKS and all(n.attributes["transB"].value == 1 for n in chunks)
+    assert not any(n.op_type in ("Transpose", "MatMul") for n in instrumented.graph if table in [v.name for v in n.inputs if v is not None])
 
 
 def test_a_tensor_that_is_a_site_takes_the_sites_outputs_in_the_fast_graph():

@@ -60,11 +60,26 @@ def _weight_projection(tensor: QuantTensor, x: ir.Value) -> tuple[ir.Value, ir.V
     return node.inputs[0], node.inputs[1]
 
 
+def _transposed_weight(w: ir.Value) -> ir.Value | None:
+    """``W`` where ``w`` is ``Transpose(W)`` of a 2-D initializer ``W`` (a tied LM head: the
+    embedding table transposed), else None."""
+    node = w.producer()
+    if node is None or node.op_type != "Transpose" or node.inputs[0].const_value is None:
+        return None
+    weight = node.inputs[0]
+    perm = node.attributes.get_ints("perm", [1, 0])
+    return weight if len(weight.const_value.shape) == 2 and list(perm) == [1, 0] else None
+
+
 def _valid_rows_in_chunks(b: ReductionBuilder, tensor: QuantTensor, a: ir.Value, w: ir.Value,
                           valid_index: ir.Value, token_rows: ir.Value) -> list[ir.Value]:
     """The valid rows of ``MatMul(a, w)`` (float32), in :data:`CHUNKS` consecutive chunks: the
     MatMul again, of the activation's valid rows only, a chunk at a time (a row of a MatMul does not
-    depend on the other rows)."""
+    depend on the other rows). Where ``w`` is a weight transposed, a Gemm with ``transB`` of the
+    weight itself (the same values, bit for bit): else onnxruntime folds the transpose into a copy
+    of the weight at every first run (SmolLM2-135M's tied LM head: 113 MB, written into the
+    optimised graph)."""
+    weight = _transposed_weight(w)
     a_rows = b.op("Gather", [_token_matrix(b, tensor, a, token_rows), valid_index], axis=0)
     n = b.op("Gather", [b.op("Shape", [a_rows]), b.const(np.array([0], np.int64), "first")], axis=0)  # [1]
     chunks = b.const(np.array([CHUNKS], np.int64), "chunks")
@@ -74,7 +89,8 @@ def _valid_rows_in_chunks(b: ReductionBuilder, tensor: QuantTensor, a: ir.Value,
     for i in range(CHUNKS):
         start = b.op("Min", [b.op("Mul", [size, b.const(np.array([i], np.int64), f"chunk_{i}")]), n])
         end = b.op("Min", [b.op("Add", [start, size]), n])
-        part = b.op("MatMul", [b.op("Slice", [a_rows, start, end, first]), w])
+        rows = b.op("Slice", [a_rows, start, end, first])
+        part = b.op("MatMul", [rows, w]) if weight is None else b.op("Gemm", [rows, weight], transB=1)
         parts.append(_float32(b, part, w))
     return parts
 
