@@ -30,9 +30,11 @@ def main(argv=None) -> None:
     import onnxruntime as ort
     from variants import batches_of
 
+    from maxact import kernels
     from maxact.analyzer.pipeline import load_model, model_type_beside
     from maxact.analyzer.run import _float_dtype, default_model_path
     from maxact.discovery.attention import find_attention
+    from maxact.discovery.inputs import graph_inputs
     from maxact.discovery.sites import discover_sites
     from maxact.passes.instrument import InstrumentPass
     from maxact.runtime.session import Session
@@ -70,11 +72,14 @@ def main(argv=None) -> None:
         opts.log_severity_level = 3
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # as maxact's Session
         opts.enable_profiling = True
+        if kernels.DOMAIN in model.graph.opset_imports:
+            opts.register_custom_ops_library(kernels.custom_ops_library(args.threads))
         opts.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts,
                                        providers=["CPUExecutionProvider"])
         feeder = Session.__new__(Session)  # only for its feeds(): the same inputs analyzer run gives
         feeder.past, feeder.inputs = {}, {i.name: i for i in session.get_inputs()}
+        feeder.roles = graph_inputs(model.graph)
         outputs = [o.name for o in session.get_outputs()]
         for batch in batches:
             session.run(outputs, feeder.feeds(batch))

@@ -31,6 +31,10 @@ import numpy as np
 #: Histogram of log10 |x|: 512 bins of 1/32 decade over [1e-8, 1e8) (values beyond 1e8 in the last
 #: bin), plus one bin in front for |x| < 1e-8 (zero, in practice).
 HIST_BINS, HIST_LOW, HIST_PER_DECADE = 512, -8.0, 32
+#: The bin of |x| is trunc(ln|x| * HIST_SCALE + HIST_OFFSET) clipped to [0, HIST_BINS], in float32
+#: arithmetic (ln(0) = -inf: bin 0), the natural log being onnxruntime's float32 ``Log``.
+HIST_SCALE = np.float32(HIST_PER_DECADE / np.log(10.0))
+HIST_OFFSET = np.float32(-HIST_LOW * HIST_PER_DECADE + 1)
 #: The top-k lists hold the k largest |x| of a site.
 TOP_K = 100
 #: Sun et al. 2024's massive activations: max |x| > 100 and max |x| / median |x| > 1000 in a token.

@@ -5,8 +5,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from maxact import kernels
 from maxact.discovery.sites import Site
-from maxact.passes import instrument
 from maxact.passes.instrument import TOKEN_MASK, InstrumentPass, output_name
 from maxact.runtime.merge import SiteStats
 from maxact.statistics import site_outputs
@@ -22,13 +22,20 @@ def _identity_model(opset: int, width: int | str = 6):
     return ir.Model(graph, ir_version=9), y
 
 
+def _session(model, threads=None):
+    """An onnxruntime session of an instrumented ``model``, maxact's kernels registered."""
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(kernels.custom_ops_library(threads))
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _run(opset, x, mask, variant="exact"):
     model, y = _identity_model(opset)
     site = Site("residual", 0, y)
     InstrumentPass([site], variant=variant)(model)
     names = [output_name("layers.0.residual", s.name) for s in site_outputs(study=False)]
     assert [v.name for v in model.graph.outputs][: len(names)] == names
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = _session(model)
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, {"x": x, TOKEN_MASK: mask})))
     return {k.rsplit("/", 1)[1]: v for k, v in outs.items()}
@@ -156,14 +163,14 @@ def test_io_binding_gives_the_same_outputs():
 
 @pytest.mark.parametrize("width", [1, 2, 7, 8, 576])
 @pytest.mark.parametrize("variant", ["fast", "exact"])
-@pytest.mark.parametrize("method", ["bins", "sort"])
 @pytest.mark.parametrize("static", [True, False])
-def test_sun_median_and_histogram_match_numpy(width, variant, method, static, monkeypatch):
-    """The per-token lower median, both ways (through the token's histogram, and by a TopK of
-    half the row; chosen when the graph is made where the site's width is known, else by an If
-    when it runs), and the histogram against numpy, on rows built to hit the edge cases: ties across the median, a
-    median of 0 (no ratio), values below 1e-8 and above 1e8 (the clipped end bins), +-Inf (exact
-    variant: an infinite ratio), many values in the median's bin, and padding."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sun_median_and_histogram_match_numpy(width, variant, static, threads, monkeypatch):
+    """The per-token lower median and the histogram (maxact.kernels, run by onnxruntime as a custom
+    operator, its rows split over 1 or 2 threads) against numpy, on rows built to hit the edge
+    cases: ties across the median, a median of 0 (no ratio), values below 1e-8 and above 1e8 (the
+    clipped end bins), +-Inf (exact variant: an infinite ratio), many values in the median's bin,
+    and padding; the site's width known when the graph is made or not."""
     rng = np.random.default_rng(width)
     b, t = 3, 9
     x = (rng.standard_normal((b, t, width)) * 10.0 ** rng.integers(-3, 4, size=(b, t, 1))).astype(np.float32)
@@ -178,11 +185,11 @@ def test_sun_median_and_histogram_match_numpy(width, variant, method, static, mo
         x[1, 3, 0] = -np.inf
     mask = np.ones((b, t), dtype=bool)
     mask[2, 5:] = False
-    monkeypatch.setattr(instrument, "MEDIAN_BY_BINS_MIN_WIDTH", 0 if method == "bins" else 10**9)
     model, y = _identity_model(18, width if static else "width")
     InstrumentPass([Site("residual", 0, y)], variant=variant)(model)
-    assert any(n.op_type == "If" for n in model.graph) != static
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in model.graph if n.domain == kernels.DOMAIN] == [kernels.HISTOGRAM_MEDIAN]
+    monkeypatch.setattr(kernels, "_ROWS_PER_TASK", 4)  # several tasks per site: the split is exercised
+    sess = _session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     got = {k.rsplit("/", 1)[1]: v for k, v in zip(names, sess.run(names, {"x": x, TOKEN_MASK: mask}))}
 

@@ -13,6 +13,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from maxact.discovery.sites import Site
+from maxact.kernels import DOMAIN, HISTOGRAM_MEDIAN
 from maxact.passes.attention import attention_name, attention_reducer
 from maxact.passes.reductions import ReductionBuilder, graph_dtype
 from maxact.passes.tensors import (
@@ -24,7 +25,6 @@ from maxact.passes.tensors import (
 )
 from maxact.statistics import (
     ATTENTION_STATISTICS,
-    HIST_BINS,
     NONFINITE_TOKENS,
     SUN_MIN_ABS,
     SUN_MIN_RATIO,
@@ -95,21 +95,14 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
     return out, xv, ax, tok_absmax
 
 
-#: Below this width the median is taken by a TopK of half of each row (cheaper there than the
-#: per-token histograms of :func:`_median_by_bins`, which cost [n, 513] whatever the width).
-MEDIAN_BY_BINS_MIN_WIDTH = 256
-
-
 def _study_reductions(
     b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool,
-    width_hint: int | None = None, name: str = "study",
 ) -> dict[str, ir.Value]:
-    """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``).
+    """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``); the median
+    and the histogram by the kernel :data:`maxact.kernels.HISTOGRAM_MEDIAN`.
 
     With ``exact`` False the values may hold NaN only in batches the caller redoes; the graph must
-    merely not fail on them. ``width_hint``: the site's static width, if known, which chooses how
-    the median is found (:data:`MEDIAN_BY_BINS_MIN_WIDTH`); both ways give the same values.
-    Without it an ``If`` chooses at run time; ``name`` prefixes the names of its branches' values."""
+    merely not fail on them."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
     shape = b.op("Shape", [xs])
@@ -132,16 +125,9 @@ def _study_reductions(
     out["topk_token"] = b.op("Gather", [top_tokens, b.op("Div", [flat_idx, width_scalar])], axis=0)
     out["topk_channel"] = b.op("Mod", [flat_idx, width_scalar])
 
-    # Sun et al.'s median is the lower one (torch.median): the m-th smallest |x| of the row.
-    one = b.const(np.array([1], np.int64), "one")
-    m = b.op("Add", [b.op("Div", [b.op("Sub", [width, one]), b.const(np.array([2], np.int64), "two")]), one])
-    bins = b.hist_bins(ax, exact)
-    if width_hint is not None:
-        how = _median_by_sort if width_hint < MEDIAN_BY_BINS_MIN_WIDTH else _median_by_bins
-        median, out["hist"], rows_of = how(b, ax, bins, n, m)
-    else:  # a width onnx-ir does not know: chosen when the graph runs
-        median, out["hist"] = _median_by_width(b, ax, bins, n, m, width, name)
-        rows_of = ax  # the branches' TopK outputs are freed with the branch
+    # Sun et al.'s median is the lower one (torch.median), found with the histogram by one kernel.
+    bins = b.hist_bins(ax, exact, ir.DataType.INT16)
+    median, out["hist"] = b.tape.op_multi_out(HISTOGRAM_MEDIAN, [ax, bins], num_outputs=2, domain=DOMAIN)
     has_ratio = b.op("Greater", [median, b.const(np.array(0.0, np.float32), "zero")])
     safe = b.op("Where", [has_ratio, median, b.const(np.array(1.0, np.float32), "one_f")])
     ratio = b.op("Where", [has_ratio, b.op("Div", [tok_absmax, safe]), b.const(np.array(0.0, np.float32), "zero")])
@@ -151,9 +137,7 @@ def _study_reductions(
     out["sun_ratio_sum"] = b.reduce("ReduceSum", ratio64, None)
     out["sun_ratio_sum_sq"] = b.reduce("ReduceSum", b.op("Mul", [ratio64, ratio64]), None)
     out["sun_n_ratio"] = b.total(b.op("Cast", [has_ratio], to=f32), i64)
-    # The token count is read off the median TopK's index output where there is one outside an
-    # If: an output nothing reads is kept by onnxruntime until the run ends.
-    rows_seen = b.op("Gather", [b.op("Shape", [rows_of]), b.const(np.array([0], np.int64), "first")], axis=0)
+    rows_seen = b.op("Shape", [median])
     out["sun_n_tokens"] = b.reduce("ReduceSum", rows_seen, None)
     passes = b.op("And", [
         b.op("Greater", [tok_absmax, b.const(np.array(SUN_MIN_ABS, np.float32), "sun_abs")]),
@@ -161,92 +145,6 @@ def _study_reductions(
     ])
     out["sun_n_pass"] = b.total(b.op("Cast", [passes], to=f32), i64)
     return out
-
-
-def _median_by_sort(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value):
-    """(m-th smallest |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
-    dimension is n) by a TopK of the m smallest |x| of every row (``m``: int64 ``[1]``)."""
-    smallest, smallest_idx = b.tape.op_multi_out("TopK", [ax, m], num_outputs=2,
-                                                 attributes={"axis": -1, "largest": 0, "sorted": 0})
-    median = b.reduce("ReduceMax", smallest, [-1])  # the largest of the k smallest
-    return median, b.histogram(bins), smallest_idx
-
-
-def _median_by_bins(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value):
-    """(m-th smallest |x| per token ``[n]``, batch histogram int64 ``[513]``, a value whose first
-    dimension is n) from per-token histograms, without sorting the rows (``m``: int64 ``[1]``)."""
-    i64 = ir.DataType.INT64
-    # One histogram per token, [n, 513], by one ScatterElements into n * 513 counters (token i's
-    # bins at i * 513 + bin); the batch's histogram is their sum.
-    n_bins = HIST_BINS + 1
-    n32 = b.op("Cast", [n], to=ir.DataType.INT32)
-    row_start = b.op("Mul", [b.op("Range", [b.const(np.array(0, np.int32), "zero_i32"), b.op("Squeeze", [n32]),
-                                             b.const(np.array(1, np.int32), "one_i32")]),
-                             b.const(np.array(n_bins, np.int32), "hist_bins")])
-    slots = b.op("Add", [bins, b.op("Unsqueeze", [row_start, b.const(np.array([1], np.int64), "second")])])
-    slots = b.op("Reshape", [slots, b.const(np.array([-1], np.int64), "flat")])
-    ones = b.op("ConstantOfShape", [b.op("Shape", [slots])], value=ir.tensor(np.array([1], np.int32)))
-    counters = b.op("ConstantOfShape", [b.op("Mul", [n, b.const(np.array([n_bins], np.int64), "hist_bins_i64")])],
-                    value=ir.tensor(np.array([0], np.int32)))
-    token_hist = b.op("ScatterElements", [counters, slots, ones], axis=0, reduction="add")
-    token_hist = b.op("Reshape", [token_hist, b.const(np.array([-1, n_bins], np.int64), "hist_rows")])
-    # Summed in int32 (a batch's count per bin is below 2**31 up to 2**31 values per site).
-    hist = b.op("Cast", [b.reduce("ReduceSum", token_hist, [0])], to=i64)
-
-    # The m-th smallest |x| of every row, exactly, without sorting the row: it lies in the first
-    # bin whose cumulative count reaches m (bins are ordered as |x| is), as the r-th smallest of
-    # that bin's c values, r = m - (count in the bins before). NonZero lists those values row by
-    # row (row-major), they are laid out as a [n, c_max] matrix (+inf past each row's c), and a
-    # TopK of the r_max smallest picks them. c_max is a few dozen to a few hundred in practice (a
-    # bin is 1/32 decade wide); TopK of half of every row cost more than all the model's MatMuls
-    # (benchmarks/README.md).
-    i64_one = b.const(np.array([1], np.int64), "one")
-    flat = b.const(np.array([-1], np.int64), "flat")
-    m = b.op("Cast", [m], to=ir.DataType.INT32)
-    through = b.op("CumSum", [token_hist, b.const(np.array(1, np.int32), "axis_one")])  # [n, 513], inclusive
-    median_bin = b.op("ArgMax", [b.op("Cast", [b.op("GreaterOrEqual", [through, m])], to=ir.DataType.INT32)],
-                      axis=1, keepdims=1)  # [n, 1] int64: the first bin reaching m
-    in_median_bin = b.op("GatherElements", [token_hist, median_bin], axis=1)  # c: [n, 1] int32, >= 1
-    rank = b.op("Sub", [m, b.op("Sub", [b.op("GatherElements", [through, median_bin], axis=1), in_median_bin])])
-    in_bin = b.op("Equal", [bins, b.op("Cast", [median_bin], to=ir.DataType.INT32)])  # [n, width]
-    where = b.op("Reshape", [b.op("NonZero", [b.op("Reshape", [in_bin, flat])]), flat])  # int64 [sum c]
-    values = b.op("Gather", [b.op("Reshape", [ax, flat]), where], axis=0)
-    count = b.op("Cast", [in_median_bin], to=i64)
-    first = b.op("CumSum", [count, b.const(np.array(0, np.int32), "axis_zero")], exclusive=1)  # [n, 1]
-    c_max = b.reduce("ReduceMax", count, None)
-    column = b.op("Range", [b.const(np.array(0, np.int64), "zero_i64"), c_max,
-                            b.const(np.array(1, np.int64), "one_i64")])  # [c_max]
-    last = b.op("Sub", [b.op("Size", [values]), b.const(np.array(1, np.int64), "one_i64")])
-    slot = b.op("Min", [b.op("Add", [first, column]), last])  # [n, c_max]
-    candidates = b.op("Where", [b.op("Less", [column, count]), b.op("Gather", [values, slot], axis=0),
-                                b.const(np.array(np.inf, np.float32), "pos_inf")])
-    r_max = b.op("Reshape", [b.op("Cast", [b.reduce("ReduceMax", rank, None)], to=i64), i64_one])
-    smallest, smallest_idx = b.tape.op_multi_out("TopK", [candidates, r_max], num_outputs=2,
-                                                 attributes={"axis": -1, "largest": 0, "sorted": 1})
-    at_rank = b.op("Cast", [b.op("Sub", [rank, b.const(np.array(1, np.int32), "one_i32")])], to=i64)
-    median = b.op("Squeeze", [b.op("GatherElements", [smallest, at_rank], axis=1),
-                              b.const(np.array([1], np.int64), "second")])  # [n]
-    return median, hist, smallest_idx
-
-
-def _median_by_width(b: ReductionBuilder, ax: ir.Value, bins: ir.Value, n: ir.Value, m: ir.Value,
-                     width: ir.Value, name: str) -> tuple[ir.Value, ir.Value]:
-    """(median ``[n]``, histogram ``[513]``) by :func:`_median_by_sort` or :func:`_median_by_bins`,
-    chosen by an ``If`` on the width when the graph runs (for sites of unknown static width)."""
-    branches = {}
-    for way, how in (("sort", _median_by_sort), ("bins", _median_by_bins)):
-        outer, b.tape = b.tape, ir.tape.Tape()
-        median, hist, _ = how(b, ax, bins, n, m)
-        nodes, b.tape = b.tape.nodes, outer
-        for i, node in enumerate(nodes):  # unique names: a branch's values must not shadow others
-            for j, out in enumerate(node.outputs):
-                out.name = f"{name}/median_by_{way}/{i}_{j}"
-        branches[way] = ir.Graph([], [median, hist], nodes=nodes, name=f"{name}/median_by_{way}")
-    small = b.op("Less", [b.op("Squeeze", [width]),
-                          b.const(np.array(MEDIAN_BY_BINS_MIN_WIDTH, np.int64), "median_by_bins_width")])
-    median, hist = b.tape.op_multi_out("If", [small], num_outputs=2,
-                                       attributes={"then_branch": branches["sort"], "else_branch": branches["bins"]})
-    return median, hist
 
 
 def _exact_reductions(b: ReductionBuilder, xv: ir.Value):
@@ -372,11 +270,8 @@ class InstrumentPass(ir.passes.InPlacePass):
             else:
                 stats, xs, ax, tok_absmax = reductions(b, rows)
                 if self.study:
-                    dims = site.value.shape.dims if site.value.shape is not None else ()
-                    width = dims[-1] if dims and isinstance(dims[-1], int) else None
                     stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
-                                                   exact=self.variant == "exact", width_hint=width,
-                                                   name=f"maxact_study/{site.site_id}"))
+                                                   exact=self.variant == "exact"))
                 site_specs = specs
                 if self.variant == "fast":
                     by_site[id(site.value)] = (len(placed), rows, stats)
@@ -440,6 +335,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                 graph.extend(nodes)
             else:
                 graph.insert_after(producer, nodes)
+        if any(node.domain == DOMAIN for node in graph):
+            graph.opset_imports[DOMAIN] = 1
         first = next(iter(graph))
         graph.insert_before(first, b.head.nodes)
         for value in b.initializers:

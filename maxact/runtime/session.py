@@ -24,6 +24,7 @@ from maxact.cache import Cache, cache_key
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
+from maxact.kernels import DOMAIN, custom_ops_library
 from maxact.passes.instrument import TOKEN_MASK, output_aliases
 from maxact.runtime.batching import Batch
 
@@ -100,8 +101,11 @@ _WEIGHTS = "weights.data"
 _INSTRUMENTED = "instrumented.onnx"
 
 
-def _options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+def _options(threads: int | None, level: ort.GraphOptimizationLevel, kernels: bool) -> ort.SessionOptions:
+    """Session options; ``kernels``: the graph has maxact's custom operators (:mod:`maxact.kernels`)."""
     opts = ort.SessionOptions()
+    if kernels:
+        opts.register_custom_ops_library(custom_ops_library(threads))
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -206,12 +210,17 @@ def _in_model_order(path: Path, model: ir.Model) -> None:
         onnx.save(proto, os.fspath(path))
 
 
-def _saving(threads: int | None, folder: Path) -> ort.SessionOptions:
+def _has_kernels(model: ir.Model) -> bool:
+    """The graph has nodes of maxact's custom operators (:mod:`maxact.kernels`)."""
+    return DOMAIN in model.graph.opset_imports
+
+
+def _saving(threads: int | None, folder: Path, kernels: bool) -> ort.SessionOptions:
     """The options of a session that also writes its optimised graph into ``folder``. No file of
     external initializers is named: onnxruntime's optimised graph then refers to the data file of
     the graph it read for every initializer it keeps as it was (and holds the few it makes,
     folded constants, inline), so the weights are written once, by :func:`_save_instrumented`."""
-    opts = _options(threads, _LEVEL)
+    opts = _options(threads, _LEVEL, kernels)
     opts.optimized_model_filepath = os.fspath(folder / _OPTIMISED)
     return opts
 
@@ -309,7 +318,7 @@ def _open_saving(model: ir.Model, provider: str, threads: int | None, cache: Cac
             # The weights' sha256, which the entry's manifest holds, read while onnxruntime optimises
             # (it does not hold the interpreter meanwhile).
             hashed = pool.submit(cache.known_sha256, folder / _WEIGHTS, True)
-            session = ort.InferenceSession(path, _saving(threads, folder), providers=[provider])
+            session = ort.InferenceSession(path, _saving(threads, folder, _has_kernels(model)), providers=[provider])
             hashed.result()
         os.unlink(path)
         _in_model_order(folder / _OPTIMISED, model)
@@ -327,9 +336,11 @@ def _open_entry(entry: Path, provider: str, threads: int | None, cache: Cache,
     """The session of the optimised graph of cache entry ``entry`` (key ``key``); None where
     onnxruntime cannot load it (the entry is then refused: deleted with a warning)."""
     try:
-        return ort.InferenceSession(os.fspath(entry / _OPTIMISED),
-                                    _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                    providers=[provider])
+        path = entry / _OPTIMISED
+        # The domain is named in the graph's opset imports where a node has it (a few MB to read).
+        kernels = DOMAIN.encode() in path.read_bytes()
+        opts = _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, kernels)
+        return ort.InferenceSession(os.fspath(path), opts, providers=[provider])
     except Exception as e:  # whatever onnxruntime says of an entry, the run goes on without it
         cache.refuse(key, f"onnxruntime cannot load it: {' '.join(str(e).split())[:120]}")
         return None
@@ -370,7 +381,7 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
     # onnxruntime reads while the session is made, so it can go afterwards.
     with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
         path = _save_instrumented(model, Path(tmp))
-        return ort.InferenceSession(path, _options(threads, _LEVEL), providers=[provider]), None
+        return ort.InferenceSession(path, _options(threads, _LEVEL, _has_kernels(model)), providers=[provider]), None
 
 
 class Session:
