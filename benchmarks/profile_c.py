@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     from maxact.discovery.inputs import graph_inputs
     from maxact.discovery.sites import discover_sites
     from maxact.passes.instrument import InstrumentPass
-    from maxact.runtime.session import Session
+    from maxact.runtime.session import Session, register_kernels
 
     p = argparse.ArgumentParser(prog="benchmarks/profile_c.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", type=Path, default=None)
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # as maxact's Session
         opts.enable_profiling = True
         if kernels.DOMAIN in model.graph.opset_imports:
-            opts.register_custom_ops_library(kernels.custom_ops_library(args.threads))
+            register_kernels(opts, args.threads)
         opts.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts,
                                        providers=["CPUExecutionProvider"])

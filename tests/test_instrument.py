@@ -9,6 +9,7 @@ from maxact import kernels
 from maxact.discovery.sites import Site
 from maxact.passes.instrument import TOKEN_MASK, InstrumentPass, output_name
 from maxact.runtime.merge import SiteStats
+from maxact.runtime.session import register_kernels
 from maxact.statistics import site_outputs
 
 
@@ -25,7 +26,7 @@ def _identity_model(opset: int, width: int | str = 6):
 def _session(model, threads=None):
     """An onnxruntime session of an instrumented ``model``, maxact's kernels registered."""
     opts = ort.SessionOptions()
-    opts.register_custom_ops_library(kernels.custom_ops_library(threads))
+    register_kernels(opts, threads)
     return ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -1,4 +1,5 @@
-"""maxact.kernels: the compiled median and histogram against numpy's sort and bincount."""
+"""maxact.kernels: the compiled median and histogram against numpy's sort, and its bins against the
+graph's own (onnxruntime's float32 Log), value by value at every bin edge."""
 
 import numpy as np
 import onnx_ir as ir
@@ -7,28 +8,60 @@ import pytest
 
 from maxact import kernels
 from maxact.passes.reductions import ReductionBuilder
-from maxact.statistics import HIST_BINS
+from maxact.runtime.session import hist_bin_edges
+from maxact.statistics import HIST_BINS, HIST_LOW, HIST_PER_DECADE
 
 
-def _bins(ax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int16, int32) bins of ``ax`` as ReductionBuilder.hist_bins makes them in the graph."""
+def _graph_bins(ax: np.ndarray) -> np.ndarray:
+    """int32, the bins ReductionBuilder.hist_bins makes of ``ax`` in the graph (another session than
+    hist_bin_edges')."""
     b = ReductionBuilder(18)
     x = ir.val("ax", dtype=ir.DataType.FLOAT, shape=ir.Shape(["n", "w"]))
     b.tape = ir.tape.Tape()
-    bins = [b.hist_bins(x, exact=True, dtype=dtype) for dtype in (ir.DataType.INT16, ir.DataType.INT32)]
-    bins[0].name, bins[1].name = "bins16", "bins32"
-    graph = ir.Graph([x], bins, nodes=[*b.head.nodes, *b.tape.nodes], opset_imports={"": 18})
+    bins = b.hist_bins(x, exact=True)
+    bins.name = "bins"
+    graph = ir.Graph([x], [bins], nodes=[*b.head.nodes, *b.tape.nodes], opset_imports={"": 17})
     proto = ir.to_proto(ir.Model(graph, ir_version=9)).SerializeToString()
-    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
-    return tuple(session.run(None, {"ax": ax}))
+    return ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {"ax": ax})[0]
+
+
+def _histogram(ax: np.ndarray) -> np.ndarray:
+    return kernels.histogram_median(ax, hist_bin_edges(), threads=1)[1]
+
+
+def test_bins_are_the_graphs_at_every_edge():
+    """Each float within 64 of every nominal bin edge 10**(k/32) (where onnxruntime's Log decides
+    the bin), one by one: counted in the bin the graph's own nodes give it; and so are zero,
+    subnormals, the largest float, +Inf and random values over 20 decades."""
+    k = np.arange(-2, HIST_BINS + 3)
+    nominal = np.float32(10.0 ** (HIST_LOW + k / HIST_PER_DECADE)).view(np.int32)
+    near = (nominal[:, None] + np.arange(-64, 65, dtype=np.int32)).view(np.float32)  # [517, 129]
+    want = _graph_bins(near)
+    assert (want[:, 0] != want[:, -1]).sum() == HIST_BINS  # an edge in every window but the outer ones
+    for column in range(near.shape[1]):  # one value per bin and row: the histogram tells each bin
+        one = near[:, column : column + 1]
+        np.testing.assert_array_equal(_histogram(one), np.bincount(want[:, column], minlength=HIST_BINS + 1))
+    rng = np.random.default_rng(0)
+    spread = np.float32(10.0 ** rng.uniform(-10, 10, (2000, 64)))
+    spread[0, :6] = [0.0, 1e-45, 1e-40, 1.17e-38, np.inf, 3.4e38]
+    np.testing.assert_array_equal(_histogram(spread), np.bincount(_graph_bins(spread).ravel(), minlength=HIST_BINS + 1))
+
+
+def test_bin_edges_refuse_bins_that_do_not_increase():
+    def shuffled(values):
+        bins = np.clip(np.log10(values) * 32 + 257, 0, 512).astype(np.int32)
+        return bins[::-1]
+
+    with pytest.raises(RuntimeError, match="report this as a maxact bug"):
+        kernels.bin_edges(shuffled)
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 33, 64, 577, 1536])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_histogram_median_matches_numpy(width, threads, monkeypatch):
     """Lower medians equal numpy's sort (ties, zeros, a row in one bin, a median bin of more than
-    32 values, a massive value), the histogram equals numpy's bincount of the kernel's bins; rows
-    split over threads give the same."""
+    32 values, a massive value), the histogram numpy's bincount of the graph's bins; rows split
+    over threads give the same."""
     monkeypatch.setattr(kernels, "_ROWS_PER_TASK", 16)
     rng = np.random.default_rng(width)
     n = 70
@@ -37,14 +70,12 @@ def test_histogram_median_matches_numpy(width, threads, monkeypatch):
     ax[1] = 2.5
     ax[2] = (1.0 + rng.random(width) * 1e-3).astype(np.float32)  # one bin: the median bin holds all
     ax[3, 0] = 3e5
-    bins16, bins32 = _bins(ax)
-    np.testing.assert_array_equal(bins16, bins32)  # the same bins in either width
-    median, hist = kernels.histogram_median(ax, bins16, threads)
+    median, hist = kernels.histogram_median(ax, hist_bin_edges(), threads)
     np.testing.assert_array_equal(median, np.sort(ax, axis=1)[:, (width - 1) // 2])
-    np.testing.assert_array_equal(hist, np.bincount(bins32.ravel(), minlength=HIST_BINS + 1))
+    np.testing.assert_array_equal(hist, np.bincount(_graph_bins(ax).ravel(), minlength=HIST_BINS + 1))
     assert hist.dtype == np.int64 and median.dtype == np.float32
 
 
 def test_histogram_median_of_no_rows():
-    median, hist = kernels.histogram_median(np.zeros((0, 8), np.float32), np.zeros((0, 8), np.int16))
+    median, hist = kernels.histogram_median(np.zeros((0, 8), np.float32), hist_bin_edges())
     assert median.shape == (0,) and hist.shape == (HIST_BINS + 1,) and hist.sum() == 0

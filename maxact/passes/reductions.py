@@ -96,22 +96,20 @@ class ReductionBuilder:
         row = self.op("Gather", [ax, token], axis=0)
         return token, self.op("ArgMax", [row], axis=0, keepdims=0)
 
-    def hist_bins(self, ax: ir.Value, exact: bool, dtype: ir.DataType = ir.DataType.INT32) -> ir.Value:
-        """The histogram bin of every |x|, ``dtype`` ``[n, width]``: trunc(log10|x| * 32 + 8 * 32 + 1),
-        clipped to [0, 512]; log(0) = -inf -> 0 (:data:`~maxact.statistics.HIST_SCALE`). The bin is
-        a non-decreasing function of |x| (Log, a positive scale and shift, Clip and truncation all
-        are), which the sites' median (:mod:`maxact.kernels`) relies on. With ``exact`` False a
-        NaN, which the float clip keeps, goes to bin 0 in int32 (whose cast makes it int32 min);
-        in int16 (the kernel's input, which takes a bin out of range as the nearest end) the cast's
-        value is left as it is."""
+    def hist_bins(self, ax: ir.Value, exact: bool) -> ir.Value:
+        """The histogram bin of every |x|, int32 ``[n, width]``: trunc(log10|x| * 32 + 8 * 32 + 1),
+        clipped to [0, 512]; log(0) = -inf -> 0 (:data:`~maxact.statistics.HIST_SCALE`). The sites'
+        kernel (:mod:`maxact.kernels`) counts into the bins these nodes make, their edges found by
+        running them. With ``exact`` False a NaN (which the float clip keeps, and the cast makes
+        int32 min) goes to bin 0."""
         scale = self.const(np.array(HIST_SCALE, np.float32), "hist_scale")
         offset = self.const(np.array(HIST_OFFSET, np.float32), "hist_offset")
         t = self.op("Add", [self.op("Mul", [self.op("Log", [ax]), scale]), offset])
         # Float clip first (+Inf -> last bin, -Inf -> 0).
         t = self.op("Clip", [t, self.const(np.array(0.0, np.float32), "zero"),
                              self.const(np.array(float(HIST_BINS), np.float32), "hist_top")])
-        bins = self.op("Cast", [t], to=dtype)
-        if not exact and dtype == ir.DataType.INT32:
+        bins = self.op("Cast", [t], to=ir.DataType.INT32)
+        if not exact:
             bins = self.op("Max", [bins, self.const(np.array(0, np.int32), "zero_i32")])
         return bins
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import os
@@ -24,8 +25,9 @@ from maxact.cache import Cache, cache_key
 from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
-from maxact.kernels import DOMAIN, custom_ops_library
+from maxact.kernels import DOMAIN, bin_edges, custom_ops_library, raise_failure
 from maxact.passes.instrument import TOKEN_MASK, output_aliases
+from maxact.passes.reductions import ReductionBuilder
 from maxact.runtime.batching import Batch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -101,11 +103,34 @@ _WEIGHTS = "weights.data"
 _INSTRUMENTED = "instrumented.onnx"
 
 
+def register_kernels(opts: ort.SessionOptions, threads: int | None) -> None:
+    """Register maxact's custom operators (:mod:`maxact.kernels`) with ``opts``, their rows split over
+    ``threads`` threads (None: one per core), their histogram bins those the graph's own nodes make
+    on this machine's CPU provider (:func:`hist_bin_edges`)."""
+    opts.register_custom_ops_library(custom_ops_library(threads, hist_bin_edges()))
+
+
+@functools.cache
+def hist_bin_edges() -> np.ndarray:
+    """:func:`maxact.kernels.bin_edges` of :meth:`~maxact.passes.reductions.ReductionBuilder.hist_bins`
+    run by onnxruntime's CPU provider (2 million floats: about 20 ms, once per process)."""
+    b = ReductionBuilder(18)
+    ax = ir.val("ax", dtype=ir.DataType.FLOAT, shape=ir.Shape(["n"]))
+    b.tape = ir.tape.Tape()
+    bins = b.hist_bins(ax, exact=True)
+    bins.name = "bins"
+    graph = ir.Graph([ax], [bins], nodes=[*b.head.nodes, *b.tape.nodes], opset_imports={"": 18})
+    proto = ir.to_proto(ir.Model(graph, ir_version=9)).SerializeToString()
+    session = ort.InferenceSession(proto, _options(1, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, False),
+                                   providers=[PROVIDERS["cpu"]])
+    return bin_edges(lambda values: session.run(None, {"ax": values})[0])
+
+
 def _options(threads: int | None, level: ort.GraphOptimizationLevel, kernels: bool) -> ort.SessionOptions:
     """Session options; ``kernels``: the graph has maxact's custom operators (:mod:`maxact.kernels`)."""
     opts = ort.SessionOptions()
     if kernels:
-        opts.register_custom_ops_library(custom_ops_library(threads))
+        register_kernels(opts, threads)
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -515,6 +540,7 @@ class Session:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             outs = binding.copy_outputs_to_cpu()
+        raise_failure()
         out = dict(zip(self.output_names, outs, strict=True))
         for alias, name in self.aliases.items():
             out[alias] = out[name]
