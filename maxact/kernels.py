@@ -8,7 +8,9 @@ more than the model's MatMuls; benchmarks/README.md). Here they are one loop per
 numba (about 3 ns per value), run as an onnxruntime-extensions Python operator
 (``onnxruntime_extensions.onnx_op``: a node of domain :data:`DOMAIN` calls a Python function on
 numpy copies of its inputs). Both come from PyPI wheels; numba is imported, and the loop compiled
-(then cached in numba's cache folder), only where a graph with the operator runs.
+(then cached in ``numba/`` of maxact's cache folder, :func:`maxact.cache.default_folder`, or in
+``$NUMBA_CACHE_DIR``; never inside the installed package, which pip would then leave behind), only
+where a graph with the operator runs.
 
 The node: ``MaxactHistogramMedian(|x| float32 [n, width]) -> (median float32 [n], hist int64
 [513])``. Its bins are the graph's own (:meth:`maxact.passes.reductions.ReductionBuilder.hist_bins`,
@@ -31,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from maxact.cache import default_folder
 from maxact.statistics import HIST_BINS, HIST_LOW, HIST_PER_DECADE
 
 #: The operator domain of onnxruntime-extensions' Python operators.
@@ -88,9 +91,9 @@ def _tables(edges: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compiled():
-    """The numba-compiled loop: numba imported and the loop compiled at the first call (numba caches
-    the machine code in its cache folder, so that later processes only load it: about 0.5 s, begun
-    by :func:`custom_ops_library`)."""
+    """The numba-compiled loop: numba imported and the loop compiled at the first call (3-5 s; numba
+    caches the machine code, so that later processes only load it: about 0.5 s, begun by
+    :func:`custom_ops_library`)."""
     with _compiling:
         return _compile()
 
@@ -102,10 +105,12 @@ _compiling = threading.Lock()
 def _compile():
     import numba
 
+    if not os.environ.get("NUMBA_CACHE_DIR"):  # numba's default is beside this file, in the install
+        numba.config.CACHE_DIR = os.fspath(default_folder() / "numba")
     try:
         jit = numba.njit(cache=True, nogil=True)
         return jit(_rows_histogram_median)
-    except RuntimeError:  # no writable cache folder (numba's nor the user's): compiled in each process
+    except RuntimeError:  # no writable cache folder: compiled in each process
         return numba.njit(nogil=True)(_rows_histogram_median)
 
 

@@ -79,3 +79,24 @@ def test_histogram_median_matches_numpy(width, threads, monkeypatch):
 def test_histogram_median_of_no_rows():
     median, hist = kernels.histogram_median(np.zeros((0, 8), np.float32), hist_bin_edges())
     assert median.shape == (0,) and hist.shape == (HIST_BINS + 1,) and hist.sum() == 0
+
+
+def test_compiled_loop_is_cached_in_maxacts_cache_folder_not_the_package(tmp_path):
+    """numba's default cache is beside the source, i.e. inside an installed package, which pip then
+    leaves behind when the install is replaced (a ``maxact`` folder of ``__pycache__`` alone,
+    which shadows an editable install): the loop is cached under $MAXACT_CACHE_DIR/numba."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(kernels.__file__).parent
+    before = set(package.rglob("*.nb[ic]"))
+    env = {**os.environ, "MAXACT_CACHE_DIR": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = ("import numpy as np; from maxact import kernels; from maxact.runtime.session import hist_bin_edges; "
+            "print(kernels.histogram_median(np.ones((3, 5), np.float32), hist_bin_edges(), 1)[0])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["[1.", "1.", "1.]"]
+    assert list((tmp_path / "numba").rglob("*.nbi")), "no numba index in the maxact cache folder"
+    assert set(package.rglob("*.nb[ic]")) == before
