@@ -75,6 +75,10 @@ def bin_edges(bins_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     return near[k - 1, first]
 
 
+def _tables_of(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return _tables(np.ascontiguousarray(edges, np.int32).tobytes())
+
+
 @functools.cache
 def _tables(edges: bytes) -> tuple[np.ndarray, np.ndarray]:
     """(int16 ``[2**15]``: the bin of each table cell's first float; int32 ``[2**15]``: the bits of
@@ -172,7 +176,7 @@ def histogram_median(ax: np.ndarray, edges: np.ndarray | None = None,
         as ``torch.median``; hist int64 ``[513]``: the count of each bin).
     """
     ax = np.ascontiguousarray(ax, np.float32)
-    tables = _tables(np.ascontiguousarray(edges if edges is not None else _setting["edges"], np.int32).tobytes())
+    tables = _setting["tables"] if edges is None else _tables_of(edges)
     n = ax.shape[0]
     median, hist = np.zeros(n, np.float32), np.zeros(HIST_BINS + 1, np.int64)
     if n == 0 or ax.shape[1] == 0:
@@ -194,8 +198,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="maxact-kernel")
 
 
-#: What the node's Python function runs with (:func:`custom_ops_library`).
-_setting: dict = {"threads": 1, "edges": None}
+#: What the node's Python function runs with (:func:`custom_ops_library`): threads, bin tables.
+_setting: dict = {"threads": 1, "tables": None}
 #: Errors the node's Python function met (its outputs were then zeros), for :func:`raise_failure`.
 _failures: list[BaseException] = []
 #: What ``onnxruntime_extensions`` imports where installed, for converters maxact does not use
@@ -244,7 +248,7 @@ def custom_ops_library(threads: int | None, edges: np.ndarray) -> str:
         threads: threads a node's rows are split over (None: one per core, as onnxruntime's default).
         edges: the bins' edges (:func:`bin_edges` of the graph's own bins).
     """
-    _setting.update(threads=threads or os.cpu_count() or 1, edges=np.asarray(edges, np.int32))
+    _setting.update(threads=threads or os.cpu_count() or 1, tables=_tables_of(edges))
     path = _register()
     _warm()
     return path

@@ -96,12 +96,12 @@ def _fast_reductions(b: ReductionBuilder, xv: ir.Value):
 
 
 def _study_reductions(
-    b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value, exact: bool,
+    b: ReductionBuilder, xs: ir.Value, ax: ir.Value, tok_absmax: ir.Value, absmax_token: ir.Value,
 ) -> dict[str, ir.Value]:
     """Top-k, Sun et al. and histogram statistics of ``xs [n, width]`` (``ax = |xs|``); the median
     and the histogram by the kernel :data:`maxact.kernels.HISTOGRAM_MEDIAN`.
 
-    With ``exact`` False the values may hold NaN only in batches the caller redoes; the graph must
+    In variant ``fast`` the values may hold NaN only in batches the caller redoes; the graph must
     merely not fail on them."""
     f32, f64, i64 = ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64
     out: dict[str, ir.Value] = {}
@@ -269,8 +269,7 @@ class InstrumentPass(ir.passes.InPlacePass):
             else:
                 stats, xs, ax, tok_absmax = reductions(b, rows)
                 if self.study:
-                    stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"],
-                                                   exact=self.variant == "exact"))
+                    stats.update(_study_reductions(b, xs, ax, tok_absmax, stats["absmax_token"]))
                 site_specs = specs
                 if self.variant == "fast":
                     by_site[id(site.value)] = (len(placed), rows, stats)
