@@ -2,7 +2,8 @@
 # maxact's calibration against onnxruntime's MinMax, back to back (issue 14's cost item); run by hand:
 #   bash benchmarks/calibration_cost.sh MODEL.onnx [PASSAGES=8] [ROUNDS=2]
 # Each step is its own process under /usr/bin/time (wall s, peak RSS KiB), in this order per round:
-# analyzer run on an empty set-up cache (a first run), the same again (a cache hit), onnxruntime's
+# analyzer run on an empty set-up cache (a first run), the same again (a cache hit), both again with
+# --batch-size 1 (one passage per run, as onnxruntime's reader below feeds them), onnxruntime's
 # MinMax calibrator alone, onnxruntime's whole quantize_static MinMax, analyzer quantize --policy maxact.
 set -euo pipefail
 MODEL=$(realpath "$1"); N=${2:-8}; ROUNDS=${3:-2}
@@ -21,6 +22,9 @@ for r in $(seq "$ROUNDS"); do
   ort=("$PY" "$REPO/benchmarks/int8_table.py" "$MODEL" --calibrate 0 --evaluate 0 --ort-child "$WORK/cal.h5")
   step "analyzer run (first run)" "${run[@]}"
   step "analyzer run (repeated)" "${run[@]}"
+  export MAXACT_CACHE_DIR="$WORK/cache-$r-batch1"
+  step "analyzer run -b 1 (first run)" "${run[@]}" --batch-size 1
+  step "analyzer run -b 1 (repeated)" "${run[@]}" --batch-size 1
   step "onnxruntime calibrator alone" "${ort[@]}" "$WORK/ort.json" MinMaxCalibration nopad
   step "onnxruntime quantize_static" "${ort[@]}" "$WORK/ort.onnx" MinMax nopad
   step "analyzer quantize --policy maxact" "$PY" -m maxact.cli quantize "$MODEL" "$WORK/cal.h5" --out "$WORK/q.onnx" \

@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module imports only from its own layer or below (``tests/test_architecture.py``):
 
-- ground: ``errors`` (the user errors), ``outputs`` (safe output files), ``text`` (terminal text),
+- ground: ``deferred_imports`` (sympy imported at its first use, not at start-up), ``errors`` (the
+  user errors), ``outputs`` (safe output files), ``text`` (terminal text),
   ``formats`` (number-format limits), ``model_file`` (reading an ONNX file and its external data),
   ``cache`` (the set-up cache of onnxruntime's optimised graphs and shape inference),
   ``statistics`` (every statistic declared once: dtype, shape, graph outputs, merge rule);
@@ -18,3 +19,7 @@ Layers, lowest first; a module imports only from its own layer or below (``tests
 """
 
 __version__ = "0.1.0"
+
+from maxact import deferred_imports
+
+deferred_imports.defer()

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maxact"
 #: Layer of each top-level part of the package, lowest first (``maxact/__init__.py`` is ground).
 #: ``exporters`` stands beside ``passes``: it may read ground and discovery only.
 LAYERS = {
-    "errors": 0, "outputs": 0, "text": 0, "formats": 0, "statistics": 0, "kernels": 0, "model_file": 0, "cache": 0,
+    "deferred_imports": 0, "errors": 0, "outputs": 0, "text": 0, "formats": 0, "statistics": 0, "kernels": 0, "model_file": 0, "cache": 0,
     "": 0,
     "discovery": 1,
     "passes": 2, "exporters": 2,
