@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module imports only from its own layer or below (``tests/test_architecture.py``):
 
-- ground: ``deferred_imports`` (sympy imported at its first use, not at start-up), ``errors`` (the
+- ground: ``deferred_imports`` (sympy and networkx imported at their first use, not at start-up), ``errors`` (the
   user errors), ``outputs`` (safe output files), ``text`` (terminal text),
   ``formats`` (number-format limits), ``model_file`` (reading an ONNX file and its external data),
   ``cache`` (the set-up cache of onnxruntime's optimised graphs and shape inference),

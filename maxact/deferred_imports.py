@@ -1,11 +1,14 @@
-"""Modules of dependencies that maxact does not use, imported at their first use instead of at start-up.
+"""Modules of dependencies imported at their first use instead of at start-up.
 
 onnx-ir (1.0, 1.1) imports sympy, for arithmetic on symbolic dimensions that maxact never does, and
 sympy imports mpmath: 0.4-0.7 s and 33 MB of every command's start-up on this project's 2-core
-machine (``python -X importtime``; peak RSS of ``import onnx_ir``: 75 MB, 42 MB deferred). The
-modules below are put in :data:`sys.modules` as placeholders that import the real module, and take
-its attributes, the first time anything reads an attribute of theirs (torch does, on import): code
-that uses them sees no difference but the moment of the import.
+machine (``python -X importtime``; peak RSS of ``import onnx_ir``: 75 MB, 42 MB deferred).
+networkx is used by the discovery of a graph only, which a run whose set-up comes from the cache
+(:mod:`maxact.analyzer.setup`) does not do: 16 MB and 0.1-0.2 s of such a run (stories260K,
+``--tensors quantizable``, batch 1: peak RSS 199 -> 187 MB). The modules below are put in
+:data:`sys.modules` as placeholders that import the real module, and take its attributes, the first
+time anything reads an attribute of theirs (torch does, on import): code that uses them sees no
+difference but the moment of the import.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import types
 
 #: (module, the package whose folder holds it, or None for a top-level one).
-DEFERRED = (("sympy", None), ("onnx_ir._symbolic_shapes", "onnx_ir"))
+DEFERRED = (("sympy", None), ("onnx_ir._symbolic_shapes", "onnx_ir"), ("networkx", None))
 
 _lock = threading.RLock()
 

@@ -377,3 +377,26 @@ def test_the_lm_heads_transposed_embedding_is_measured_once_from_the_weight(tmp_
     assert numpy_way.keys() == graph_way.keys()
     for key, value in numpy_way.items():
         assert np.array_equal(value, graph_way[key]), key
+
+
+def test_default_op_types_kept_in_the_set_up_cache(tmp_path):
+    """onnxruntime's quantised op types are read from its registry once per onnxruntime version, then
+    from the cache (a value planted there is what the next run believes; a malformed one is not)."""
+    import onnxruntime
+
+    from maxact.cache import Cache, cache_key
+    from maxact.discovery.tensors import parse_op_types
+    from maxact.errors import AnalyzerError
+
+    key = cache_key("onnxruntime-quantizer-op-types", onnxruntime.__version__)
+    cache = Cache(tmp_path / "cache")
+    ops = default_op_types(cache)
+    assert "MatMul" in ops and "Gemm" in ops and cache.read_json(key) == list(ops)
+    planted = Cache(tmp_path / "planted")
+    planted.write_json(key, ["MatMul"])
+    assert default_op_types(planted) == ("MatMul",)
+    with pytest.raises(AnalyzerError, match="Gemm is not an op type"):
+        parse_op_types("Gemm", planted)
+    malformed = Cache(tmp_path / "malformed")
+    malformed.write_json(key, {"MatMul": 1})
+    assert default_op_types(malformed) == ops

@@ -139,14 +139,14 @@ def run(opts: RunOptions, console: Console | None = None) -> Path:
     staged, selection = None, None
     if setup is None:  # a first run: the model loaded, checked and discovered
         model_path, model = loaded
-        out, ckpt = _check_options(opts, model_path, external_data_files(model))
+        out, ckpt = _check_options(opts, model_path, external_data_files(model), cache)
         # --tensors: chosen in the graph as the file holds it, the layouts inferred while it is discovered.
-        selection = TensorSelection(model, parse_op_types(opts.tensor_ops), cache) if opts.tensors else None
+        selection = TensorSelection(model, parse_op_types(opts.tensor_ops, cache), cache) if opts.tensors else None
         ExposeSkipSumsPass()(model)  # fused norms: make the residual stream visible at every step
         # The weights written into the cache entry of its optimised graph while the graph is discovered.
         staged = StagedWeights(model, cache) if key is not None else None
     else:
-        out, ckpt = _check_options(opts, setup.model_path, setup.external_files)
+        out, ckpt = _check_options(opts, setup.model_path, setup.external_files, cache)
     try:
         return _run(opts, console, key, setup or _set_up(opts, model_path, model, cache, staged, selection), out, ckpt)
     finally:
@@ -172,9 +172,11 @@ def _run(opts: RunOptions, console: Console, key: str | None, setup: Setup, out:
     return out
 
 
-def _check_options(opts: RunOptions, model_path: Path, external: list[Path]) -> tuple[Path, Path]:
+def _check_options(opts: RunOptions, model_path: Path, external: list[Path],
+                   cache: Cache | None) -> tuple[Path, Path]:
     """The run file and its checkpoint, after checking the options and that neither path is an input
-    (``external``: the model's external-data files).
+    (``external``: the model's external-data files; ``cache``: the set-up cache, which may hold
+    onnxruntime's quantised op types).
 
     Raises:
         AnalyzerError, OutputError: as :func:`run` says, before any work.
@@ -201,7 +203,7 @@ def _check_options(opts: RunOptions, model_path: Path, external: list[Path]) -> 
         raise AnalyzerError("--tensor-stats sets the statistics of --tensors: add --tensors quantizable")
     if opts.tensor_stats not in (None, "full", "main"):
         raise AnalyzerError(f"--tensor-stats must be 'full' or 'main', not {opts.tensor_stats!r}")
-    parse_op_types(opts.tensor_ops)
+    parse_op_types(opts.tensor_ops, cache)
     ckpt = check_output(checkpoint_path(out), kind="run", inputs=read, recognise=is_run_file)
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
@@ -353,7 +355,7 @@ def _run_meta(opts: RunOptions, setup: Setup, passages: _Passages) -> dict[str, 
         "family": setup.family or "structure",
         "discovery_warnings": "\n".join(setup.disagreements),
         **({"shard": f"{index}/{count}"} if count > 1 else {}),
-        **({"tensors": opts.tensors, "tensor_ops": ",".join(parse_op_types(opts.tensor_ops)),
+        **({"tensors": opts.tensors, "tensor_ops": ",".join(parse_op_types(opts.tensor_ops, setup.cache)),
             "tensor_stats": _tensor_stats(opts), "n_tensors": len(tensors)} if tensors is not None else {}),
         **({} if roles.standard else {"inputs": roles.spec()}),  # quant and report feed the same inputs
     }

@@ -60,20 +60,34 @@ class QuantTensor:
         return self.layout != "all"
 
 
-def default_op_types() -> tuple[str, ...]:
-    """The op types ``quantize_static`` quantises by default (its QLinear and QDQ registries), sorted."""
+def default_op_types(cache: Cache | None = None) -> tuple[str, ...]:
+    """The op types ``quantize_static`` quantises by default (its QLinear and QDQ registries), sorted.
+
+    Importing onnxruntime's quantiser for them takes 14 MB and 30-40 ms (it imports
+    ``onnx.reference``), so ``cache`` (the set-up cache; None: none) keeps the list per onnxruntime
+    version: a cached run does not import it."""
+    import onnxruntime
+
+    key = cache_key("onnxruntime-quantizer-op-types", onnxruntime.__version__)
+    held = cache.read_json(key) if cache is not None else None
+    if isinstance(held, list) and held and all(isinstance(op, str) for op in held):
+        return tuple(held)
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    return tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
+    ops = tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
+    if cache is not None:
+        cache.write_json(key, list(ops))
+    return ops
 
 
-def parse_op_types(spec: str | None) -> tuple[str, ...]:
-    """The op types of ``--tensor-ops`` (comma-separated; None: :func:`default_op_types`), sorted.
+def parse_op_types(spec: str | None, cache: Cache | None = None) -> tuple[str, ...]:
+    """The op types of ``--tensor-ops`` (comma-separated; None: :func:`default_op_types`, which
+    ``cache`` may hold), sorted.
 
     Raises:
         TensorOpsError: an empty list or an op type not in :func:`default_op_types`.
     """
-    known = default_op_types()
+    known = default_op_types(cache)
     if spec is None:
         return known
     ops = [s.strip() for s in spec.split(",") if s.strip()]
