@@ -240,13 +240,13 @@ def test_an_entry_beyond_the_bound_is_not_kept(tmp_path, own_cache, monkeypatch)
 def test_cache_info_and_clear(tmp_path, own_cache, capsys):
     assert main(["cache", "info"]) == 0
     assert capsys.readouterr().out == f"{own_cache}: 0 entries, 0.0 MiB\n"
-    assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5", "--tensors", "quantizable") == 0
+    assert _run(BUILTIN / "model.onnx", tmp_path / "a.h5", "--tensors", "quantizable") == 0  # graph, set-up, symbolic shapes, op types
     size = sum(p.stat().st_size for p in own_cache.rglob("*") if p.is_file())
     capsys.readouterr()
     assert main(["cache", "info"]) == 0
-    assert capsys.readouterr().out == f"{own_cache}: 3 entries, {size / 2**20:.1f} MiB\n"
+    assert capsys.readouterr().out == f"{own_cache}: 4 entries, {size / 2**20:.1f} MiB\n"
     assert main(["cache", "clear"]) == 0
-    assert capsys.readouterr().out == f"cleared {own_cache}: 3 entries, {size / 2**20:.1f} MiB\n"
+    assert capsys.readouterr().out == f"cleared {own_cache}: 4 entries, {size / 2**20:.1f} MiB\n"
     assert _entries(own_cache) == [] and list(own_cache.rglob("*")) == []
 
 

@@ -203,7 +203,8 @@ def _check_options(opts: RunOptions, model_path: Path, external: list[Path],
         raise AnalyzerError("--tensor-stats sets the statistics of --tensors: add --tensors quantizable")
     if opts.tensor_stats not in (None, "full", "main"):
         raise AnalyzerError(f"--tensor-stats must be 'full' or 'main', not {opts.tensor_stats!r}")
-    parse_op_types(opts.tensor_ops, cache)
+    if opts.tensors:
+        parse_op_types(opts.tensor_ops, cache)
     ckpt = check_output(checkpoint_path(out), kind="run", inputs=read, recognise=is_run_file)
     if ckpt.exists() and not opts.resume:
         raise AnalyzerError(f"{ckpt} holds an interrupted run: add --resume to finish it, or delete it")
