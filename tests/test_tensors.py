@@ -400,3 +400,20 @@ def test_default_op_types_kept_in_the_set_up_cache(tmp_path):
     malformed = Cache(tmp_path / "malformed")
     malformed.write_json(key, {"MatMul": 1})
     assert default_op_types(malformed) == ops
+
+
+def test_a_child_started_ahead_infers_what_this_process_infers():
+    """The symbolic shape inference's child started before the graph is known (as a first run with
+    ``--tensors`` does while it loads the model) gives the dims the inference gives in this process."""
+    from maxact.discovery import symbolic_shapes
+    from maxact.discovery.tensors import _weightless_proto
+
+    _, model = load_model(BUILTIN / "model.onnx", expose_sums=False)
+    graph = _weightless_proto(model).SerializeToString()
+    symbolic_shapes.start_ahead()
+    started = symbolic_shapes._ahead
+    assert started is not None and started.poll() is None  # waiting for its graph
+    dims = symbolic_shapes.symbolic_dims(graph)
+    assert symbolic_shapes._ahead is None and started.returncode == 0  # that child, fed and done
+    assert dims == symbolic_shapes.infer_symbolic_dims(graph)
+    assert any(d and isinstance(d[0], str) for d in dims.values())  # symbolic batch dims among them

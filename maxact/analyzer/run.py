@@ -29,6 +29,7 @@ from maxact.analyzer.summary import print_summary
 from maxact.analyzer.tokenize import encode, find_tokenizer, load_tokenizer, token_text
 from maxact.cache import Cache, open_cache
 from maxact.discovery.inputs import graph_inputs
+from maxact.discovery.symbolic_shapes import start_ahead
 from maxact.discovery.tensors import TensorSelection, parse_op_types
 from maxact.errors import (
     AnalyzerError,
@@ -219,7 +220,9 @@ def _find_setup(opts: RunOptions, path: Path, cache: Cache | None
 
     Where the cache remembers no sha256 for the model file as it is now (nearly always a first
     run), the file is hashed in a thread while the model loads: the hash reads the file without
-    holding the interpreter, so the two take the time of one (SmolLM2-135M: 0.7 s each).
+    holding the interpreter, so the two take the time of one (SmolLM2-135M: 0.7 s each). Where the
+    model is loaded and ``--tensors`` asked for, the child of the symbolic shape inference is started
+    first (:func:`~maxact.discovery.symbolic_shapes.start_ahead`): it imports meanwhile.
 
     Raises:
         AnalyzerError: as :func:`~maxact.analyzer.pipeline.load_model`, where the model is loaded.
@@ -227,7 +230,13 @@ def _find_setup(opts: RunOptions, path: Path, cache: Cache | None
     if cache is None or not path.is_file() or cache.remembered_sha256(path) is not None:
         key = _setup_key(opts, path, cache)
         setup = cached_setup(path, cache, key, opts.keep_logits)
-        return key, setup, None if setup is not None else load_model(opts.model, expose_sums=False)
+        if setup is not None:
+            return key, setup, None
+        if opts.tensors:
+            start_ahead()
+        return key, None, load_model(opts.model, expose_sums=False)
+    if opts.tensors:
+        start_ahead()
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashed = pool.submit(_setup_key, opts, path, cache)
         try:

@@ -3,7 +3,9 @@ maxact.discovery.symbolic_shapes`` reads a serialised model (weights as inputs, 
 stdin and writes ``{value name: dims}`` as JSON on stdout.
 
 A child, because the inference imports sympy, which would stay in the parent (0.2 GB); this module
-imports no more than the inference needs (onnx, numpy), so the child starts in about 1 s.
+imports no more than the inference needs (onnx, numpy), so the child starts in about 1 s. A run that
+will need it starts it ahead (:func:`start_ahead`), so that the child imports while the run loads
+and discovers the model, and reads the graph when it is given.
 """
 
 from __future__ import annotations
@@ -44,17 +46,43 @@ def infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
     return {vi.name: value_dims(vi) for vi in infos}
 
 
-def symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
-    """:func:`infer_symbolic_dims` of the serialised ``model`` in a child Python (in this one where
-    no child can be started or it fails). SmolLM2-135M: 2 s."""
+_ahead: subprocess.Popen | None = None
+
+
+def _child() -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # this process's maxact
+    return subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+
+
+def start_ahead() -> None:
+    """Start the child of the next :func:`symbolic_dims` now, so that it imports the inference (about
+    1 s) while this process goes on. A child never given a graph exits when this process does (its
+    standard input closes). Nothing happens where no child can be started."""
+    global _ahead
+    if _ahead is None:
+        try:
+            _ahead = _child()
+        except OSError:
+            pass
+
+
+def symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
+    """:func:`infer_symbolic_dims` of the serialised ``model`` in a child Python (the one
+    :func:`start_ahead` started, else a new one; in this one where no child can be started or it
+    fails). SmolLM2-135M: 2 s."""
+    global _ahead
+    child, _ahead = _ahead, None
     try:
-        done = subprocess.run([sys.executable, "-m", __name__], input=model, capture_output=True, check=True,
-                              env=env)
-        return json.loads(done.stdout)
+        child = child or _child()
+        out, _ = child.communicate(model)
+        if child.returncode:
+            raise subprocess.CalledProcessError(child.returncode, child.args)
+        return json.loads(out)
     except (OSError, subprocess.CalledProcessError, ValueError):
         return infer_symbolic_dims(model)
 
 
 if __name__ == "__main__":
+    infer_symbolic_dims(b"")  # the inference imported before the graph arrives (an empty graph: {})
     json.dump(infer_symbolic_dims(sys.stdin.buffer.read()), sys.stdout)
