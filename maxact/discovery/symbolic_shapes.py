@@ -29,18 +29,26 @@ def value_dims(vi: onnx.ValueInfoProto) -> list[object] | None:
             for d in t.shape.dim]
 
 
-def infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
-    """Value name -> dims (:func:`value_dims`) of every value of the serialised ``model`` by
-    onnxruntime's ``SymbolicShapeInference`` (``auto_merge``); empty where the inference fails."""
+def _inference():
+    """onnxruntime's ``SymbolicShapeInference`` class, imported."""
     # onnxruntime.tools imports torch where it is installed (1.5 s, 0.3 GB), for a helper the
     # inference does not use: hidden, in the child only (the parent may want torch later).
     if __name__ == "__main__":
         sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    return SymbolicShapeInference
+
+
+def infer_symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
+    """Value name -> dims (:func:`value_dims`) of every value of the serialised ``model`` by
+    onnxruntime's ``SymbolicShapeInference`` (``auto_merge``); empty where the inference fails."""
+    inference = _inference()
     try:
-        inferred = SymbolicShapeInference.infer_shapes(onnx.load_from_string(model), auto_merge=True)
+        inferred = inference.infer_shapes(onnx.load_from_string(model), auto_merge=True)
     except Exception:  # an op it does not know: every tensor is then reduced over all its elements
+        return {}
+    if inferred is None:  # a graph it refuses, e.g. of an opset below 7
         return {}
     infos = itertools.chain(inferred.graph.value_info, inferred.graph.input, inferred.graph.output)
     return {vi.name: value_dims(vi) for vi in infos}
@@ -84,5 +92,5 @@ def symbolic_dims(model: bytes) -> dict[str, list[object] | None]:
 
 
 if __name__ == "__main__":
-    infer_symbolic_dims(b"")  # the inference imported before the graph arrives (an empty graph: {})
+    _inference()  # imported before the graph arrives
     json.dump(infer_symbolic_dims(sys.stdin.buffer.read()), sys.stdout)
