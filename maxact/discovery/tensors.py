@@ -11,6 +11,7 @@ registries together. The layout of each tensor comes from onnxruntime's symbolic
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 from collections.abc import Sequence
@@ -60,12 +61,14 @@ class QuantTensor:
         return self.layout != "all"
 
 
+@functools.cache
 def default_op_types(cache: Cache | None = None) -> tuple[str, ...]:
     """The op types ``quantize_static`` quantises by default (its QLinear and QDQ registries), sorted.
 
     Importing onnxruntime's quantiser for them takes 14 MB and 30-40 ms (it imports
     ``onnx.reference``), so ``cache`` (the set-up cache; None: none) keeps the list per onnxruntime
-    version: a cached run does not import it."""
+    version: a cached run does not import it. Found once per ``cache`` object (a run checks its
+    options, chooses its tensors and names them in its run file with them)."""
     import onnxruntime
 
     key = cache_key("onnxruntime-quantizer-op-types", onnxruntime.__version__)
