@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import onnx
+import onnx_ir
 import pytest
 
 import maxact.cache as cache_module
@@ -399,3 +400,20 @@ def test_a_first_run_writes_the_weights_once_while_it_discovers(tmp_path, own_ca
                                           onnx.numpy_helper.to_array(kept[t.name], base_dir=str(entry)))
     assert _run(model, tmp_path / "b.h5") == 0
     _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_the_graph_key_is_the_same_from_the_serialised_graph():
+    """The optimised graph's key hashes the nodes of the proto its file is written from (one
+    serialisation, not two): the same sha256 as of each node serialised alone, and another once a
+    node changes."""
+    from maxact.analyzer.pipeline import Pipeline, Variant, load_model
+    from maxact.discovery.inputs import graph_inputs
+    from maxact.runtime.session import graph_sha256
+
+    path, model = load_model(BUILTIN / "model.onnx", map_weights=True)
+    pipeline = Pipeline.discover(path, model, graph_inputs(model.graph))
+    instrumented, _ = pipeline.instrument(Variant("fast"), last=True)
+    nodes = onnx_ir.to_proto(instrumented).graph.node
+    assert len(nodes) > 1000 and graph_sha256(instrumented, nodes) == graph_sha256(instrumented)
+    next(iter(instrumented.graph)).name += "_changed"
+    assert graph_sha256(instrumented) != graph_sha256(instrumented, nodes)

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -203,3 +204,30 @@ def test_report_reader_refuses_outside_data(tmp_path):
     model, outside, tensor, _ = _bad_model(tmp_path, "symlink")
     with pytest.raises(ExternalDataError, match=f"tensor '{tensor}'.*outside the model's folder"):
         parameter_count(model)
+
+
+def test_weights_inside_the_model_file_are_read_where_they_lie(tmp_path):
+    """``map_weights``: each initializer above 1 KiB of an inline model becomes an external tensor of
+    the ``.onnx`` file itself, at the offset of its bytes there (read back: the same values as a
+    whole parse), the small ones stay in memory; a symbolic link to the file is parsed whole (its
+    own name, as a location, would lead outside the folder)."""
+    inline = read_model(BUILTIN / "model.onnx")
+    mapped = read_model(BUILTIN / "model.onnx", map_weights=True)
+    raw = (BUILTIN / "model.onnx").read_bytes()
+    n_mapped = 0
+    for name, v in inline.graph.initializers.items():
+        tensor = mapped.graph.initializers[name].const_value
+        expected = v.const_value.numpy()
+        assert tensor.dtype == v.const_value.dtype and tensor.numpy().shape == expected.shape
+        assert (tensor.numpy() == expected).all(), name
+        if isinstance(tensor, ir.ExternalTensor):
+            n_mapped += 1
+            assert tensor.path == os.fspath(BUILTIN / "model.onnx") and tensor.nbytes > 1024
+            assert raw[tensor.offset:tensor.offset + tensor.length] == expected.tobytes()
+        else:
+            assert v.const_value.nbytes <= 1024, name
+    assert n_mapped == 36  # the built-in stories260K: 36 of its 47 initializers are above 1 KiB
+    link = tmp_path / "model.onnx"
+    link.symlink_to(BUILTIN / "model.onnx")
+    assert not any(isinstance(v.const_value, ir.ExternalTensor)
+                   for v in read_model(link, map_weights=True).graph.initializers.values())

@@ -234,17 +234,24 @@ def _find_setup(opts: RunOptions, path: Path, cache: Cache | None
             return key, setup, None
         if opts.tensors:
             start_ahead()
-        return key, None, load_model(opts.model, expose_sums=False)
+        return key, None, _load(opts)
     if opts.tensors:
         start_ahead()
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashed = pool.submit(_setup_key, opts, path, cache)
         try:
-            loaded = load_model(opts.model, expose_sums=False)
+            loaded = _load(opts)
         finally:
             key = hashed.result()
     setup = cached_setup(path, cache, key, opts.keep_logits)  # a hit: the same bytes under another name
     return key, setup, None if setup is not None else loaded
+
+
+def _load(opts: RunOptions) -> tuple[Path, ir.Model]:
+    """The model as its file holds it, the weights inside the ``.onnx`` file left there (read when
+    used: its set-up saves the graph with its weights moved) except for Ray, which sends the graph
+    whole."""
+    return load_model(opts.model, expose_sums=False, map_weights=opts.ray is None)
 
 
 def _setup_key(opts: RunOptions, path: Path, cache: Cache | None) -> str | None:

@@ -119,7 +119,8 @@ class Setup:
         return [self.model_path.parent / rel for rel in self.external_data]
 
     def pipeline(self) -> Pipeline:
-        """The model's pipeline: the one it was built from, else the model loaded and discovered now."""
+        """The model's pipeline: the one it was built from (until its session is made), else the model
+        loaded and discovered now."""
         if self._pipeline is None:
             path, model = load_model(self.model_path)
             self._pipeline = Pipeline.discover(path, model, self.roles, self._want_logits, self._cache)
@@ -140,7 +141,10 @@ class Setup:
             if session is not None:
                 return session
         pipeline = self.pipeline()
-        model, sites = pipeline.instrument(how)
+        # In place, no copy kept: a further variant (the exact one, rare) loads the model again,
+        # as for a set-up from the cache, and the loaded graph is freed once the session is made.
+        model, sites = pipeline.instrument(how, last=True)
+        self._pipeline = None
         self.sites = [SiteRecord(s.site_id, s.role, s.layer, s.tensor, s.op_type) for s in sites]
         session = pipeline.open_session(model, provider, threads)
         self.optimised_key = session.cache_key

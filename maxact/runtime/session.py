@@ -9,6 +9,7 @@ import heapq
 import os
 import platform
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
 from maxact.kernels import DOMAIN, bin_edges, custom_ops_library, raise_failure
+from maxact.model_file import SMALL_TENSOR_BYTES
 from maxact.passes.instrument import TOKEN_MASK, output_aliases
 from maxact.passes.reductions import ReductionBuilder
 from maxact.runtime.batching import Batch
@@ -68,10 +70,6 @@ def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
-#: Initializers up to this size stay inside the saved graph: onnxruntime's shape inference must
-#: read small constants (axes, shapes) and cannot read them from external data.
-_SMALL_TENSOR_BYTES = 1024
-
 
 def _inline_unmoved_external_tensors(model: ir.Model) -> None:
     """Read into memory the external tensors the temporary save would not move: tensor attributes
@@ -84,7 +82,7 @@ def _inline_unmoved_external_tensors(model: ir.Model) -> None:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
     for v in model.graph.initializers.values():
         t = v.const_value
-        if isinstance(t, ir.ExternalTensor) and t.nbytes <= _SMALL_TENSOR_BYTES:
+        if isinstance(t, ir.ExternalTensor) and t.nbytes <= SMALL_TENSOR_BYTES:
             v.const_value = ir.tensor(t.numpy(), name=t.name)
 
 
@@ -163,16 +161,18 @@ def _tensor_identity(tensor: ir.TensorProtocol | None) -> str:
     the weights read from them (their bytes are in the files' sha256), else its bytes' sha256."""
     if isinstance(tensor, ir.ExternalTensor):
         return f"{tensor.location}@{tensor.offset}+{tensor.length}"
-    if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.nbytes > _SMALL_TENSOR_BYTES:
+    if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.nbytes > SMALL_TENSOR_BYTES:
         return "in the model file"  # a weight of a model without external data
     return "none" if tensor is None else hashlib.sha256(tensor.tobytes()).hexdigest()
 
 
-def graph_sha256(model: ir.Model) -> str:
+def graph_sha256(model: ir.Model, nodes: Sequence[onnx.NodeProto] | None = None) -> str:
     """The hex sha256 of ``model``'s graph without the data of the weights it read from its files:
     opsets, inputs, outputs, nodes (attributes included), functions, and each initializer's name,
     type, shape and place in the files (a tensor a pass made: its bytes). With the sha256 of the
-    model's files it names the instrumented graph exactly (SmolLM2-135M's 20,000 nodes: 0.5 s)."""
+    model's files it names the instrumented graph exactly (SmolLM2-135M's 20,000 nodes: 0.5 s,
+    nearly all to serialise the nodes; ``nodes``: those of the graph serialised already, the same
+    bytes)."""
     h = hashlib.sha256(repr(sorted(model.opset_imports.items())).encode())
     protos = [*(ir.serde.serialize_value(v) for v in (*model.graph.inputs, *model.graph.outputs)),
               *(ir.serde.serialize_function(f) for f in model.functions.values())]
@@ -180,8 +180,8 @@ def graph_sha256(model: ir.Model) -> str:
         h.update(proto.SerializeToString(deterministic=True))
     for name, v in model.graph.initializers.items():
         h.update(f"{name}|{v.dtype}|{v.shape}|{_tensor_identity(v.const_value)}\n".encode())
-    for node in model.graph:
-        h.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
+    for node in nodes if nodes is not None else (ir.serde.serialize_node(node) for node in model.graph):
+        h.update(node.SerializeToString(deterministic=True))
     return h.hexdigest()
 
 
@@ -260,7 +260,7 @@ def _save_instrumented(model: ir.Model, folder: Path) -> str:
     of its graph. Serialising the graph in memory held three copies of the weights at once (the
     loaded model, the proto and its bytes; SmolLM2-135M: 2.3 GB peak against 1.2 GB this way)."""
     path = folder / _INSTRUMENTED
-    ir.save(model, os.fspath(path), external_data=_WEIGHTS, size_threshold_bytes=_SMALL_TENSOR_BYTES)
+    ir.save(model, os.fspath(path), external_data=_WEIGHTS, size_threshold_bytes=SMALL_TENSOR_BYTES)
     _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
     return os.fspath(path)
 
@@ -281,7 +281,7 @@ class StagedWeights:
         self._taken = False
         self.folder = cache.begin()
         tensors = [v.const_value for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.nbytes > _SMALL_TENSOR_BYTES]
+                   if v.const_value is not None and v.const_value.nbytes > SMALL_TENSOR_BYTES]
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._written = None if self.folder is None else self._pool.submit(self._write, tensors)
         self._pool.shutdown(wait=False)
@@ -318,32 +318,38 @@ class StagedWeights:
             self.discard()
 
 
-def _save_graph(model: ir.Model, folder: Path, copies: dict[int, ir.ExternalTensor]) -> str:
-    """Save the graph of ``model`` into ``folder`` (:data:`_INSTRUMENTED`; its path), the weights
-    that ``copies`` holds referring to their copies there; ``model`` is left as it was."""
-    path = os.fspath(folder / _INSTRUMENTED)
+def _with_copies(model: ir.Model, copies: dict[int, ir.ExternalTensor]) -> onnx.ModelProto:
+    """``model`` as a proto, the weights that ``copies`` holds referring to their copies
+    (:class:`StagedWeights`); ``model`` is left as it was."""
     originals = {}
     for v in model.graph.initializers.values():
         copy = copies.get(id(v.const_value))
         if copy is not None:
             originals[v], v.const_value = v.const_value, copy
     try:
-        ir.save(model, path)
+        return ir.to_proto(model)
     finally:
         for v, tensor in originals.items():
             v.const_value = tensor
+
+
+def _save_graph(model: ir.Model, folder: Path, proto: onnx.ModelProto) -> str:
+    """Save ``proto`` (:func:`_with_copies` of ``model``) into ``folder`` (:data:`_INSTRUMENTED`; its
+    path), and drop the memory maps of ``model``'s weights."""
+    path = folder / _INSTRUMENTED
+    path.write_bytes(proto.SerializeToString())
     _release_external(model)
-    return path
+    return os.fspath(path)
 
 
 def _open_saving(model: ir.Model, provider: str, threads: int | None, cache: Cache, folder: Path,
-                 copies: dict[int, ir.ExternalTensor] | None) -> ort.InferenceSession | None:
+                 proto: onnx.ModelProto | None) -> ort.InferenceSession | None:
     """The session of ``model``, with the cache entry folder ``folder`` (:meth:`Cache.begin`) made
-    ready to commit: the weights (there already where ``copies`` gives them: :class:`StagedWeights`),
+    ready to commit: the weights (there already where ``proto`` is given: :func:`_with_copies`),
     onnxruntime's optimised graph (in the order of ``model``) and nothing else. None where that
     fails (``folder`` removed; a disk error also stops the cache for this process)."""
     try:
-        path = _save_instrumented(model, folder) if copies is None else _save_graph(model, folder, copies)
+        path = _save_instrumented(model, folder) if proto is None else _save_graph(model, folder, proto)
         with ThreadPoolExecutor(max_workers=1) as pool:
             # The weights' sha256, which the entry's manifest holds, read while onnxruntime optimises
             # (it does not hold the interpreter meanwhile).
@@ -382,10 +388,15 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
     optimised graph where it has it, else made from ``model`` saved into a new cache entry (its
     weights there already where ``staged`` wrote them), which its optimised graph joins; without a
     cache, or where that fails, saved to a temporary folder."""
-    key = None
+    key, proto = None, None
     # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
     if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
-        key = cache_key("onnxruntime-optimised", weights_sha256, graph_sha256(model), provider, int(_LEVEL),
+        written = staged.result() if staged is not None else None
+        _inline_unmoved_external_tensors(model)
+        # The graph serialised once, for its key and its file (SmolLM2-135M: 0.4-0.6 s each).
+        proto = _with_copies(model, written[1]) if written is not None else None
+        key = cache_key("onnxruntime-optimised", weights_sha256,
+                        graph_sha256(model, None if proto is None else proto.graph.node), provider, int(_LEVEL),
                         ort.__version__, maxact.__version__, platform.machine())
         entry = cache.get(key)
         if entry is not None:
@@ -396,17 +407,14 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
             session = _open_entry(entry, provider, threads, cache, key)
             if session is not None:
                 return session, key
-    folder, copies = None, None
-    if key:
-        written = staged.result() if staged is not None else None
-        folder, copies = written or (cache.begin(), None)
+        folder = written[0] if written is not None else cache.begin()
+        if folder is not None:
+            session = _open_saving(model, provider, threads, cache, folder, proto)
+            if session is not None:
+                return session, key if cache.commit(folder, key) else None
     elif staged is not None:
         staged.discard()
     _inline_unmoved_external_tensors(model)
-    if folder is not None:
-        session = _open_saving(model, provider, threads, cache, folder, copies)
-        if session is not None:
-            return session, key if cache.commit(folder, key) else None
     # Through a file in a private temporary folder (never next to, or over, the user's file), which
     # onnxruntime reads while the session is made, so it can go afterwards.
     with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
