@@ -29,10 +29,11 @@ import onnx_ir as ir
 
 from maxact.errors import ModelFileError
 
-#: Tensors up to this many bytes stay inside a graph: read in memory (:func:`read_model`'s
-#: ``map_weights``) and kept inline when a graph is saved, as onnxruntime's shape inference must read
-#: small constants (axes, shapes) and cannot read them from external data.
-SMALL_TENSOR_BYTES = 1024
+#: Tensors of at most this many elements are read into memory with the graph where the weights are
+#: left in the file (:func:`read_model`'s ``map_weights``): shape inference reads the values of small
+#: integer tensors (shapes, axes), never of larger ones, and cannot read external data
+#: (:mod:`maxact.discovery.tensors` gives it the larger ones as inputs, without their data).
+SHAPE_TENSOR_ELEMENTS = 1024
 
 
 class ExternalDataError(ModelFileError):
@@ -198,16 +199,24 @@ def _message(field: int, body: bytes) -> bytes:
 def _external_tensor(buf, start: int, end: int, location: str) -> bytes | None:
     """The TensorProto ``buf[start:end]`` with its ``raw_data`` (field 9) replaced by an external
     data reference to the same bytes in the file (fields 13 and 14 of onnx.proto3); None where it
-    has no ``raw_data`` above :data:`SMALL_TENSOR_BYTES`, or refers to external data already."""
-    kept, raw = [], None
+    has no ``raw_data``, no more than :data:`SHAPE_TENSOR_ELEMENTS` elements (its ``dims``, field 1),
+    or refers to external data already."""
+    kept, raw, elements = [], None, 1
     for number, wire, tag_at, value_at, field_end in _fields(buf, start, end):
         if number == 9 and wire == 2:
             raw = _length_delimited(buf, value_at)
-        elif number in (13, 14):
+            continue
+        if number in (13, 14):
             return None
-        else:
-            kept.append(bytes(buf[tag_at:field_end]))
-    if raw is None or raw[1] - raw[0] <= SMALL_TENSOR_BYTES:
+        if number == 1 and wire == 0:
+            elements *= _varint(buf, value_at)[0]
+        elif number == 1 and wire == 2:  # packed
+            pos, stop = _length_delimited(buf, value_at)
+            while pos < stop:
+                dim, pos = _varint(buf, pos)
+                elements *= dim
+        kept.append(bytes(buf[tag_at:field_end]))
+    if raw is None or elements <= SHAPE_TENSOR_ELEMENTS:
         return None
     entries = (("location", location), ("offset", str(raw[0])), ("length", str(raw[1] - raw[0])))
     for key, value in entries:
@@ -217,8 +226,8 @@ def _external_tensor(buf, start: int, end: int, location: str) -> bytes | None:
 
 
 def _weights_left_in_file(path: Path) -> onnx.ModelProto | None:
-    """The model at ``path`` parsed with the ``raw_data`` of each main-graph initializer above
-    :data:`SMALL_TENSOR_BYTES` left in the file: an external data reference to its bytes there
+    """The model at ``path`` parsed with the ``raw_data`` of each main-graph initializer of more than
+    :data:`SHAPE_TENSOR_ELEMENTS` elements left in the file: an external data reference to its bytes there
     instead (location: the file's own name). None where nothing is to be gained or it cannot be
     done safely: no such initializer, a file that is a symbolic link or has several hard links
     (its location would be refused), or one this walk does not follow (several graph fields,

@@ -207,10 +207,10 @@ def test_report_reader_refuses_outside_data(tmp_path):
 
 
 def test_weights_inside_the_model_file_are_read_where_they_lie(tmp_path):
-    """``map_weights``: each initializer above 1 KiB of an inline model becomes an external tensor of
-    the ``.onnx`` file itself, at the offset of its bytes there (read back: the same values as a
-    whole parse), the small ones stay in memory; a symbolic link to the file is parsed whole (its
-    own name, as a location, would lead outside the folder)."""
+    """``map_weights``: each initializer of more than 1,024 elements of an inline model becomes an
+    external tensor of the ``.onnx`` file itself, at the offset of its bytes there (read back: the
+    same values as a whole parse), the small ones stay in memory; a symbolic link to the file is
+    parsed whole (its own name, as a location, would lead outside the folder)."""
     inline = read_model(BUILTIN / "model.onnx")
     mapped = read_model(BUILTIN / "model.onnx", map_weights=True)
     raw = (BUILTIN / "model.onnx").read_bytes()
@@ -222,11 +222,11 @@ def test_weights_inside_the_model_file_are_read_where_they_lie(tmp_path):
         assert (tensor.numpy() == expected).all(), name
         if isinstance(tensor, ir.ExternalTensor):
             n_mapped += 1
-            assert tensor.path == os.fspath(BUILTIN / "model.onnx") and tensor.nbytes > 1024
+            assert tensor.path == os.fspath(BUILTIN / "model.onnx") and tensor.size > 1024
             assert raw[tensor.offset:tensor.offset + tensor.length] == expected.tobytes()
         else:
-            assert v.const_value.nbytes <= 1024, name
-    assert n_mapped == 36  # the built-in stories260K: 36 of its 47 initializers are above 1 KiB
+            assert v.const_value.size <= 1024, name
+    assert n_mapped == 36  # the built-in stories260K: 36 of its 47 initializers have more elements
     link = tmp_path / "model.onnx"
     link.symlink_to(BUILTIN / "model.onnx")
     assert not any(isinstance(v.const_value, ir.ExternalTensor)

@@ -48,3 +48,24 @@ def test_a_variant_measures_only_the_sites_asked_for():
     assert [s.site_id for s in sites] == wanted
     _, sites = pipe.instrument(Variant("exact", float32=True, site_ids=wanted[:1]))
     assert [s.site_id for s in sites] == wanted[:1]
+
+
+def test_the_last_variant_keeps_no_copy_and_a_run_s_exact_variant_loads_the_model_again(monkeypatch):
+    """``last``: the graph instrumented in place with no copy kept, so a further variant is refused;
+    the run's set-up then drops its pipeline, and the exact variant's comes from a fresh load."""
+    import pytest
+
+    import maxact.analyzer.setup as setup_module
+    from maxact.analyzer.components import build_component_map
+
+    pipe = _pipeline()
+    fast, _ = pipe.instrument(Variant("fast", float32=True), last=True)
+    assert fast is pipe.model and pipe._spare is None
+    with pytest.raises(RuntimeError, match="no copy kept"):
+        pipe.instrument(EXACT)
+    loads = []
+    monkeypatch.setattr(setup_module, "load_model", lambda path: loads.append(path) or load_model(path))
+    fresh = _pipeline()
+    setup = setup_module.Setup.build(fresh, build_component_map(fresh.discovery), None, "float32")
+    setup.open_session(Variant("fast", float32=True), "cpu", 1, None)
+    assert setup.pipeline() is not fresh and loads == [default_model_path()]

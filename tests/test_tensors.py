@@ -417,3 +417,26 @@ def test_a_child_started_ahead_infers_what_this_process_infers():
     assert symbolic_shapes._ahead is None and started.returncode == 0  # that child, fed and done
     assert dims == symbolic_shapes.infer_symbolic_dims(graph)
     assert any(d and isinstance(d[0], str) for d in dims.values())  # symbolic batch dims among them
+
+
+def test_weights_left_in_the_model_file_give_the_same_layouts(tmp_path):
+    """A model read with its weights left in its file (``map_weights``, as a first run reads it) has
+    the layouts of a model read whole: a norm weight of 300 float32 (1,200 bytes, yet few elements
+    enough to stay in the graph shape inference reads) must not become unreadable to the symbolic
+    shape inference, which would make the layouts after it ``all``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"embedding": rng.normal(size=(16, 300)), "norm": rng.normal(size=300), "w": rng.normal(size=(300, 8))}
+    nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["h"]),
+             helper.make_node("Mul", ["h", "norm"], ["normed"]),
+             helper.make_node("MatMul", ["normed", "w"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", 8])],
+        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in weights.items()])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    whole = {t.name: t.layout for t in _select(load_model(path, expose_sums=False)[1], ["MatMul"])}
+    mapped = {t.name: t.layout for t in _select(load_model(path, expose_sums=False, map_weights=True)[1], ["MatMul"])}
+    assert whole == mapped == {"normed": "tokens", "logits": "tokens"}

@@ -25,6 +25,7 @@ from maxact.cache import Cache, cache_key
 from maxact.discovery.dataflow import is_weight
 from maxact.discovery.symbolic_shapes import symbolic_dims, value_dims
 from maxact.errors import AnalyzerError
+from maxact.model_file import SHAPE_TENSOR_ELEMENTS
 
 #: The layouts of :attr:`QuantTensor.layout`.
 LAYOUTS = ("tokens", "flat_tokens", "all")
@@ -132,20 +133,16 @@ def _symbolic_dims(proto: onnx.ModelProto, cache: Cache | None) -> dict[str, lis
     return dims
 
 
-#: Initializers of more elements than this are given to shape inference as inputs of their shape,
-#: without their data (shape inference reads only small integer tensors' values: shapes, axes).
-_WEIGHT_ELEMENTS = 1024
-
-
 def _weightless_proto(model: ir.Model) -> onnx.ModelProto:
-    """``model`` serialised with its initializers of more than :data:`_WEIGHT_ELEMENTS` elements made
-    graph inputs of the same type and shape, their data left out; ``model`` is left as it was. onnx's
+    """``model`` serialised with its initializers of more than :data:`SHAPE_TENSOR_ELEMENTS` elements
+    made graph inputs of the same type and shape, their data left out; ``model`` is left as it was. onnx's
     and onnxruntime's shape inference copy the model, weights and all (SmolLM2-135M: 8.6 s and
     3.3 GB peak with them, against a few seconds and MBs without); the same as onnx-ir's own passes
     do around onnx's C API (``onnx_ir.passes.common._c_api_utils``)."""
     graph = model.graph
     values, inputs = list(graph.initializers.values()), list(graph.inputs)
-    weights = {v: v.const_value for v in values if v.const_value is not None and v.const_value.size > _WEIGHT_ELEMENTS}
+    weights = {v: v.const_value for v in values
+               if v.const_value is not None and v.const_value.size > SHAPE_TENSOR_ELEMENTS}
     try:
         for v, tensor in weights.items():
             v.shape, v.dtype = v.shape or tensor.shape, v.dtype or tensor.dtype

@@ -27,7 +27,6 @@ from maxact.discovery.inputs import InputRoles, graph_inputs
 from maxact.discovery.past import past_shapes
 from maxact.errors import AnalyzerError
 from maxact.kernels import DOMAIN, bin_edges, custom_ops_library, raise_failure
-from maxact.model_file import SMALL_TENSOR_BYTES
 from maxact.passes.instrument import TOKEN_MASK, output_aliases
 from maxact.passes.reductions import ReductionBuilder
 from maxact.runtime.batching import Batch
@@ -70,6 +69,10 @@ def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
+#: Initializers up to this size stay inside the saved graph: onnxruntime's shape inference must
+#: read small constants (axes, shapes) and cannot read them from external data.
+_SMALL_TENSOR_BYTES = 1024
+
 
 def _inline_unmoved_external_tensors(model: ir.Model) -> None:
     """Read into memory the external tensors the temporary save would not move: tensor attributes
@@ -82,7 +85,7 @@ def _inline_unmoved_external_tensors(model: ir.Model) -> None:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
     for v in model.graph.initializers.values():
         t = v.const_value
-        if isinstance(t, ir.ExternalTensor) and t.nbytes <= SMALL_TENSOR_BYTES:
+        if isinstance(t, ir.ExternalTensor) and t.nbytes <= _SMALL_TENSOR_BYTES:
             v.const_value = ir.tensor(t.numpy(), name=t.name)
 
 
@@ -161,7 +164,7 @@ def _tensor_identity(tensor: ir.TensorProtocol | None) -> str:
     the weights read from them (their bytes are in the files' sha256), else its bytes' sha256."""
     if isinstance(tensor, ir.ExternalTensor):
         return f"{tensor.location}@{tensor.offset}+{tensor.length}"
-    if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.nbytes > SMALL_TENSOR_BYTES:
+    if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.nbytes > _SMALL_TENSOR_BYTES:
         return "in the model file"  # a weight of a model without external data
     return "none" if tensor is None else hashlib.sha256(tensor.tobytes()).hexdigest()
 
@@ -260,7 +263,7 @@ def _save_instrumented(model: ir.Model, folder: Path) -> str:
     of its graph. Serialising the graph in memory held three copies of the weights at once (the
     loaded model, the proto and its bytes; SmolLM2-135M: 2.3 GB peak against 1.2 GB this way)."""
     path = folder / _INSTRUMENTED
-    ir.save(model, os.fspath(path), external_data=_WEIGHTS, size_threshold_bytes=SMALL_TENSOR_BYTES)
+    ir.save(model, os.fspath(path), external_data=_WEIGHTS, size_threshold_bytes=_SMALL_TENSOR_BYTES)
     _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
     return os.fspath(path)
 
@@ -281,7 +284,7 @@ class StagedWeights:
         self._taken = False
         self.folder = cache.begin()
         tensors = [v.const_value for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.nbytes > SMALL_TENSOR_BYTES]
+                   if v.const_value is not None and v.const_value.nbytes > _SMALL_TENSOR_BYTES]
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._written = None if self.folder is None else self._pool.submit(self._write, tensors)
         self._pool.shutdown(wait=False)
