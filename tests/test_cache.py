@@ -187,6 +187,27 @@ def test_an_entry_onnxruntime_cannot_load_is_refused(tmp_path, own_cache, capsys
     _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")
 
 
+def test_a_first_run_that_finds_a_broken_graph_entry_builds_it_again(tmp_path, own_cache, capsys):
+    """A first run (no set-up kept) whose instrumented graph has an entry onnxruntime cannot load:
+    the entry is refused and made again in a new folder (the weights it had staged went with the
+    refusal's folder), with no warning of an unwritable cache."""
+    model = _external_model(tmp_path / "m")
+    assert _run(model, tmp_path / "a.h5") == 0
+    (entry,) = _graphs(own_cache)
+    for other in _entries(own_cache):
+        if other != entry:
+            shutil.rmtree(other)  # the set-up and the shapes: the next run is a first run
+    (entry / "optimised.onnx").write_bytes(b"not onnx")
+    Cache(own_cache).commit(_rewritten(own_cache, entry), entry.name)
+    capsys.readouterr()
+    assert _run(model, tmp_path / "b.h5") == 0
+    err = capsys.readouterr().err
+    assert "is refused (onnxruntime cannot load it" in err and "cannot be written" not in err
+    (rebuilt,) = _graphs(own_cache)
+    assert (rebuilt / "optimised.onnx").read_bytes()[:8] != b"not onnx" and _leftovers(own_cache) == []
+    _assert_same_run(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
 def _rewritten(folder: Path, entry: Path) -> Path:
     """``entry``'s files moved to a new folder of :meth:`Cache.begin` (its manifest dropped)."""
     new = Cache(folder).begin()

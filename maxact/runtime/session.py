@@ -403,8 +403,9 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
                         ort.__version__, maxact.__version__, platform.machine())
         entry = cache.get(key)
         if entry is not None:
-            if staged is not None:
+            if staged is not None:  # its folder goes: should the entry be refused, a new one is made
                 staged.discard()
+                written, proto = None, None
             # Optimised already: the same graph onnxruntime would make of ``model``, so the same outputs.
             _release_external(model)  # the user's weights: onnxruntime reads the entry's copy
             session = _open_entry(entry, provider, threads, cache, key)
