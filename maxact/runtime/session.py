@@ -391,11 +391,11 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
     optimised graph where it has it, else made from ``model`` saved into a new cache entry (its
     weights there already where ``staged`` wrote them), which its optimised graph joins; without a
     cache, or where that fails, saved to a temporary folder."""
-    key, proto = None, None
+    key = None
+    _inline_unmoved_external_tensors(model)
     # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
     if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
         written = staged.result() if staged is not None else None
-        _inline_unmoved_external_tensors(model)
         # The graph serialised once, for its key and its file (SmolLM2-135M: 0.4-0.6 s each).
         proto = _with_copies(model, written[1]) if written is not None else None
         key = cache_key("onnxruntime-optimised", weights_sha256,
@@ -418,7 +418,6 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
                 return session, key if cache.commit(folder, key) else None
     elif staged is not None:
         staged.discard()
-    _inline_unmoved_external_tensors(model)
     # Through a file in a private temporary folder (never next to, or over, the user's file), which
     # onnxruntime reads while the session is made, so it can go afterwards.
     with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
