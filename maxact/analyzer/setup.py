@@ -16,7 +16,9 @@ onnxruntime and onnx-ir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import platform
 from dataclasses import dataclass, field
@@ -141,12 +143,13 @@ class Setup:
             if session is not None:
                 return session
         pipeline = self.pipeline()
-        # In place, no copy kept: a further variant (the exact one, rare) loads the model again,
-        # as for a set-up from the cache, and the loaded graph is freed once the session is made.
-        model, sites = pipeline.instrument(how, last=True)
-        self._pipeline = None
-        self.sites = [SiteRecord(s.site_id, s.role, s.layer, s.tensor, s.op_type) for s in sites]
-        session = pipeline.open_session(model, provider, threads)
+        with _collector_paused():
+            # In place, no copy kept: a further variant (the exact one, rare) loads the model again,
+            # as for a set-up from the cache, and the loaded graph is freed once the session is made.
+            model, sites = pipeline.instrument(how, last=True)
+            self._pipeline = None
+            self.sites = [SiteRecord(s.site_id, s.role, s.layer, s.tensor, s.op_type) for s in sites]
+            session = pipeline.open_session(model, provider, threads)
         self.optimised_key = session.cache_key
         if key is not None and self.optimised_key is not None:  # a key: there is a cache
             self._cache.write_json(key, self.to_json())
@@ -180,6 +183,20 @@ class Setup:
                  sites=[SiteRecord(**s) for s in v["sites"]],
                  past={k: tuple(x) for k, x in v["past"].items()})
         return cls(**v, _want_logits=want_logits, _cache=cache)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off within: instrumenting a graph and serialising it make
+    hundreds of thousands of objects that all live until the session is made, which each of the
+    collector's full passes walked again (SmolLM2-135M: 0.3-0.5 s of a first run's set-up)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _source_sha256() -> str:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -38,6 +39,8 @@ from maxact.statistics import (
 #: position holds a real token (the attention mask), False at padding.
 TOKEN_MASK = "maxact_token_mask"
 OUTPUT_PREFIX = "maxact/"
+#: The name prefix of every node the instrumentation adds (:func:`is_reduction_node`).
+NODE_PREFIX = "maxact/"
 #: The key of the instrumented model's metadata that holds ``{output name: graph output name}`` as
 #: JSON: outputs that are another output's value under a second name (a tensor that is a site's
 #: value reads the site's statistics), left out of the graph, which would need an Identity node
@@ -52,6 +55,11 @@ def output_aliases(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 _ATTENTION = by_name(ATTENTION_STATISTICS)
+
+
+def is_reduction_node(node: ir.Node | onnx.NodeProto) -> bool:
+    """``node`` (of the graph or its proto) was added by :class:`InstrumentPass` (:data:`NODE_PREFIX`)."""
+    return bool(node.name) and node.name.startswith(NODE_PREFIX)
 
 
 def output_name(site_id: str, stat: str) -> str:
@@ -328,6 +336,8 @@ class InstrumentPass(ir.passes.InPlacePass):
                 new_outputs.append(out)
         # Each site's reductions right after the node that makes it: onnxruntime runs nodes in
         # this order, so the site tensor is freed at once rather than kept to the end of the run.
+        for index, node in enumerate(node for _, nodes in [(None, b.head.nodes), *placed] for node in nodes):
+            node.name = f"{NODE_PREFIX}{index}"
         for producer, nodes in placed:
             if producer is None or producer.graph is not graph:
                 graph.extend(nodes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import heapq
 import os
 import platform
 import tempfile
@@ -30,6 +29,7 @@ from maxact.kernels import DOMAIN, bin_edges, custom_ops_library, raise_failure
 from maxact.passes.instrument import TOKEN_MASK, output_aliases
 from maxact.passes.reductions import ReductionBuilder
 from maxact.runtime.batching import Batch
+from maxact.runtime.optimise import in_order, split, with_reductions
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NUMPY_OF_ORT = {
@@ -98,10 +98,15 @@ def _release_external(model: ir.Model) -> None:
 
 _ORT_ERRORS = (OrtInvalidGraph, OrtFail)
 #: The optimised graph's file in a cache entry, the weights' file beside it (which the graph
-#: onnxruntime optimises, :data:`_INSTRUMENTED`, is saved with, and removed once it is read).
+#: onnxruntime optimises, :data:`_INSTRUMENTED`, is saved with, and removed once it is read,
+#: where the model part cannot be optimised alone).
 _OPTIMISED = "optimised.onnx"
 _WEIGHTS = "weights.data"
 _INSTRUMENTED = "instrumented.onnx"
+#: The model part of the instrumented graph (:func:`~maxact.runtime.optimise.split`) and its
+#: optimised graph, both removed once read.
+_MODEL_PART = "model_part.onnx"
+_MODEL_PART_OPTIMISED = "model_part_optimised.onnx"
 
 
 def register_kernels(opts: ort.SessionOptions, threads: int | None) -> None:
@@ -188,56 +193,14 @@ def graph_sha256(model: ir.Model, nodes: Sequence[onnx.NodeProto] | None = None)
     return h.hexdigest()
 
 
-def _node_inputs(node: onnx.NodeProto) -> list[str]:
-    """The names ``node`` reads: its inputs and those its subgraphs read (from the outer scope too)."""
-    names = list(node.input)
-    for attr in node.attribute:
-        for graph in [*attr.graphs, *([attr.g] if attr.HasField("g") else [])]:
-            for sub in graph.node:
-                names += _node_inputs(sub)
-    return names
-
-
-def _in_model_order(path: Path, model: ir.Model) -> None:
+def _in_model_order(path: Path, instrumented: onnx.ModelProto) -> None:
     """Rewrite the optimised graph at ``path`` (onnxruntime writes it in its default topological order)
-    with its nodes in the order of ``model``, the graph it was made from, as far as they share
-    outputs (a fused node: where the last node it replaces was; a new one: right after its inputs).
-
-    onnxruntime's priority-based order runs the ready node that comes first in the file, so the
-    order of the instrumented graph (each site's reductions right after the site) is what frees
-    the full-size tensors early: in the default order a cache hit of the built-in stories260K
-    peaked at 1.2 GB against 0.4 GB.
-    """
+    with its nodes in the order of ``instrumented``, the graph it was made from
+    (:func:`~maxact.runtime.optimise.in_order`)."""
     proto = onnx.load(os.fspath(path), load_external_data=False)
-    place = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
-    nodes = list(proto.graph.node)
-    producer = {out: j for j, node in enumerate(nodes) for out in node.output if out}
-    needs = [{producer[x] for x in _node_inputs(node) if x in producer} for node in nodes]
-    users: list[list[int]] = [[] for _ in nodes]
-    waiting = [len(n) for n in needs]
-    for j, inputs in enumerate(needs):
-        for i in inputs:
-            users[i].append(j)
-    rank = [0.0] * len(nodes)
-    ready = []
-
-    def release(j: int, after: float) -> None:
-        found = [place[out] for out in nodes[j].output if out in place]
-        rank[j] = min(found) if found else after  # new nodes go right after their last input
-        heapq.heappush(ready, (rank[j], j))
-
-    for j in range(len(nodes)):
-        if not waiting[j]:
-            release(j, -1.0)
-    order = []
-    while ready:
-        _, j = heapq.heappop(ready)
-        order.append(nodes[j])
-        for k in users[j]:
-            waiting[k] -= 1
-            if not waiting[k]:
-                release(k, max(rank[i] for i in needs[k]) + 0.5)
-    if len(order) == len(nodes):  # else a cycle, which onnxruntime never writes: the file is kept as it is
+    place = {out: i for i, node in enumerate(instrumented.graph.node) for out in node.output if out}
+    order = in_order(list(proto.graph.node), place)
+    if order is not None:  # else a cycle, which onnxruntime never writes: the file is kept as it is
         proto.graph.ClearField("node")
         proto.graph.node.extend(order)
         onnx.save(proto, os.fspath(path))
@@ -248,14 +211,44 @@ def _has_kernels(model: ir.Model) -> bool:
     return DOMAIN in model.graph.opset_imports
 
 
-def _saving(threads: int | None, folder: Path, kernels: bool) -> ort.SessionOptions:
-    """The options of a session that also writes its optimised graph into ``folder``. No file of
-    external initializers is named: onnxruntime's optimised graph then refers to the data file of
-    the graph it read for every initializer it keeps as it was (and holds the few it makes,
-    folded constants, inline), so the weights are written once, by :func:`_save_instrumented`."""
+def _saving(threads: int | None, path: Path, kernels: bool) -> ort.SessionOptions:
+    """The options of a session that only writes its optimised graph to ``path`` (it is not run:
+    its weights are not prepacked). No file of external initializers is named: onnxruntime's
+    optimised graph then refers to the data file of the graph it read for every initializer it
+    keeps as it was (and holds the few it makes, folded constants, inline), so the weights are
+    written once, beside it."""
     opts = _options(threads, _LEVEL, kernels)
-    opts.optimized_model_filepath = os.fspath(folder / _OPTIMISED)
+    opts.optimized_model_filepath = os.fspath(path)
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
+
+
+def _optimise(instrumented: onnx.ModelProto, folder: Path, provider: str, threads: int | None) -> None:
+    """Write onnxruntime's optimised graph of ``instrumented`` (whose weights are in ``folder``,
+    :data:`_WEIGHTS`) into ``folder`` (:data:`_OPTIMISED`), in the order of ``instrumented``: its
+    model part optimised alone and the reductions added back (:mod:`maxact.runtime.optimise`), or,
+    where that cannot be done, the whole graph optimised.
+
+    Raises:
+        OSError: a full disk. onnxruntime's errors: a graph it refuses.
+    """
+    part, reductions = split(instrumented)
+    if part is not None:
+        path, optimised = folder / _MODEL_PART, folder / _MODEL_PART_OPTIMISED
+        path.write_bytes(part.SerializeToString())
+        ort.InferenceSession(os.fspath(path), _saving(threads, optimised, False), providers=[provider])
+        path.unlink()
+        joined = with_reductions(onnx.load(os.fspath(optimised), load_external_data=False), instrumented, reductions)
+        optimised.unlink()
+        if joined is not None:
+            (folder / _OPTIMISED).write_bytes(joined.SerializeToString())
+            return
+    path = folder / _INSTRUMENTED
+    path.write_bytes(instrumented.SerializeToString())
+    kernels = any(o.domain == DOMAIN for o in instrumented.opset_import)
+    ort.InferenceSession(os.fspath(path), _saving(threads, folder / _OPTIMISED, kernels), providers=[provider])
+    path.unlink()
+    _in_model_order(folder / _OPTIMISED, instrumented)
 
 
 def _save_instrumented(model: ir.Model, folder: Path) -> str:
@@ -266,6 +259,23 @@ def _save_instrumented(model: ir.Model, folder: Path) -> str:
     ir.save(model, os.fspath(path), external_data=_WEIGHTS, size_threshold_bytes=_SMALL_TENSOR_BYTES)
     _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
     return os.fspath(path)
+
+
+def _weights(model: ir.Model) -> list[ir.TensorProtocol]:
+    """The tensors of the initializers of ``model``'s main graph above :data:`_SMALL_TENSOR_BYTES`."""
+    return [v.const_value for v in model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.nbytes > _SMALL_TENSOR_BYTES]
+
+
+def _copy_weights(tensors: list[ir.TensorProtocol], folder: Path) -> dict[int, ir.ExternalTensor]:
+    """Write ``tensors`` into ``folder`` (:data:`_WEIGHTS`); their copies, by the ``id`` of the
+    tensor each copies (:func:`_with_copies`).
+
+    Raises:
+        OSError: a full disk.
+    """
+    external = ir.external_data.convert_tensors_to_external(tensors, folder, _WEIGHTS)
+    return {id(t): e for t, e in zip(tensors, external, strict=True)}
 
 
 class StagedWeights:
@@ -283,16 +293,15 @@ class StagedWeights:
         self._cache = cache
         self._taken = False
         self.folder = cache.begin()
-        tensors = [v.const_value for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.nbytes > _SMALL_TENSOR_BYTES]
+        tensors = _weights(model)
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._written = None if self.folder is None else self._pool.submit(self._write, tensors)
         self._pool.shutdown(wait=False)
 
     def _write(self, tensors: list[ir.TensorProtocol]) -> dict[int, ir.ExternalTensor]:
-        external = ir.external_data.convert_tensors_to_external(tensors, self.folder, _WEIGHTS)
+        copies = _copy_weights(tensors, self.folder)
         self._cache.known_sha256(self.folder / _WEIGHTS, settled=True)
-        return {id(t): e for t, e in zip(tensors, external, strict=True)}
+        return copies
 
     def result(self) -> tuple[Path, dict[int, ir.ExternalTensor]] | None:
         """(the entry folder, the copies by the ``id`` of the tensor each copies), once written;
@@ -336,38 +345,35 @@ def _with_copies(model: ir.Model, copies: dict[int, ir.ExternalTensor]) -> onnx.
             v.const_value = tensor
 
 
-def _save_graph(model: ir.Model, folder: Path, proto: onnx.ModelProto) -> str:
-    """Save ``proto`` (:func:`_with_copies` of ``model``) into ``folder`` (:data:`_INSTRUMENTED`; its
-    path), and drop the memory maps of ``model``'s weights."""
-    path = folder / _INSTRUMENTED
-    path.write_bytes(proto.SerializeToString())
-    _release_external(model)
-    return os.fspath(path)
-
-
-def _open_saving(model: ir.Model, provider: str, threads: int | None, cache: Cache, folder: Path,
-                 proto: onnx.ModelProto | None) -> ort.InferenceSession | None:
-    """The session of ``model``, with the cache entry folder ``folder`` (:meth:`Cache.begin`) made
-    ready to commit: the weights (there already where ``proto`` is given: :func:`_with_copies`),
-    onnxruntime's optimised graph (in the order of ``model``) and nothing else. None where that
-    fails (``folder`` removed; a disk error also stops the cache for this process)."""
+def _open_saving(model: ir.Model, provider: str, threads: int | None, folder: Path,
+                 proto: onnx.ModelProto | None, cache: Cache | None = None) -> ort.InferenceSession | None:
+    """The session of ``model``, with ``folder`` holding its weights (there already where ``proto``,
+    :func:`_with_copies` of ``model``, is given) and onnxruntime's optimised graph
+    (:func:`_optimise`), which the session is opened from, unoptimised; with ``cache``, ``folder``
+    is a cache entry folder (:meth:`Cache.begin`) made ready to commit. None where that fails
+    (``folder`` removed; a disk error also stops the cache for this process)."""
     try:
-        path = _save_instrumented(model, folder) if proto is None else _save_graph(model, folder, proto)
+        if proto is None:
+            proto = _with_copies(model, _copy_weights(_weights(model), folder))
+        _release_external(model)  # unmap the user's weights before onnxruntime reads the copy
         with ThreadPoolExecutor(max_workers=1) as pool:
             # The weights' sha256, which the entry's manifest holds, read while onnxruntime optimises
             # (it does not hold the interpreter meanwhile).
-            hashed = pool.submit(cache.known_sha256, folder / _WEIGHTS, True)
-            session = ort.InferenceSession(path, _saving(threads, folder, _has_kernels(model)), providers=[provider])
-            hashed.result()
-        os.unlink(path)
-        _in_model_order(folder / _OPTIMISED, model)
+            hashed = None if cache is None else pool.submit(cache.known_sha256, folder / _WEIGHTS, True)
+            _optimise(proto, folder, provider, threads)
+            if hashed is not None:
+                hashed.result()
+        kernels = any(o.domain == DOMAIN for o in proto.opset_import)
+        opts = _options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, kernels)
+        return ort.InferenceSession(os.fspath(folder / _OPTIMISED), opts, providers=[provider])
     except OSError as e:  # a full disk
-        cache.abandon(folder, e)
+        if cache is not None:
+            cache.abandon(folder, e)
         return None
     except Exception:  # onnxruntime could not write its graph: the session is opened without
-        cache.discard(folder)
+        if cache is not None:
+            cache.discard(folder)
         return None
-    return session
 
 
 def _open_entry(entry: Path, provider: str, threads: int | None, cache: Cache,
@@ -396,9 +402,9 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
     # The CPU provider only, until a device checks that a CUDA-optimised graph loads back the same.
     if cache is not None and weights_sha256 and provider == PROVIDERS["cpu"]:
         written = staged.result() if staged is not None else None
-        # The graph serialised once, for its key and its file (SmolLM2-135M: 0.4-0.6 s each).
+        # The graph serialised once, for its key and its parts (SmolLM2-135M: 0.4-0.6 s each).
         proto = _with_copies(model, written[1]) if written is not None else None
-        key = cache_key("onnxruntime-optimised", weights_sha256,
+        key = cache_key("onnxruntime-optimised by parts", weights_sha256,
                         graph_sha256(model, None if proto is None else proto.graph.node), provider, int(_LEVEL),
                         ort.__version__, maxact.__version__, platform.machine())
         entry = cache.get(key)
@@ -413,13 +419,20 @@ def _open(model: ir.Model, provider: str, threads: int | None, cache: Cache | No
                 return session, key
         folder = written[0] if written is not None else cache.begin()
         if folder is not None:
-            session = _open_saving(model, provider, threads, cache, folder, proto)
+            session = _open_saving(model, provider, threads, folder, proto, cache)
             if session is not None:
                 return session, key if cache.commit(folder, key) else None
     elif staged is not None:
         staged.discard()
-    # Through a file in a private temporary folder (never next to, or over, the user's file), which
+    # Through files in a private temporary folder (never next to, or over, the user's file), which
     # onnxruntime reads while the session is made, so it can go afterwards.
+    if provider == PROVIDERS["cpu"]:
+        with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
+            session = _open_saving(model, provider, threads, Path(tmp), None)
+        if session is not None:
+            return session, None
+    # The whole graph optimised by the session that runs it: another provider's, or a graph that
+    # could not be made as above (its error, raised here).
     with tempfile.TemporaryDirectory(prefix="maxact-") as tmp:
         path = _save_instrumented(model, Path(tmp))
         return ort.InferenceSession(path, _options(threads, _LEVEL, _has_kernels(model)), providers=[provider]), None
