@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -267,15 +268,94 @@ def _weights(model: ir.Model) -> list[ir.TensorProtocol]:
             if v.const_value is not None and v.const_value.nbytes > _SMALL_TENSOR_BYTES]
 
 
+#: The largest gap between two external tensors of one file that :func:`_copy_weights` copies
+#: across rather than in two ranges.
+_COPY_GAP = 1 << 20
+
+
 def _copy_weights(tensors: list[ir.TensorProtocol], folder: Path) -> dict[int, ir.ExternalTensor]:
     """Write ``tensors`` into ``folder`` (:data:`_WEIGHTS`); their copies, by the ``id`` of the
-    tensor each copies (:func:`_with_copies`).
+    tensor each copies (:func:`_with_copies`). The external tensors that lie together in one file
+    (at most :data:`_COPY_GAP` apart: a model's weights, with the few bytes of protobuf between
+    them) are copied as one range by the kernel (``copy_file_range``), the others written at once:
+    tensor by tensor (``onnx_ir``'s writer) each copy took Python's interpreter lock back, and
+    beside the discovery in the main thread SmolLM2-135M's 272 took 4.9-5.7 s instead of 0.4-0.5 s.
 
     Raises:
         OSError: a full disk.
     """
-    external = ir.external_data.convert_tensors_to_external(tensors, folder, _WEIGHTS)
-    return {id(t): e for t, e in zip(tensors, external, strict=True)}
+    inline = [t for t in tensors if not isinstance(t, ir.ExternalTensor)]
+    by_file: dict[str, list[ir.ExternalTensor]] = {}
+    for t in tensors:
+        if isinstance(t, ir.ExternalTensor):
+            by_file.setdefault(t.path, []).append(t)
+    copies, position = {}, 0
+    with open(folder / _WEIGHTS, "wb", buffering=0) as out:
+        data = [t.tobytes() for t in inline]
+        _write_all(out, b"".join(data))
+        for t, raw in zip(inline, data, strict=True):
+            copies[id(t)] = _copy_of(t, position, len(raw), folder)
+            position += len(raw)
+        for path, group in by_file.items():
+            group.sort(key=_span)
+            runs = [[group[0]]]
+            for t in group[1:]:
+                if _span(t)[0] - max(_span(x)[1] for x in runs[-1]) > _COPY_GAP:
+                    runs.append([])
+                runs[-1].append(t)
+            for run in runs:
+                start, end = _span(run[0])[0], max(_span(t)[1] for t in run)
+                _copy_range(path, out, start, end - start)
+                for t in run:
+                    copies[id(t)] = _copy_of(t, position + _span(t)[0] - start, _span(t)[1] - _span(t)[0], folder)
+                position += end - start
+    return copies
+
+
+def _span(tensor: ir.ExternalTensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` of an external tensor in its file."""
+    start = tensor.offset or 0
+    return start, start + (tensor.length if tensor.length is not None else tensor.nbytes)
+
+
+def _copy_of(tensor: ir.TensorProtocol, offset: int, length: int, folder: Path) -> ir.ExternalTensor:
+    return ir.ExternalTensor(_WEIGHTS, offset, length, tensor.dtype, shape=tensor.shape, name=tensor.name,
+                             base_dir=folder)
+
+
+def _copy_range(path: str, out, start: int, length: int) -> None:
+    """Append ``length`` bytes of the file ``path`` from ``start`` to the open file ``out``: by
+    the kernel where it can, else in 16 MiB reads.
+
+    Raises:
+        OSError: a full disk, or ``path`` shorter than that.
+    """
+    with open(path, "rb", buffering=0) as src:
+        done = 0
+        try:
+            while done < length:
+                copied = os.copy_file_range(src.fileno(), out.fileno(), length - done, start + done)
+                if copied == 0:
+                    break
+                done += copied
+        except (AttributeError, OSError) as e:  # no copy_file_range here, or not between these files
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                                          errno.EOPNOTSUPP, errno.EPERM):
+                raise
+        src.seek(start + done)
+        while done < length:
+            chunk = src.read(min(1 << 24, length - done))
+            if not chunk:
+                raise OSError(f"{path} ends before the weights it holds ({start + length} bytes)")
+            _write_all(out, chunk)
+            done += len(chunk)
+
+
+def _write_all(out, data: bytes) -> None:
+    """Write all of ``data`` to the unbuffered file ``out`` (a raw write may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
 
 
 class StagedWeights:
