@@ -147,3 +147,40 @@ def test_a_run_by_parts_writes_the_run_file_of_the_whole_graph(tmp_path, monkeyp
     monkeypatch.setattr(session_module, "split", lambda proto: (None, []))
     assert main([*args, str(tmp_path / "whole.h5")]) == 0
     _assert_same_run(tmp_path / "parts.h5", tmp_path / "whole.h5")
+
+
+def test_the_weights_copied_in_ranges_read_back_as_they_were(tmp_path):
+    """``_copy_weights``: external tensors of two files (one with a gap beyond ``_COPY_GAP``
+    between two of them, which is not copied) and in-memory tensors, each copy read back equal
+    to its original; and ``file_sha256``'s 16 MiB reads give hashlib's digest of the whole file."""
+    import hashlib
+
+    from maxact.cache import file_sha256
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (300, 5000, 70, 2048)]
+    gap = session_module._COPY_GAP + 4096
+    blob = bytearray()
+    tensors = []
+    for i, (a, skip) in enumerate(zip(arrays[:3], (12, gap, 3), strict=True)):
+        blob += bytes(skip)
+        tensors.append(ir.ExternalTensor("a.data", len(blob), a.nbytes, ir.DataType.FLOAT, shape=ir.Shape(a.shape),
+                                         name=f"a{i}", base_dir=tmp_path))
+        blob += a.tobytes()
+    (tmp_path / "a.data").write_bytes(bytes(blob))
+    (tmp_path / "b.data").write_bytes(bytes(7) + arrays[3].tobytes())
+    tensors.append(ir.ExternalTensor("b.data", 7, arrays[3].nbytes, ir.DataType.FLOAT, shape=ir.Shape([2048]),
+                                     name="b", base_dir=tmp_path))
+    in_memory = ir.tensor(np.arange(600, dtype=np.int64), name="c")
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    copies = session_module._copy_weights([*tensors, in_memory], folder)
+    for original, expected in zip([*tensors, in_memory], [*arrays, np.arange(600)], strict=True):
+        copy = copies[id(original)]
+        assert copy.path == str(folder / session_module._WEIGHTS)
+        np.testing.assert_array_equal(copy.numpy(), expected)
+    size = (folder / session_module._WEIGHTS).stat().st_size
+    assert sum(a.nbytes for a in arrays) + 4800 <= size < gap  # the small gaps copied, the large one not
+    big = tmp_path / "big.bin"
+    big.write_bytes(rng.bytes((1 << 24) + 12345))
+    assert file_sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()
