@@ -334,10 +334,10 @@ class InstrumentPass(ir.passes.InPlacePass):
                 out.dtype = graph_dtype(spec)
                 out.shape = ir.Shape([f"tensor{index}_{d}" if isinstance(d, str) else d for d in spec.shape])
                 new_outputs.append(out)
+        for index, node in enumerate([*b.head.nodes, *(node for _, nodes in placed for node in nodes)]):
+            node.name = f"{NODE_PREFIX}{index}"  # what tells them from the model's (:func:`is_reduction_node`)
         # Each site's reductions right after the node that makes it: onnxruntime runs nodes in
         # this order, so the site tensor is freed at once rather than kept to the end of the run.
-        for index, node in enumerate(node for _, nodes in [(None, b.head.nodes), *placed] for node in nodes):
-            node.name = f"{NODE_PREFIX}{index}"
         for producer, nodes in placed:
             if producer is None or producer.graph is not graph:
                 graph.extend(nodes)
