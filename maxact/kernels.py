@@ -5,7 +5,7 @@ onnxruntime has no kernel for "count into bins" or "median of a row": in the gra
 ``Log`` and four element-wise operators for the bins, a ``ScatterElements`` into per-token
 counters, then ``CumSum``, ``NonZero``, ``Gather`` and ``TopK`` (15-18 ns per value on one thread,
 more than the model's MatMuls; benchmarks/README.md). Here they are one loop per token, compiled by
-numba (about 3 ns per value), run as an onnxruntime-extensions Python operator
+numba (about 2.3 ns per value on one thread), run as an onnxruntime-extensions Python operator
 (``onnxruntime_extensions.onnx_op``: a node of domain :data:`DOMAIN` calls a Python function on
 numpy copies of its inputs). Both come from PyPI wheels; numba is imported, and the loop compiled
 (then cached in ``numba/`` of maxact's cache folder, :func:`maxact.cache.default_folder`, or in
@@ -111,6 +111,7 @@ def _compile():
 
     if not os.environ.get("NUMBA_CACHE_DIR"):  # numba's default is beside this file, in the install
         numba.config.CACHE_DIR = os.fspath(default_folder() / "numba")
+    numba.extending.register_jitable(_select)  # callable from the compiled loop
     try:
         jit = numba.njit(cache=True, nogil=True)
         return jit(_rows_histogram_median)
@@ -119,46 +120,72 @@ def _compile():
 
 
 def _rows_histogram_median(ax, start_bin, edge_in_cell, median, hist):
-    """The loop of :func:`histogram_median` over rows of ``ax`` (compiled by numba)."""
+    """The loop of :func:`histogram_median` over rows of ``ax`` (compiled by numba). Each row's bins
+    are found in a loop of table reads alone (which the compiler vectorises), then counted; the
+    values of the median's bin are gathered without a branch (``chosen[c] = x; c += in_bin``: a
+    branch on it mispredicted for about one value in ten) and the median is selected among them."""
     n, width = ax.shape
     m = (width - 1) // 2 + 1  # the lower median is the m-th smallest (torch.median)
     counts = np.zeros(hist.shape[0], np.int32)  # the row's, zero again after each row
-    bins = np.empty(width, np.int16)
-    chosen = np.empty(width, np.float32)
+    bins = np.empty(width, np.int32)
+    chosen = np.empty(width + 1, np.float32)  # + 1: the last write of the gathering may be past the bin's values
     for i in range(n):
         values = ax[i]
         bits = values.view(np.int32)  # of |x| >= 0: ordered as the values are
-        low = HIST_BINS
         for j in range(width):
             v = bits[j]
             cell = (v >> _CELL_SHIFT) & _CELL_MASK
-            k = start_bin[cell] + (1 if v >= edge_in_cell[cell] else 0)
-            bins[j] = k
-            counts[k] += 1
-            low = min(low, k)
+            bins[j] = start_bin[cell] + (v >= edge_in_cell[cell])
+        low, high = bins[0], bins[0]
+        for j in range(width):
+            low, high = min(low, bins[j]), max(high, bins[j])
+        for j in range(width):
+            counts[bins[j]] += 1
         below, b = 0, low  # b: the first bin whose cumulative count reaches m
         while below + counts[b] < m:
             below += counts[b]
             b += 1
-        c = 0
-        for j in range(width):  # touched bins only: O(width), not O(bins), for narrow rows
-            k = bins[j]
+        for k in range(low, high + 1):
             hist[k] += counts[k]
             counts[k] = 0
-            if k == b:
-                chosen[c] = values[j]
-                c += 1
-        rank, bin_values = m - below - 1, chosen[:c]  # the median: the rank-th of its bin's values
-        if c > 32:
-            median[i] = np.partition(bin_values, rank)[rank]
-        else:  # insertion sort of the few
-            for p in range(1, c):
-                x, q = bin_values[p], p - 1
-                while q >= 0 and bin_values[q] > x:
-                    bin_values[q + 1] = bin_values[q]
-                    q -= 1
-                bin_values[q + 1] = x
-            median[i] = bin_values[rank]
+        c = 0
+        for j in range(width):
+            chosen[c] = values[j]
+            c += bins[j] == b
+        median[i] = _select(chosen[:c], m - below - 1)  # the median: that rank among its bin's values
+
+
+def _select(a, rank):
+    """The ``rank``-th smallest of ``a`` (float32 ``[n]``, reordered in place; compiled by numba):
+    quickselect with median-of-three pivots down to 16 values, then an insertion sort."""
+    lo, hi = 0, len(a) - 1
+    while hi - lo > 16:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if rank <= j:
+            hi = j
+        elif rank >= i:
+            lo = i
+        else:
+            return a[rank]
+    for p in range(lo + 1, hi + 1):
+        x, q = a[p], p - 1
+        while q >= lo and a[q] > x:
+            a[q + 1] = a[q]
+            q -= 1
+        a[q + 1] = x
+    return a[rank]
 
 
 def histogram_median(ax: np.ndarray, edges: np.ndarray | None = None,

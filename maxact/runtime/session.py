@@ -113,8 +113,15 @@ _MODEL_PART_OPTIMISED = "model_part_optimised.onnx"
 def register_kernels(opts: ort.SessionOptions, threads: int | None) -> None:
     """Register maxact's custom operators (:mod:`maxact.kernels`) with ``opts``, their rows split over
     ``threads`` threads (None: one per core), their histogram bins those the graph's own nodes make
-    on this machine's CPU provider (:func:`hist_bin_edges`)."""
+    on this machine's CPU provider (:func:`hist_bin_edges`).
+
+    onnxruntime's intra-op threads are told not to spin: between two of its parallel operators they
+    otherwise busy-wait for the next one, on the cores the operator's own threads then need (the
+    node's Python function runs with onnxruntime's threads idle). SmolLM2-135M ``--stats full``, 16
+    passages in batches of 4, 2 threads, in one process alternating with a spinning session: batch
+    loop 31.0 s against 32.5 s (benchmarks/README.md)."""
     opts.register_custom_ops_library(custom_ops_library(threads, hist_bin_edges()))
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
 
 @functools.cache
