@@ -76,6 +76,37 @@ def test_histogram_median_matches_numpy(width, threads, monkeypatch):
     assert hist.dtype == np.int64 and median.dtype == np.float32
 
 
+@pytest.mark.parametrize("width", [17, 18, 101, 1536])
+def test_median_selection_in_one_bin_matches_numpy(width):
+    """Rows whose values all lie in one bin, so the median is selected among all of them (the
+    quickselect of ``_select``): ascending, descending, organ-pipe, every value equal but one, two
+    values alternating, and runs of ties; each row's lower median equals numpy's sort."""
+    step = np.arange(width, dtype=np.float32) * np.float32(1e-6)
+    rows = [1.0 + step, 1.0 + step[::-1], 1.0 + np.minimum(step, step[::-1]),
+            np.where(np.arange(width) == width // 2, np.float32(1.01), np.float32(1.0)),
+            np.where(np.arange(width) % 2 == 0, np.float32(1.0), np.float32(1.02)),
+            1.0 + np.float32(1e-3) * (np.arange(width) // 5 % 7).astype(np.float32)]
+    ax = np.stack(rows).astype(np.float32)
+    assert len(set(_graph_bins(ax).ravel().tolist())) == 1  # one bin: every value is a candidate
+    median, hist = kernels.histogram_median(ax, hist_bin_edges(), threads=1)
+    np.testing.assert_array_equal(median, np.sort(ax, axis=1)[:, (width - 1) // 2])
+    assert hist.sum() == ax.size
+
+
+def test_sessions_with_the_kernel_do_not_spin():
+    """onnxruntime's intra-op threads would busy-wait on the cores the kernel's threads need while
+    the node's Python function runs (benchmarks/README.md): sessions that register it turn spinning
+    off; others keep onnxruntime's default."""
+    from maxact.runtime.session import register_kernels
+
+    opts = ort.SessionOptions()
+    register_kernels(opts, 2)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    plain = ort.SessionOptions()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        plain.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_histogram_median_of_no_rows():
     median, hist = kernels.histogram_median(np.zeros((0, 8), np.float32), hist_bin_edges())
     assert median.shape == (0,) and hist.shape == (HIST_BINS + 1,) and hist.sum() == 0
