@@ -121,14 +121,15 @@ def _compile():
 
 def _rows_histogram_median(ax, start_bin, edge_in_cell, median, hist):
     """The loop of :func:`histogram_median` over rows of ``ax`` (compiled by numba). Each row's bins
-    are found in a loop of table reads alone (which the compiler vectorises), then counted; the
-    values of the median's bin are gathered without a branch (``chosen[c] = x; c += in_bin``: a
-    branch on it mispredicted for about one value in ten) and the median is selected among them."""
+    are found in a loop of table reads alone, then counted; the values of the median's bin are
+    gathered without a branch (``chosen[c] = x; c += in_bin``, where c never passes j: a branch on
+    it mispredicted for about one value in ten) and the median is selected among them
+    (:func:`_select`)."""
     n, width = ax.shape
     m = (width - 1) // 2 + 1  # the lower median is the m-th smallest (torch.median)
     counts = np.zeros(hist.shape[0], np.int32)  # the row's, zero again after each row
     bins = np.empty(width, np.int32)
-    chosen = np.empty(width + 1, np.float32)  # + 1: the last write of the gathering may be past the bin's values
+    chosen = np.empty(width, np.float32)
     for i in range(n):
         values = ax[i]
         bits = values.view(np.int32)  # of |x| >= 0: ordered as the values are

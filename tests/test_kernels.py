@@ -97,14 +97,11 @@ def test_sessions_with_the_kernel_do_not_spin():
     """onnxruntime's intra-op threads would busy-wait on the cores the kernel's threads need while
     the node's Python function runs (benchmarks/README.md): sessions that register it turn spinning
     off; others keep onnxruntime's default."""
-    from maxact.runtime.session import register_kernels
+    from maxact.runtime.session import _LEVEL, _options
 
-    opts = ort.SessionOptions()
-    register_kernels(opts, 2)
-    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    plain = ort.SessionOptions()
+    assert _options(2, _LEVEL, kernels=True).get_session_config_entry("session.intra_op.allow_spinning") == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):
-        plain.get_session_config_entry("session.intra_op.allow_spinning")
+        _options(2, _LEVEL, kernels=False).get_session_config_entry("session.intra_op.allow_spinning")
 
 
 def test_histogram_median_of_no_rows():

@@ -118,8 +118,8 @@ def register_kernels(opts: ort.SessionOptions, threads: int | None) -> None:
     onnxruntime's intra-op threads are told not to spin: between two of its parallel operators they
     otherwise busy-wait for the next one, on the cores the operator's own threads then need (the
     node's Python function runs with onnxruntime's threads idle). SmolLM2-135M ``--stats full``, 16
-    passages in batches of 4, 2 threads, in one process alternating with a spinning session: batch
-    loop 31.0 s against 32.5 s (benchmarks/README.md)."""
+    passages in batches of 4, 2 threads, 3 rounds in one process alternating batch by batch with a
+    spinning session: ``session.run`` 31.0 s against 32.5 s in all (benchmarks/README.md)."""
     opts.register_custom_ops_library(custom_ops_library(threads, hist_bin_edges()))
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
